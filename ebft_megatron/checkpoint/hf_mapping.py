@@ -1,0 +1,123 @@
+"""Hugging Face <-> megatron-core (local spec, TP1) state-dict mapping for Llama/Qwen2/Mistral.
+
+The three families share one mapping; they differ only in what the architecture says (q/k/v bias,
+tied embeddings). Resharding to TP/PP > 1 is not done here: the TP1 model is saved as a dist
+checkpoint, and dist_checkpointing reshards on load.
+
+Megatron's fused ``linear_qkv`` interleaves per query group: for each group g,
+[q heads of g; k_g; v_g]. SwiGLU's ``linear_fc1`` is [gate; up].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ebft_megatron.models.architecture import ModelArchitecture
+
+
+class MappingError(ValueError):
+    pass
+
+
+def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    if weight.shape[0] == rows:
+        return weight
+    pad = weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])
+    return torch.cat([weight, pad], dim=0)
+
+
+def _fuse_qkv(q, k, v, arch: ModelArchitecture):
+    groups, d = arch.num_query_groups, arch.head_dim
+    per_group = arch.num_attention_heads // groups
+    q = q.reshape(groups, per_group * d, *q.shape[1:])
+    k = k.reshape(groups, d, *k.shape[1:])
+    v = v.reshape(groups, d, *v.shape[1:])
+    return torch.cat([q, k, v], dim=1).reshape(groups * (per_group + 2) * d, *q.shape[2:])
+
+
+def _split_qkv(qkv, arch: ModelArchitecture):
+    groups, d = arch.num_query_groups, arch.head_dim
+    per_group = arch.num_attention_heads // groups
+    fused = qkv.reshape(groups, (per_group + 2) * d, *qkv.shape[1:])
+    q, k, v = fused.split([per_group * d, d, d], dim=1)
+    return (
+        q.reshape(groups * per_group * d, *qkv.shape[1:]),
+        k.reshape(groups * d, *qkv.shape[1:]),
+        v.reshape(groups * d, *qkv.shape[1:]),
+    )
+
+
+def expected_hf_keys(arch: ModelArchitecture) -> list[str]:
+    keys = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not arch.tie_word_embeddings:
+        keys.append("lm_head.weight")
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        keys += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        for name in ("q_proj", "k_proj", "v_proj"):
+            keys.append(p + f"self_attn.{name}.weight")
+            if arch.qkv_bias:
+                keys.append(p + f"self_attn.{name}.bias")
+        keys.append(p + "self_attn.o_proj.weight")
+        keys += [p + f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
+    return keys
+
+
+def hf_to_mcore(hf: dict, arch: ModelArchitecture) -> dict:
+    """HF tensors -> megatron TP1 state dict (local spec names)."""
+    missing = [k for k in expected_hf_keys(arch) if k not in hf]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise MappingError(f"the HF weights lack {', '.join(missing[:5])}{more}")
+    V = arch.padded_vocab_size
+    out = {
+        "embedding.word_embeddings.weight": _pad_rows(hf["model.embed_tokens.weight"], V),
+        "decoder.final_layernorm.weight": hf["model.norm.weight"],
+    }
+    if not arch.tie_word_embeddings:
+        out["output_layer.weight"] = _pad_rows(hf["lm_head.weight"], V)
+    for i in range(arch.num_layers):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        attn = h + "self_attn."
+        out[m + "input_layernorm.weight"] = hf[h + "input_layernorm.weight"]
+        out[m + "pre_mlp_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"]
+        out[m + "self_attention.linear_qkv.weight"] = _fuse_qkv(
+            hf[attn + "q_proj.weight"], hf[attn + "k_proj.weight"], hf[attn + "v_proj.weight"], arch
+        )
+        if arch.qkv_bias:
+            out[m + "self_attention.linear_qkv.bias"] = _fuse_qkv(
+                hf[attn + "q_proj.bias"], hf[attn + "k_proj.bias"], hf[attn + "v_proj.bias"], arch
+            )
+        out[m + "self_attention.linear_proj.weight"] = hf[attn + "o_proj.weight"]
+        out[m + "mlp.linear_fc1.weight"] = torch.cat(
+            [hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]], dim=0
+        )
+        out[m + "mlp.linear_fc2.weight"] = hf[h + "mlp.down_proj.weight"]
+    return out
+
+
+def mcore_to_hf(mc: dict, arch: ModelArchitecture) -> dict:
+    """megatron TP1 state dict -> HF tensors (vocabulary padding removed)."""
+    V = arch.vocab_size
+    out = {
+        "model.embed_tokens.weight": mc["embedding.word_embeddings.weight"][:V],
+        "model.norm.weight": mc["decoder.final_layernorm.weight"],
+    }
+    if not arch.tie_word_embeddings:
+        out["lm_head.weight"] = mc["output_layer.weight"][:V]
+    for i in range(arch.num_layers):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        attn = h + "self_attn."
+        out[h + "input_layernorm.weight"] = mc[m + "input_layernorm.weight"]
+        out[h + "post_attention_layernorm.weight"] = mc[m + "pre_mlp_layernorm.weight"]
+        q, k, v = _split_qkv(mc[m + "self_attention.linear_qkv.weight"], arch)
+        out[attn + "q_proj.weight"], out[attn + "k_proj.weight"], out[attn + "v_proj.weight"] = q, k, v
+        if arch.qkv_bias:
+            q, k, v = _split_qkv(mc[m + "self_attention.linear_qkv.bias"], arch)
+            out[attn + "q_proj.bias"], out[attn + "k_proj.bias"], out[attn + "v_proj.bias"] = q, k, v
+        out[attn + "o_proj.weight"] = mc[m + "self_attention.linear_proj.weight"]
+        gate, up = mc[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out[h + "mlp.gate_proj.weight"] = gate
+        out[h + "mlp.up_proj.weight"] = up
+        out[h + "mlp.down_proj.weight"] = mc[m + "mlp.linear_fc2.weight"]
+    return {k: v.contiguous() for k, v in out.items()}

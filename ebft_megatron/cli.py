@@ -1,0 +1,40 @@
+"""Shared behaviour of the command-line entry points: user errors become one clear line and a
+non-zero exit, never a stack trace from deep inside megatron."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+
+def quiet_imports() -> None:
+    """Silence megatron's import-time notices about optional GPU packages (apex, TE)."""
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex).*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def user_error_types() -> tuple:
+    from ebft_megatron.checkpoint.convert import ConversionError
+    from ebft_megatron.checkpoint.hf_mapping import MappingError
+    from ebft_megatron.checkpoint.store import CheckpointError
+    from ebft_megatron.models.architecture import ModelConfigError
+    from ebft_megatron.rollouts.layout import LayoutError
+    from ebft_megatron.runtime.distributed import ParallelLayoutError
+
+    return (ConversionError, MappingError, CheckpointError, ModelConfigError, LayoutError,
+            ParallelLayoutError, FileNotFoundError, FileExistsError)
+
+
+def run_cli(job) -> int:
+    quiet_imports()
+    try:
+        job()
+    except user_error_types() as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,198 @@
+"""Hugging Face ``config.json`` -> a validated, family-independent description of the model.
+
+Supported families: Llama (incl. Llama-3 rope scaling), Qwen2 (q/k/v bias) and Mistral. Anything
+else is refused here, before a model is built, with the list of what is supported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "mistral",
+}
+
+# The padded vocabulary is a multiple of this, independent of TP, so that a checkpoint has the same
+# tensor shapes at every TP size (TP must divide it). 128 is megatron-LM's default granule.
+VOCAB_GRANULE = 128
+
+
+class ModelConfigError(ValueError):
+    """A model config that we cannot build, with what to do about it."""
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelArchitecture:
+    family: str
+    hf_architecture: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    rope_scaling: Optional[Llama3RopeScaling] = None
+    sliding_window: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return int(math.ceil(self.vocab_size / VOCAB_GRANULE) * VOCAB_GRANULE)
+
+    def default_feature_layers(self) -> tuple[int, ...]:
+        """Layers after which the reference reads features: floor(L/4), floor(L/2), floor(3L/4),
+        each clamped to [1, L] (1-based: "after layer k" = HF hidden_states[k])."""
+        L = self.num_layers
+        return tuple(min(max(int(q * L), 1), L) for q in (0.25, 0.5, 0.75))
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        """Refuse layouts that cannot shard this model, before any compute."""
+        problems = []
+        if self.num_attention_heads % tp:
+            problems.append(f"tensor parallel size {tp} does not divide num_attention_heads={self.num_attention_heads}")
+        if self.num_query_groups % tp:
+            problems.append(
+                f"tensor parallel size {tp} does not divide num_key_value_heads={self.num_query_groups}"
+            )
+        if self.ffn_hidden_size % tp:
+            problems.append(f"tensor parallel size {tp} does not divide intermediate_size={self.ffn_hidden_size}")
+        if self.padded_vocab_size % tp:
+            problems.append(f"tensor parallel size {tp} does not divide the padded vocabulary {self.padded_vocab_size}")
+        if self.num_layers % pp:
+            problems.append(f"pipeline parallel size {pp} does not divide num_hidden_layers={self.num_layers}")
+        if problems:
+            valid_tp = [t for t in (1, 2, 4, 8, 16) if self.num_attention_heads % t == 0
+                        and self.num_query_groups % t == 0 and self.ffn_hidden_size % t == 0]
+            valid_pp = [p for p in range(1, self.num_layers + 1) if self.num_layers % p == 0]
+            raise ModelConfigError(
+                "cannot shard the model: " + "; ".join(problems)
+                + f". Valid tensor parallel sizes: {valid_tp}; valid pipeline parallel sizes: {valid_pp}."
+            )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelArchitecture":
+        data = dict(data)
+        if data.get("rope_scaling"):
+            data["rope_scaling"] = Llama3RopeScaling(**data["rope_scaling"])
+        return cls(**data)
+
+
+def _require(config: dict, key: str, source: str):
+    if key not in config:
+        raise ModelConfigError(f"{source}: missing required key '{key}'")
+    return config[key]
+
+
+def from_hf_config(config: dict, source: str = "config.json") -> ModelArchitecture:
+    """Parse a Hugging Face config dict. ``source`` names the file in error messages."""
+    archs = config.get("architectures") or []
+    model_type = config.get("model_type")
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+        arch = by_type.get(model_type)
+    if arch is None:
+        raise ModelConfigError(
+            f"{source}: unsupported architecture {archs or model_type!r}; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    family = SUPPORTED_ARCHITECTURES[arch]
+    hidden = int(_require(config, "hidden_size", source))
+    heads = int(_require(config, "num_attention_heads", source))
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    if heads % kv_heads:
+        raise ModelConfigError(f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ModelConfigError(f"{source}: hidden_act={act!r} is not supported (only 'silu' / SwiGLU)")
+
+    # transformers v5 writes "rope_parameters" (theta and scaling together); v4 writes
+    # "rope_theta" and "rope_scaling". Read both.
+    rope_parameters = config.get("rope_parameters") or {}
+    rope_theta = config.get("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+    rope_scaling = None
+    scaling = config.get("rope_scaling") or rope_parameters
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "llama3":
+            rope_scaling = Llama3RopeScaling(
+                factor=float(scaling["factor"]),
+                low_freq_factor=float(scaling["low_freq_factor"]),
+                high_freq_factor=float(scaling["high_freq_factor"]),
+                original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+            )
+        elif kind not in (None, "default"):
+            raise ModelConfigError(f"{source}: rope_scaling type {kind!r} is not supported (only 'llama3')")
+
+    if family == "qwen2":
+        qkv_bias = True
+    else:
+        qkv_bias = bool(config.get("attention_bias", False))
+    if family != "qwen2" and config.get("mlp_bias"):
+        raise ModelConfigError(f"{source}: mlp_bias=true is not supported")
+
+    sliding_window = config.get("sliding_window")
+    if family == "qwen2" and not config.get("use_sliding_window", False):
+        sliding_window = None
+
+    eos = config.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+
+    return ModelArchitecture(
+        family=family,
+        hf_architecture=arch,
+        num_layers=int(_require(config, "num_hidden_layers", source)),
+        hidden_size=hidden,
+        ffn_hidden_size=int(_require(config, "intermediate_size", source)),
+        num_attention_heads=heads,
+        num_query_groups=kv_heads,
+        head_dim=head_dim,
+        vocab_size=int(_require(config, "vocab_size", source)),
+        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        rope_scaling=rope_scaling,
+        sliding_window=int(sliding_window) if sliding_window else None,
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_id=eos,
+    )
+
+
+def load_hf_config(hf_dir: str | Path) -> tuple[dict, ModelArchitecture]:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ModelConfigError(f"{path}: not found; point at a Hugging Face model folder that has config.json")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelConfigError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    return config, from_hf_config(config, source=str(path))

@@ -1,0 +1,219 @@
+"""Core attention for megatron-core's layer spec: causal, dense-masked, and block-structured.
+
+It replaces ``DotProductAttention`` as the ``core_attention`` submodule, so every layer of the
+policy, the feature network and the rollout decoder uses it, forward and backward.
+
+What a call computes is chosen by what megatron hands through:
+- ``packed_seq_params`` is a :class:`BlockAttentionParams` -> the strided block layout
+  (``rollouts.layout``), over real pairs only. Three modes:
+    * ``packed``:  chunk + all rollout tokens in one sequence (policy loss, feature network);
+    * ``prefill``: the chunk alone, causal, writing its keys/values into the rollout KV cache;
+    * ``decode``:  the n*NB tokens of one rollout step against the cache.
+  The params ride in ``packed_seq_params`` because megatron passes that object untouched to the
+  core attention on every path (pipeline stages, activation recompute); ``qkv_format='sbhd'``
+  keeps megatron's own THD handling out of the way.
+- ``attention_mask`` is a tensor -> dense masked attention. Megatron's convention is kept at the
+  boundary (True = masked out) and converted once, here, to SDPA's (True = may attend).
+- neither -> plain causal attention.
+
+Real-pair attention: the chunk attends causally (SDPA with ``is_causal``). A rollout token of
+block b attends to the chunk prefix x[:a_b] and to the earlier tokens of its own (block, sample).
+Prefix scores are computed for tiles of consecutive blocks against keys [0, a_last) of the tile,
+so the masked-out work is only the staircase inside a tile; the prefix and own-block scores are
+concatenated and normalised by one softmax, which keeps it exact and differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+
+from ebft_megatron.rollouts.layout import BlockLayout
+
+# Blocks per prefix tile. Within a tile the prefix keys are padded up to the tile's last anchor, so
+# the wasted work per query is about (TILE_BLOCKS - 1) * stride / 2 keys out of an average P / 2.
+TILE_BLOCKS = 8
+
+
+@dataclass
+class RolloutKVCache:
+    """Per-layer keys/values of the chunk and of the rollout tokens decoded so far.
+
+    Keys are stored after rotary embedding: positions are absolute per token (a_b + t), so a
+    cached key never needs re-rotation.
+    """
+
+    layers: dict = field(default_factory=dict)
+
+
+@dataclass
+class BlockAttentionParams(PackedSeqParams):
+    layout: Optional[BlockLayout] = None
+    mode: str = "packed"  # "packed" | "prefill" | "decode"
+    cache: Optional[RolloutKVCache] = None
+    step: int = 0
+
+    def __post_init__(self):
+        self.qkv_format = "sbhd"
+        if self.mode not in ("packed", "prefill", "decode"):
+            raise ValueError(f"unknown block attention mode {self.mode!r}")
+        if self.mode != "packed" and self.cache is None:
+            raise ValueError(f"mode {self.mode!r} needs a RolloutKVCache")
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    """[s, b, h, d] -> [b, h, s, d]."""
+    return x.permute(1, 2, 0, 3)
+
+
+def _sbh(x: torch.Tensor) -> torch.Tensor:
+    """[b, h, s, d] -> [s, b, h*d]."""
+    b, h, s, d = x.shape
+    return x.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+
+def causal_attention(q, k, v, scale):
+    """q [B,H,S,d], k/v [B,Hkv,S,d] -> [B,H,S,d]."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+
+def rollout_attention(q, k_prefix, v_prefix, k_own, v_own, anchors, own_allowed, scale):
+    """Rollout queries against their chunk prefix and their own block, real pairs only.
+
+    q:        [B, Hkv, rep, NB, n, Gq, d]   queries, grouped by (block, sample)
+    k_prefix: [B, Hkv, P', d]              chunk keys (P' >= the last anchor)
+    k_own:    [B, Hkv, NB, n, Gk, d]        each (block, sample)'s own rollout keys
+    anchors:  list[int] of length NB       block b sees chunk keys [0, a_b)
+    own_allowed: [Gq, Gk] bool             which own keys each query step sees
+    returns   [B, Hkv, rep, NB, n, Gq, d]
+    """
+    B, Hkv, rep, NB, n, Gq, d = q.shape
+    Gk = k_own.shape[-2]
+    own_scores = torch.matmul(q, k_own.unsqueeze(2).transpose(-1, -2)) * scale
+    own_scores = own_scores.masked_fill(~own_allowed, float("-inf"))
+    outputs = []
+    for start in range(0, NB, TILE_BLOCKS):
+        stop = min(start + TILE_BLOCKS, NB)
+        tile_anchors = torch.as_tensor(anchors[start:stop], device=q.device)
+        key_len = int(anchors[stop - 1])
+        q_tile = q[:, :, :, start:stop].reshape(B, Hkv, rep, (stop - start) * n * Gq, d)
+        prefix_scores = torch.matmul(q_tile, k_prefix[:, :, None, :key_len].transpose(-1, -2)) * scale
+        prefix_scores = prefix_scores.view(B, Hkv, rep, stop - start, n, Gq, key_len)
+        hidden = torch.arange(key_len, device=q.device)[None, :] >= tile_anchors[:, None]
+        prefix_scores = prefix_scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+        scores = torch.cat([prefix_scores, own_scores[:, :, :, start:stop]], dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+        prefix_probs, own_probs = probs.split([key_len, Gk], dim=-1)
+        prefix_out = torch.matmul(
+            prefix_probs.reshape(B, Hkv, rep, (stop - start) * n * Gq, key_len),
+            v_prefix[:, :, None, :key_len],
+        ).view(B, Hkv, rep, stop - start, n, Gq, d)
+        own_out = torch.matmul(own_probs, v_own[:, :, None, start:stop])
+        outputs.append(prefix_out + own_out)
+    return torch.cat(outputs, dim=3)
+
+
+class BlockCoreAttention(MegatronModule):
+    """Drop-in ``core_attention`` submodule (same constructor as megatron's DotProductAttention)."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError("BlockCoreAttention supports attention_dropout=0 only (as Llama/Qwen2/Mistral use)")
+        if config.context_parallel_size != 1:
+            raise ValueError("context parallelism is not supported by BlockCoreAttention")
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by BlockCoreAttention")
+        if isinstance(packed_seq_params, BlockAttentionParams):
+            return self._block_forward(query, key, value, packed_seq_params)
+        if packed_seq_params is not None:
+            raise ValueError("THD packed sequences are not supported by BlockCoreAttention")
+        q, k, v = _bhsd(query), _bhsd(key), _bhsd(value)
+        if attention_mask is None:
+            out = causal_attention(q, k, v, self.softmax_scale)
+        else:
+            allowed = ~attention_mask.to(torch.bool)  # megatron: True = masked out
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, scale=self.softmax_scale, enable_gqa=True
+            )
+        return _sbh(out)
+
+    # --- block-structured paths -------------------------------------------------------------
+    def _block_forward(self, query, key, value, params: BlockAttentionParams):
+        layout = params.layout
+        P, NB, n, G = layout.chunk_len, layout.num_blocks, layout.num_samples, layout.rollout_len
+        anchors = layout.anchor_positions.tolist()
+        B, H, Hkv, d = query.shape[1], query.shape[2], key.shape[2], query.shape[3]
+        rep = H // Hkv
+        scale = self.softmax_scale
+
+        if params.mode == "prefill":
+            q, k, v = _bhsd(query), _bhsd(key), _bhsd(value)
+            params.cache.layers[self.layer_number] = {
+                "chunk_k": k.contiguous(),
+                "chunk_v": v.contiguous(),
+                "rollout_k": k.new_zeros(B, Hkv, NB, n, G, d),
+                "rollout_v": v.new_zeros(B, Hkv, NB, n, G, d),
+            }
+            return _sbh(causal_attention(q, k, v, scale))
+
+        if params.mode == "decode":
+            t = params.step
+            cache = params.cache.layers[self.layer_number]
+            # [NB*n, B, h, d] in (block, sample) order -> [B, h, NB, n, d]
+            new_k = key.view(NB, n, B, Hkv, d).permute(2, 3, 0, 1, 4)
+            new_v = value.view(NB, n, B, Hkv, d).permute(2, 3, 0, 1, 4)
+            cache["rollout_k"][:, :, :, :, t] = new_k
+            cache["rollout_v"][:, :, :, :, t] = new_v
+            q = query.view(NB, n, B, Hkv, rep, 1, d).permute(2, 3, 4, 0, 1, 5, 6)
+            own_allowed = torch.ones(1, t + 1, dtype=torch.bool, device=query.device)
+            out = rollout_attention(
+                q, cache["chunk_k"], cache["chunk_v"],
+                cache["rollout_k"][..., : t + 1, :], cache["rollout_v"][..., : t + 1, :],
+                anchors, own_allowed, scale,
+            )  # [B, Hkv, rep, NB, n, 1, d]
+            return out.permute(3, 4, 5, 0, 1, 2, 6).reshape(NB * n, B, H * d)
+
+        # packed: chunk causal + rollout tokens against prefix and own block
+        q, k, v = _bhsd(query), _bhsd(key), _bhsd(value)
+        chunk_out = causal_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], scale)
+        q_roll = query[P:].view(NB, n, G, B, Hkv, rep, d).permute(3, 4, 5, 0, 1, 2, 6)
+        k_roll = key[P:].view(NB, n, G, B, Hkv, d).permute(3, 4, 0, 1, 2, 5)
+        v_roll = value[P:].view(NB, n, G, B, Hkv, d).permute(3, 4, 0, 1, 2, 5)
+        own_allowed = torch.ones(G, G, dtype=torch.bool, device=query.device).tril()
+        roll_out = rollout_attention(
+            q_roll, k[:, :, :P], v[:, :, :P], k_roll, v_roll, anchors, own_allowed, scale
+        )  # [B, Hkv, rep, NB, n, G, d]
+        roll_out = roll_out.permute(3, 4, 5, 0, 1, 2, 6).reshape(NB * n * G, B, H * d)
+        return torch.cat([_sbh(chunk_out), roll_out], dim=0)

@@ -1,0 +1,180 @@
+"""Build a megatron-core GPTModel for one pipeline stage from a :class:`ModelArchitecture`.
+
+- Local layer spec on CPU; Transformer Engine's spec when TE imports (``use_te``). Either way the
+  core attention is our :class:`BlockCoreAttention`, so the block layout works on every path.
+- Per-token position ids: megatron's plain ``rope`` ignores ``position_ids``. ``mrope`` with the
+  whole rotary dimension in its first section is standard RoPE driven by per-token positions
+  [3, b, s] (all three rows equal). Parameters are identical to ``rope``'s, so checkpoints do not
+  care. :func:`model_forward` does the expansion, callers pass [b, s].
+- Llama-3 rope scaling: the scaled inverse frequencies are computed here and set on the rotary
+  module.
+- Padded vocabulary: the embedding/output have ``padded_vocab_size`` rows (a TP-independent
+  multiple of 128); the padded logits are set to -inf so that softmax, cross entropy and sampling
+  see exactly the model's real vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ebft_megatron.models.architecture import ModelArchitecture
+from ebft_megatron.models.attention import BlockCoreAttention
+
+
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def transformer_config(arch: ModelArchitecture, tp: int, pp: int, params_dtype=torch.float32, num_layers=None, **overrides):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(
+        num_layers=num_layers or arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        mrope_section=[arch.head_dim // 2, 0, 0],
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        # Fusions are CUDA kernels; off on CPU (megatron's defaults are already off).
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        sequence_parallel=False,
+        init_method_std=0.02,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(use_te: bool):
+    """The layer spec with our core attention plugged in."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = BlockCoreAttention
+    return spec
+
+
+def llama3_inv_freq(arch: ModelArchitecture) -> torch.Tensor:
+    """Llama-3 frequency-dependent RoPE scaling (as in the Llama-3.1 release)."""
+    dim = arch.head_dim
+    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    s = arch.rope_scaling
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def build_model(
+    arch: ModelArchitecture,
+    params_dtype=torch.float32,
+    use_te: Optional[bool] = None,
+    num_layers: Optional[int] = None,
+    post_process: Optional[bool] = None,
+    **config_overrides,
+):
+    """Build this rank's pipeline stage of the model. Parallel state must be initialized.
+
+    ``num_layers`` truncates the model (the feature network stops at its deepest feature layer);
+    ``post_process=False`` then drops the final norm and output layer on the last stage.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    layers = num_layers or arch.num_layers
+    replace(arch, num_layers=layers).check_parallel(tp, pp)
+    if use_te is None:
+        use_te = transformer_engine_available()
+    config = transformer_config(arch, tp, pp, params_dtype, num_layers=layers, **config_overrides)
+    is_last = ps.is_pipeline_last_stage()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=arch.padded_vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=is_last if post_process is None else (post_process and is_last),
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="mrope",
+        rotary_base=arch.rope_theta,
+    )
+    if arch.rope_scaling is not None:
+        model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
+    if model.post_process and arch.padded_vocab_size != arch.vocab_size:
+        model.output_layer.register_forward_hook(_mask_padded_vocab(arch.vocab_size, tp))
+    model.architecture = arch
+    return model
+
+
+def _mask_padded_vocab(vocab_size: int, tp: int):
+    """Forward hook on the (vocab-parallel) output layer: padded vocabulary rows get -inf."""
+    from megatron.core import parallel_state as ps
+
+    def hook(module, inputs, output):
+        logits, bias = output
+        local = logits.shape[-1]
+        start = local * ps.get_tensor_model_parallel_rank() if not module.gather_output else 0
+        column = torch.arange(start, start + local, device=logits.device)
+        return logits.masked_fill(column >= vocab_size, float("-inf")), bias
+
+    return hook
+
+
+def expand_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] per-token positions -> the [3, b, s] form megatron's mrope takes."""
+    return position_ids.unsqueeze(0).expand(3, *position_ids.shape)
+
+
+def model_forward(model, tokens, position_ids, attention_mask=None, block_params=None, labels=None):
+    """One forward of this stage. ``tokens``/``position_ids`` are [b, s] (ignored off the first
+    stage except for rotary). Returns vocab-parallel logits [b, s, V/TP] on the last stage (or
+    per-token loss when ``labels`` is given), hidden states [s, b, h] elsewhere."""
+    return model(
+        input_ids=tokens,
+        position_ids=expand_positions(position_ids),
+        attention_mask=attention_mask,
+        labels=labels,
+        packed_seq_params=block_params,
+    )

@@ -1,0 +1,198 @@
+"""Every CPU fallback that megatron-core needs, in one place.
+
+megatron-core assumes CUDA in a handful of spots. On a CPU-only torch (our CI, laptops) these
+spots raise "Torch not compiled with CUDA enabled". ``apply()`` patches exactly those spots and
+nothing else; it is a no-op when ``torch.cuda.is_available()``, so GPU runs execute megatron-core
+unmodified.
+
+The patches (numbered as in shared/notes/megatron-core-on-cpu.md):
+
+P2  ``torch.cuda.current_device/synchronize/current_stream/Event``: megatron allocates with
+    ``device=torch.cuda.current_device()`` (p2p buffers, DDP grad buffers, global memory buffer,
+    rotary ``inv_freq``) and syncs streams in the p2p and DDP code.
+P3  A ``TorchFunctionMode`` that rewrites literal ``device="cuda"`` to CPU, makes
+    ``Tensor.cuda()`` the identity, and reports CPU tensors' ``.type()`` as ``torch.cuda.*``
+    because the optimizer and grad clipping branch on those strings.
+    A TorchFunctionMode is not active inside autograd backward; P6 covers the one spot that
+    matters there (activation recompute building default masks).
+P4  A CPU RNG tracker replacing ``model_parallel_cuda_manual_seed``: DotProductAttention always
+    forks the tracker, and the CUDA tracker calls ``torch.cuda.get_rng_state``.
+P5  ``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state`` wrap the CPU RNG, for
+    activation recompute and the tracker's ``fork``.
+P6  ``get_default_causal_mask``/``get_sliding_window_causal_mask`` allocate on ``"cuda"``; they are
+    replaced in both modules that bound them by name.
+P7  dist-checkpoint saves use a thread queue instead of a spawned multiprocessing Manager (the
+    spawn re-imports ``__main__`` and costs 2-13 s on the first save). This one is applied on GPU
+    too: it is a pure speed/robustness choice, not a CUDA fallback.
+
+P1 (stubbing a triton-only MoE module) is not needed by megatron-core 0.16.1, which we pin.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import torch
+
+_APPLIED = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def apply() -> None:
+    """Apply the CPU fallbacks once per process. Safe to call many times."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _APPLIED = True
+    _use_thread_queue_for_checkpoint_writes()
+    if cuda_available():
+        return
+    _patch_cuda_runtime_calls()
+    _enter_cuda_to_cpu_mode()
+    _patch_rng_state_helpers()
+    _patch_default_masks()
+
+
+# --- P2 -------------------------------------------------------------------------------------
+class _NullStream:
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _TimingEvent()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _TimingEvent:
+    def __init__(self, *args, **kwargs):
+        self._time = None
+
+    def record(self, *args, **kwargs):
+        self._time = time.perf_counter()
+
+    def elapsed_time(self, end: "_TimingEvent") -> float:
+        return (end._time - self._time) * 1000.0
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+def _patch_cuda_runtime_calls() -> None:
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.Event = _TimingEvent
+
+
+# --- P3 -------------------------------------------------------------------------------------
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            if name.startswith("torch.") and not name.startswith("torch.cuda."):
+                return "torch.cuda." + name[len("torch."):]
+            return name
+        return func(*args, **kwargs)
+
+
+def _enter_cuda_to_cpu_mode() -> None:
+    _CudaToCpuMode().__enter__()
+
+
+# --- P4 / P5 --------------------------------------------------------------------------------
+def _patch_rng_state_helpers() -> None:
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+
+def seed_model_parallel_rng(seed: int, tp_rank: int, ep_rank: int = 0, etp_rank: int = 0) -> None:
+    """CPU replacement for ``tensor_parallel.model_parallel_cuda_manual_seed`` (P4).
+
+    Seeds the tracker's named states the way megatron does (data-parallel: ``seed``;
+    tensor-parallel: ``seed + 2718 + tp_rank``; expert: ``seed + 1024 + 100*ep + etp``), but
+    stores CPU generator states, which ``fork`` swaps in through the P5 helpers.
+    """
+    from megatron.core.tensor_parallel import random as tp_random
+
+    class CpuRNGStatesTracker(tp_random.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    tracker = CpuRNGStatesTracker()
+    tracker.add(tp_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(tp_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(tp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)
+    tp_random._CUDA_RNG_STATE_TRACKER = tracker
+    tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+# --- P6 -------------------------------------------------------------------------------------
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _cpu_sliding_window_mask(sq, skv, window_size) -> torch.Tensor:
+    ones = torch.ones(sq, skv, dtype=torch.bool)
+    upper = torch.triu(ones, diagonal=skv - sq - window_size[0])
+    return ~torch.tril(upper, diagonal=skv - sq + window_size[1])
+
+
+def _patch_default_masks() -> None:
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
+
+    for module in (transformer_utils, fused_softmax):
+        module.get_default_causal_mask = _cpu_causal_mask
+        module.get_sliding_window_causal_mask = _cpu_sliding_window_mask
+
+
+# --- P7 -------------------------------------------------------------------------------------
+def _use_thread_queue_for_checkpoint_writes() -> None:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()

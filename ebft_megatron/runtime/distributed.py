@@ -1,0 +1,160 @@
+"""torch.distributed + megatron parallel state from torchrun's environment, and seeding.
+
+One entry, :func:`initialize`, used by every command-line tool and test:
+- reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (torchrun), or runs as a single
+  process when they are absent (plain ``python``, pytest);
+- gloo on CPU, nccl on GPU;
+- megatron's tensor/pipeline/data parallel groups;
+- every RNG seeded (python, numpy, torch, and megatron's model-parallel tracker).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ebft_megatron.runtime import cpu_fallbacks
+
+
+class ParallelLayoutError(ValueError):
+    """The requested TP/PP does not fit the number of processes or the model."""
+
+
+@dataclass(frozen=True)
+class ParallelInfo:
+    rank: int
+    world_size: int
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 10) -> ParallelInfo:
+    """Set up torch.distributed and megatron's parallel groups; seed every RNG.
+
+    Idempotent for the same layout within a process (tests call it repeatedly).
+    """
+    cpu_fallbacks.apply()
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            # Single process (python script or pytest): a private rendezvous on loopback.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+    world = dist.get_world_size()
+    if tp < 1 or pp < 1 or world % (tp * pp) != 0:
+        raise ParallelLayoutError(
+            f"tensor parallel size {tp} x pipeline parallel size {pp} must divide the number of "
+            f"processes ({world}); launch with torchrun --nproc_per_node=<a multiple of {tp * pp}>"
+        )
+
+    if parallel_state.model_parallel_is_initialized():
+        same = (
+            parallel_state.get_tensor_model_parallel_world_size() == tp
+            and parallel_state.get_pipeline_model_parallel_world_size() == pp
+        )
+        if not same:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            distributed_timeout_minutes=timeout_minutes,
+        )
+    info = parallel_info()
+    seed_everything(seed, info)
+    return info
+
+
+def parallel_info() -> ParallelInfo:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    return ParallelInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        dp_size=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def seed_everything(seed: int, info: ParallelInfo | None = None) -> None:
+    """Seed python, numpy and torch identically on every rank, and megatron's TP tracker."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if info is None:
+        return
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        cpu_fallbacks.seed_model_parallel_rng(seed, tp_rank=info.tp_rank)
+
+
+def destroy() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print_rank0(*args, **kwargs) -> None:
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shared_tmpdir() -> str:
+    return tempfile.gettempdir()

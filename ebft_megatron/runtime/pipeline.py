@@ -1,0 +1,80 @@
+"""Forward passes through the pipeline stages, using megatron's own schedules.
+
+Inference-style forwards (generation, rollout decode steps, the feature network, evaluation) go
+through ``get_forward_backward_func()(forward_only=True)`` so that PP>1 sends activations between
+stages exactly as training does. The last stage reduces its output with ``reduce`` (for example:
+gather the TP shards of the logits for some rows, or take the sampled tokens), and the result is
+broadcast to every stage of the pipeline so that all ranks continue in lockstep.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from ebft_megatron.models.gpt import model_forward
+
+
+def gather_vocab_parallel(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V/TP] -> [..., V] (all-gather over the tensor parallel group)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return logits
+    return gather_from_tensor_model_parallel_region(logits)
+
+
+def broadcast_from_last_stage(value: Any) -> Any:
+    """Send a picklable value (tensors included) from the last pipeline stage to all stages."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    box = [value if ps.is_pipeline_last_stage() else None]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    return box[0]
+
+
+def forward(
+    model,
+    tokens: torch.Tensor,
+    position_ids: torch.Tensor,
+    reduce: Callable[[torch.Tensor], Any],
+    block_params=None,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> Any:
+    """No-grad forward of one micro-batch [b, s] through all stages; returns ``reduce(output)``
+    computed on the last stage (vocab-parallel logits, or hidden states for a model built with
+    ``post_process=False``), on every rank."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, stage_model):
+        output = model_forward(stage_model, tokens, position_ids, attention_mask, block_params)
+
+        def collect(output_tensor, non_loss_data=False):
+            return reduce(output_tensor)
+
+        return output, collect
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            results = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter([None]),
+                model=[model],
+                num_microbatches=1,
+                seq_length=tokens.shape[1],
+                micro_batch_size=tokens.shape[0],
+                forward_only=True,
+                collect_non_loss_data=True,
+            )
+    finally:
+        model.train(was_training)
+    from megatron.core import parallel_state as ps
+
+    return broadcast_from_last_stage(results[0] if ps.is_pipeline_last_stage() else None)
