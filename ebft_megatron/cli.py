@@ -11,19 +11,25 @@ import warnings
 def quiet_imports() -> None:
     """Silence megatron's import-time notices about optional GPU packages (apex, TE)."""
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex).*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(megatron|torch\.distributed)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class UsageError(ValueError):
+    """A bad setting or input found by an entry point itself."""
 
 
 def user_error_types() -> tuple:
     from ebft_megatron.checkpoint.convert import ConversionError
     from ebft_megatron.checkpoint.hf_mapping import MappingError
     from ebft_megatron.checkpoint.store import CheckpointError
+    from ebft_megatron.data.tokenizers import TokenizerError
     from ebft_megatron.models.architecture import ModelConfigError
     from ebft_megatron.rollouts.layout import LayoutError
     from ebft_megatron.runtime.distributed import ParallelLayoutError
 
-    return (ConversionError, MappingError, CheckpointError, ModelConfigError, LayoutError,
+    return (UsageError, TokenizerError, ConversionError, MappingError, CheckpointError, ModelConfigError, LayoutError,
             ParallelLayoutError, FileNotFoundError, FileExistsError)
 
 
@@ -32,7 +38,8 @@ def run_cli(job) -> int:
     try:
         job()
     except user_error_types() as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # the same error on every rank: say it once
+            print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,0 +1,71 @@
+"""Tokenizers: a Hugging Face ``tokenizer.json`` (fast tokenizer) or a sentencepiece ``.model``.
+
+Text is encoded without special tokens (no BOS), as the reference does; documents are joined with
+EOS by the packing code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.path = path
+        if path.is_dir():
+            if (path / "tokenizer.json").is_file():
+                self._load_hf(path)
+            elif (path / "tokenizer.model").is_file():
+                self._load_sentencepiece(path / "tokenizer.model")
+            else:
+                raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model in this folder")
+        elif path.suffix == ".model":
+            self._load_sentencepiece(path)
+        elif path.suffix == ".json":
+            self._load_hf(path.parent)
+        else:
+            raise TokenizerError(f"{path}: expected a tokenizer folder, a tokenizer.json or a sentencepiece .model")
+
+    def _load_hf(self, folder: Path) -> None:
+        from transformers import PreTrainedTokenizerFast
+
+        try:
+            self._hf = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+        except Exception as err:
+            raise TokenizerError(f"{folder / 'tokenizer.json'}: cannot be loaded ({err})") from None
+        config_path = folder / "tokenizer_config.json"
+        eos = None
+        if config_path.is_file():
+            import json
+
+            eos = json.loads(config_path.read_text()).get("eos_token")
+            if isinstance(eos, dict):
+                eos = eos.get("content")
+        self.eos_id = self._hf.convert_tokens_to_ids(eos) if eos else None
+        self.vocab_size = len(self._hf)
+        self._encode = lambda text: self._hf.encode(text, add_special_tokens=False)
+        self._decode = lambda ids: self._hf.decode(ids, skip_special_tokens=False)
+
+    def _load_sentencepiece(self, model_file: Path) -> None:
+        import sentencepiece as spm
+
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except Exception as err:
+            raise TokenizerError(f"{model_file}: not a sentencepiece model ({err})") from None
+        eos = self._sp.eos_id()
+        self.eos_id = eos if eos >= 0 else None
+        self.vocab_size = self._sp.get_piece_size()
+        self._encode = lambda text: self._sp.encode(text)
+        self._decode = lambda ids: self._sp.decode(ids)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._encode(text))
+
+    def decode(self, ids) -> str:
+        return self._decode([int(i) for i in ids])
