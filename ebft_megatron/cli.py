@@ -10,7 +10,7 @@ import warnings
 
 def quiet_imports() -> None:
     """Silence megatron's import-time notices about optional GPU packages (apex, TE)."""
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex).*")
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex|ShardedTensor).*")
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(megatron|torch\.distributed)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -14,7 +14,6 @@ import datetime
 import os
 import random
 import socket
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,15 +62,19 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int 
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            # Single process (python script or pytest): a private rendezvous on loopback.
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "RANK" in os.environ:  # launched by torchrun
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # Single process (python script or pytest): a private rendezvous on loopback. The
+            # environment is left alone so that child processes do not inherit a taken port.
+            dist.init_process_group(
+                backend=backend, timeout=timeout, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0, world_size=1,
+            )
 
     world = dist.get_world_size()
     if tp < 1 or pp < 1 or world % (tp * pp) != 0:
@@ -154,7 +157,3 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def shared_tmpdir() -> str:
-    return tempfile.gettempdir()

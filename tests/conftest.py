@@ -1,0 +1,28 @@
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ebft_megatron.cli import quiet_imports  # noqa: E402
+
+quiet_imports()
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{family: (hf_dir, ckpt_dir)} for tiny random Llama, Qwen2 and Mistral models."""
+    from ebft_megatron.checkpoint import convert
+    from tests.fixtures import FAMILIES, make_tiny_hf
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    models = {}
+    for family in FAMILIES:
+        hf_dir = make_tiny_hf(family, root / f"{family}-hf")
+        ckpt = convert.hf_to_mcore(hf_dir, root / f"{family}-mcore", log=lambda *_: None)
+        models[family] = (hf_dir, ckpt)
+    return models
