@@ -58,6 +58,9 @@ class BlockAttentionParams(PackedSeqParams):
     mode: str = "packed"  # "packed" | "prefill" | "decode"
     cache: Optional[RolloutKVCache] = None
     step: int = 0
+    # Sequence rows whose logits are wanted; the LM head then runs on these rows only (the
+    # prefill needs NB of its P rows). None = all rows.
+    logit_rows: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         self.qkv_format = "sbhd"

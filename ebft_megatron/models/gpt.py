@@ -144,8 +144,19 @@ def build_model(
         model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
     if model.post_process and arch.padded_vocab_size != arch.vocab_size:
         model.output_layer.register_forward_hook(_mask_padded_vocab(arch.vocab_size, tp))
+    if model.post_process:
+        model.decoder.register_forward_hook(_select_logit_rows, with_kwargs=True)
     model.architecture = arch
     return model
+
+
+def _select_logit_rows(module, args, kwargs, output):
+    """Decoder forward hook: keep only ``BlockAttentionParams.logit_rows`` before the LM head."""
+    params = kwargs.get("packed_seq_params")
+    rows = getattr(params, "logit_rows", None)
+    if rows is None:
+        return output
+    return output.index_select(0, rows.to(output.device))
 
 
 def _mask_padded_vocab(vocab_size: int, tp: int):

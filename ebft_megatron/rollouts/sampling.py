@@ -16,20 +16,24 @@ def sample_tokens(
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
     uniforms: Optional[torch.Tensor] = None,
+    num_samples: Optional[int] = None,
 ) -> torch.Tensor:
-    """logits [..., V] -> token ids [...]. ``temperature == 0`` is greedy.
+    """logits [..., V] -> token ids [...] (or [..., num_samples] independent draws per row).
+    ``temperature == 0`` is greedy.
 
-    ``uniforms`` ([...], in [0, 1)) may be given to drive the draw explicitly; tests use this to
-    make two samplers draw from the same random numbers.
+    ``uniforms`` ([...] or [..., num_samples], in [0, 1)) may be given to drive the draw
+    explicitly; tests use this to make two samplers draw from the same random numbers.
     """
+    draws = num_samples or 1
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1)
+        return tokens if num_samples is None else tokens.unsqueeze(-1).expand(*tokens.shape, draws)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    shape = probs.shape[:-1]
+    shape = probs.shape[:-1] if num_samples is None else (*probs.shape[:-1], draws)
     probs = probs.reshape(-1, probs.shape[-1])
     if uniforms is None:
-        uniforms = torch.rand(probs.shape[0], generator=generator, device=probs.device)
-    uniforms = uniforms.reshape(-1, 1).to(probs.dtype)
+        uniforms = torch.rand(probs.shape[0], draws, generator=generator, device=probs.device)
+    uniforms = uniforms.reshape(-1, draws).to(probs.dtype)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs
@@ -41,5 +45,5 @@ def sample_tokens(
         cdf = probs.cumsum(dim=-1)
         tokens = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
         # a token of probability 0 can only be hit through rounding at its cdf step; move off it
-        tokens = torch.where(probs.gather(-1, tokens) > 0, tokens, probs.argmax(dim=-1, keepdim=True))
+        tokens = torch.where(probs.gather(-1, tokens) > 0, tokens, probs.argmax(dim=-1, keepdim=True).expand_as(tokens))
     return tokens.reshape(shape)

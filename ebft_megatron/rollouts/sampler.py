@@ -1,0 +1,147 @@
+"""Strided block-parallel rollouts with a KV cache, under TP, PP and DP.
+
+For a micro-batch of chunks [B, P]:
+1. prefill: one causal forward of the chunk writes every layer's keys/values into a
+   :class:`RolloutKVCache`; the LM head runs only on the NB rows a_b - 1, whose logits give token 0
+   of every block, drawn n times (the n samples share this prefill);
+2. decode: G - 1 forwards of the n*NB newest tokens each (positions a_b + t), attending to the
+   cached chunk prefix x[:a_b] and to their own earlier tokens; each gives the next token.
+
+Cost: one prefill per chunk plus n*NB*(G-1) decoded tokens, against the reference's G full
+forwards of the whole growing sequence for each of the n copies. Every forward goes through
+megatron's pipeline schedule (``runtime.pipeline.forward``), so the decode steps pass through the
+pipeline stages; sampling happens on the last stage with TP-gathered logits and the tokens are
+broadcast back, so every rank stays in lockstep.
+
+:func:`sample_rollouts_recompute` is the reference's method (full recompute with a dense mask),
+kept for tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ebft_megatron.models.attention import BlockAttentionParams, RolloutKVCache
+from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.rollouts.sampling import sample_tokens
+from ebft_megatron.runtime import pipeline
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 0.6
+    top_p: float = 1.0
+
+
+@dataclass
+class Rollouts:
+    tokens: torch.Tensor  # [B, NB, n, G]
+    logits: Optional[torch.Tensor] = None  # [B, NB, n, G, V] when asked for (tests)
+
+
+def rollout_generator(seed: int, dp_rank: int) -> torch.Generator:
+    """Each data-parallel rank samples its own chunks, reproducibly from the run seed."""
+    return torch.Generator().manual_seed(seed * 1000003 + dp_rank)
+
+
+def _drawer(vocab_size, settings, generator, uniforms, keep_logits, store):
+    """Build the last-stage reduce: gather TP logits, optionally keep them, sample."""
+
+    def draw(logits, shape, num_samples=None, step=None):
+        full = pipeline.gather_vocab_parallel(logits)[..., :vocab_size]
+        full = full.reshape(*shape, vocab_size)
+        if keep_logits:
+            store.append(full.expand(*shape[:2], num_samples, vocab_size) if num_samples else full)
+        u = None if uniforms is None else uniforms[..., step]
+        return sample_tokens(full, settings.temperature, settings.top_p, generator, uniforms=u, num_samples=num_samples)
+
+    return draw
+
+
+def sample_rollouts(
+    model,
+    layout: BlockLayout,
+    chunk: torch.Tensor,
+    vocab_size: int,
+    settings: SamplingSettings,
+    generator: Optional[torch.Generator] = None,
+    uniforms: Optional[torch.Tensor] = None,
+    return_logits: bool = False,
+) -> Rollouts:
+    """KV-cached rollouts for ``chunk`` [B, P]. ``uniforms`` [B, NB, n, G] fixes the draws."""
+    B, P = chunk.shape
+    if P != layout.chunk_len:
+        raise ValueError(f"chunk length {P} does not match the layout's chunk_len={layout.chunk_len}")
+    NB, n, G = layout.num_blocks, layout.num_samples, layout.rollout_len
+    anchors = layout.anchor_positions
+    cache = RolloutKVCache()
+    kept: list[torch.Tensor] = []
+    draw = _drawer(vocab_size, settings, generator, uniforms, return_logits, kept)
+
+    prefill = BlockAttentionParams(layout=layout, mode="prefill", cache=cache, logit_rows=anchors - 1)
+    positions = torch.arange(P).expand(B, P)
+    first = pipeline.forward(
+        model, chunk, positions, block_params=prefill,
+        reduce=lambda logits: draw(logits, (B, NB, 1), num_samples=n, step=0),
+    )  # [B, NB, 1, n]
+    steps = [first.reshape(B, NB, n)]
+    for t in range(1, G):
+        decode = BlockAttentionParams(layout=layout, mode="decode", cache=cache, step=t - 1)
+        fed = steps[-1].reshape(B, NB * n)
+        fed_positions = (anchors[:, None] + (t - 1)).expand(NB, n).reshape(1, NB * n).expand(B, -1)
+        steps.append(pipeline.forward(
+            model, fed, fed_positions, block_params=decode,
+            reduce=lambda logits, t=t: draw(logits, (B, NB, n), step=t),
+        ))
+    tokens = torch.stack(steps, dim=-1)  # [B, NB, n, G]
+    logits = None
+    if return_logits:
+        logits = pipeline.broadcast_from_last_stage(torch.stack(kept, dim=3) if kept else None)
+    return Rollouts(tokens=tokens, logits=logits)
+
+
+def sample_rollouts_recompute(
+    model,
+    layout: BlockLayout,
+    chunk: torch.Tensor,
+    vocab_size: int,
+    settings: SamplingSettings,
+    generator: Optional[torch.Generator] = None,
+    uniforms: Optional[torch.Tensor] = None,
+    return_logits: bool = False,
+) -> Rollouts:
+    """The reference's method: for each of the n sample copies, G full forwards of the chunk plus
+    all blocks' tokens so far, with a dense block mask; logits taken only where needed."""
+    B, P = chunk.shape
+    NB, n, G = layout.num_blocks, layout.num_samples, layout.rollout_len
+    single = BlockLayout(P, layout.first_anchor, layout.stride, G, 1)
+    allowed = single.dense_attention_mask()
+    positions_full = single.position_ids
+    predictors = single.rollout_predictor_index[:, 0, :]  # [NB, G]
+    tokens = torch.zeros(B, NB, n, G, dtype=torch.long)
+    kept = torch.zeros(B, NB, n, G, vocab_size) if return_logits else None
+    for i in range(n):
+        for t in range(G):
+            rollout_idx = single.rollout_index(torch.arange(NB)[:, None], 0, torch.arange(t)[None, :]).reshape(-1)
+            index = torch.cat([torch.arange(P), rollout_idx])
+            seq = torch.cat([chunk, tokens[:, :, i, :t].reshape(B, -1)], dim=1)
+            mask = ~allowed[index][:, index]  # megatron convention: True = masked out
+            # where in `index` each block's predictor sits
+            where = torch.searchsorted(index, predictors[:, t])
+
+            def draw(logits, i=i, t=t, where=where):
+                full = pipeline.gather_vocab_parallel(logits[:, where])[..., :vocab_size]
+                u = None if uniforms is None else uniforms[:, :, i, t]
+                return full, sample_tokens(full, settings.temperature, settings.top_p, generator, uniforms=u)
+
+            full, step_tokens = pipeline.forward(
+                model, seq, positions_full[index].expand(B, -1), reduce=draw,
+                attention_mask=mask[None, None],
+            )
+            tokens[:, :, i, t] = step_tokens
+            if return_logits:
+                kept[:, :, i, t] = full
+    return Rollouts(tokens=tokens, logits=kept)
