@@ -1,0 +1,168 @@
+"""Multi-process checks, grouped into one torchrun launch (imports cost ~10-15 s per launch).
+
+    torchrun --nproc_per_node=4 tests/parallel/checks.py --models DIR --out results.json
+
+With 4 processes the same run covers TP1 (x DP4), TP2 (x DP2), PP2 (x DP2) and TP2xPP2: the
+parallel groups are rebuilt between layouts. Every rank computes; rank 0 writes the figures that
+tests/parallel/test_parallel.py asserts on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+ROLLOUT_LAYOUTS = [(24, 4, 4, 4, 3), (20, 4, 2, 4, 2)]  # (P, C, s, G, n); the second has s < G
+
+
+def max_diff(a, b) -> float:
+    return float((a - b).abs().max())
+
+
+def check_logits(models_dir: Path, families, tokens) -> dict:
+    from ebft_megatron.checkpoint import store
+    from ebft_megatron.models.gpt import build_model
+    from ebft_megatron.runtime import pipeline
+    from tests.fixtures import hf_logits
+
+    out = {}
+    for family in families:
+        ckpt = models_dir / f"{family}-mcore"
+        arch = store.architecture_of(ckpt)
+        model = build_model(arch)
+        store.load_model_weights(model, ckpt)
+        positions = __import__("torch").arange(tokens.shape[1]).expand_as(tokens)
+        ours = pipeline.forward(model, tokens, positions,
+                                reduce=lambda o: pipeline.gather_vocab_parallel(o)[..., : arch.vocab_size])
+        out[family] = max_diff(ours, hf_logits(models_dir / f"{family}-hf", tokens))
+    return out
+
+
+def check_packed_and_rollouts(models_dir: Path) -> dict:
+    import torch
+
+    from ebft_megatron.checkpoint import store
+    from ebft_megatron.models.attention import BlockAttentionParams
+    from ebft_megatron.models.gpt import build_model
+    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
+    from ebft_megatron.runtime import pipeline
+
+    ckpt = models_dir / "qwen2-mcore"
+    arch = store.architecture_of(ckpt)
+    model = build_model(arch)
+    store.load_model_weights(model, ckpt)
+    V = arch.vocab_size
+    logits_of = lambda o: pipeline.gather_vocab_parallel(o)[..., :V]  # noqa: E731
+
+    def separate(seq):
+        L = seq.shape[1]
+        return pipeline.forward(model, seq, torch.arange(L).expand(seq.shape[0], L), reduce=logits_of)
+
+    result = {"packed_vs_separate": 0.0, "packed_chunk_vs_causal": 0.0, "rollout_logits": 0.0,
+              "rollout_tokens_equal": True}
+    for P, C, s, G, n in ROLLOUT_LAYOUTS:
+        layout = BlockLayout(P, C, s, G, n)
+        gen = torch.Generator().manual_seed(P * 31 + s)
+        chunk = torch.randint(0, V, (2, P), generator=gen)
+        rollouts = torch.randint(0, V, (2, layout.num_blocks, n, G), generator=gen)
+        packed = pipeline.forward(
+            model, layout.pack(chunk, rollouts), layout.position_ids.expand(2, -1),
+            block_params=BlockAttentionParams(layout=layout, mode="packed"), reduce=logits_of)
+        result["packed_chunk_vs_causal"] = max(result["packed_chunk_vs_causal"],
+                                               max_diff(packed[:, :P], separate(chunk)))
+        uniforms = torch.rand(2, layout.num_blocks, n, G, generator=gen)
+        engine = sample_rollouts(model, layout, chunk, V, SamplingSettings(1.0, 1.0), uniforms=uniforms,
+                                 return_logits=True)
+        for b, anchor in enumerate(layout.anchor_positions.tolist()):
+            for i in range(n):
+                # packed forward == an ordinary causal forward of x[:a_b] + this rollout
+                start = layout.rollout_index(b, i, 0)
+                ref = separate(torch.cat([chunk[:, :anchor], rollouts[:, b, i]], dim=1))
+                result["packed_vs_separate"] = max(result["packed_vs_separate"],
+                                                   max_diff(packed[:, start:start + G], ref[:, anchor:]))
+                # engine logits == independent generation of this block, same random numbers
+                ref = separate(torch.cat([chunk[:, :anchor], engine.tokens[:, b, i]], dim=1))
+                result["rollout_logits"] = max(result["rollout_logits"],
+                                               max_diff(engine.logits[:, b, i], ref[:, anchor - 1:anchor - 1 + G]))
+                expect = torch.stack([
+                    torch.searchsorted(torch.softmax(ref[:, anchor - 1 + t], -1).cumsum(-1),
+                                       uniforms[:, b, i, t, None] * 1.0, right=True)[:, 0]
+                    for t in range(G)], dim=-1)
+                result["rollout_tokens_equal"] &= bool(torch.equal(expect, engine.tokens[:, b, i]))
+    return result
+
+
+def check_dp_sampling(models_dir: Path, seed: int) -> dict:
+    """Each DP rank samples its own chunks, reproducibly from the seed."""
+    import torch
+    import torch.distributed as dist
+
+    from ebft_megatron.checkpoint import store
+    from ebft_megatron.models.gpt import build_model
+    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.rollouts.sampler import SamplingSettings, rollout_generator, sample_rollouts
+    from ebft_megatron.runtime import distributed
+
+    info = distributed.parallel_info()
+    ckpt = models_dir / "qwen2-mcore"
+    arch = store.architecture_of(ckpt)
+    model = build_model(arch)
+    store.load_model_weights(model, ckpt)
+    layout = BlockLayout(24, 4, 4, 4, 2)
+    chunk = torch.randint(0, arch.vocab_size, (1, 24), generator=torch.Generator().manual_seed(7))
+    runs = [sample_rollouts(model, layout, chunk, arch.vocab_size, SamplingSettings(1.0, 1.0),
+                            rollout_generator(seed, info.dp_rank)).tokens for _ in range(2)]
+    gathered = [torch.zeros_like(runs[0]) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, runs[0])
+    dp_ranks = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(dp_ranks, torch.tensor([info.dp_rank]))
+    by_dp = {}
+    for tokens, dp_rank in zip(gathered, dp_ranks):
+        by_dp.setdefault(int(dp_rank), []).append(tokens)
+    same_within_dp = all(all(torch.equal(t, ts[0]) for t in ts) for ts in by_dp.values())
+    firsts = [ts[0] for ts in by_dp.values()]
+    differ_across_dp = len(firsts) < 2 or not all(torch.equal(firsts[0], t) for t in firsts[1:])
+    return {"reproducible": bool(torch.equal(runs[0], runs[1])), "same_within_model_parallel_group": same_within_dp,
+            "differ_across_dp": differ_across_dp, "dp_size": info.dp_size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    from ebft_megatron.cli import quiet_imports
+
+    quiet_imports()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+    import torch.distributed as dist
+
+    from ebft_megatron.runtime import distributed
+
+    models_dir = Path(args.models)
+    families = json.loads((models_dir / "families.json").read_text())
+    tokens = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for tp, pp in LAYOUTS:
+        distributed.initialize(tp, pp, seed=1234)
+        name = f"tp{tp}pp{pp}"
+        results[name] = {"logits_vs_hf": check_logits(models_dir, families, tokens)}
+        results[name].update(check_packed_and_rollouts(models_dir))
+        results[name]["dp_sampling"] = check_dp_sampling(models_dir, seed=99)
+    if dist.get_rank() == 0:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main()
