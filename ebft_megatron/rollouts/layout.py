@@ -114,6 +114,13 @@ class BlockLayout:
         """[NB, G] chunk indices of each block's ground-truth continuation x[a_b : a_b + G]."""
         return self.anchor_positions[:, None] + torch.arange(self.rollout_len)[None, :]
 
+    def valid_blocks(self, lengths: torch.Tensor) -> torch.Tensor:
+        """[B] real (unpadded) chunk lengths -> [B, NB] bool: the block's ground-truth window
+        x[a_b : a_b + G] lies inside the real tokens. Blocks that reach into the padding of a
+        last, short chunk are still sampled (shapes stay static) but carry no reward or loss."""
+        window_end = self.anchor_positions + self.rollout_len
+        return window_end[None, :] <= lengths[:, None]
+
     # --- the dense reference mask -----------------------------------------------------------
     def dense_attention_mask(self) -> torch.Tensor:
         """[packed_len, packed_len] bool, True where query may attend key (torch SDPA convention).

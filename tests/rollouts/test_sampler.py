@@ -1,0 +1,95 @@
+"""The KV-cached rollout engine against the full-recompute reference and independent generation
+(single process; the TP/PP versions run in tests/parallel)."""
+
+import pytest
+import torch
+
+from ebft_megatron.models.attention import BlockAttentionParams
+from ebft_megatron.rollouts.layout import BlockLayout, LayoutError
+from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts, sample_rollouts_recompute
+from ebft_megatron.runtime import pipeline
+
+EDGE_LAYOUTS = {
+    "s=G": (24, 4, 4, 4, 3),
+    "G=1": (17, 4, 4, 1, 2),
+    "s<G": (20, 2, 2, 4, 2),
+    "s>G": (24, 3, 6, 3, 2),
+    "n=1": (24, 4, 4, 4, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    from ebft_megatron.checkpoint import store
+    from ebft_megatron.models.gpt import build_model
+    from ebft_megatron.runtime import distributed
+
+    distributed.initialize(1, 1)
+    ckpt = tiny_models["qwen2"][1]
+    arch = store.architecture_of(ckpt)
+    net = build_model(arch)
+    store.load_model_weights(net, ckpt)
+    return net, arch
+
+
+def _logits(net, arch):
+    return lambda out: out[..., : arch.vocab_size]
+
+
+@pytest.mark.parametrize("name", EDGE_LAYOUTS)
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 0.9), (0.0, 1.0)])
+def test_engine_equals_recompute_with_the_same_random_numbers(model, name, temperature, top_p):
+    net, arch = model
+    layout = BlockLayout(*EDGE_LAYOUTS[name])
+    gen = torch.Generator().manual_seed(3)
+    chunk = torch.randint(0, arch.vocab_size, (2, layout.chunk_len), generator=gen)
+    uniforms = torch.rand(2, layout.num_blocks, layout.num_samples, layout.rollout_len, generator=gen)
+    settings = SamplingSettings(temperature, top_p)
+    fast = sample_rollouts(net, layout, chunk, arch.vocab_size, settings, uniforms=uniforms, return_logits=True)
+    slow = sample_rollouts_recompute(net, layout, chunk, arch.vocab_size, settings, uniforms=uniforms,
+                                     return_logits=True)
+    assert fast.tokens.shape == (2, layout.num_blocks, layout.num_samples, layout.rollout_len)
+    assert torch.equal(fast.tokens, slow.tokens)
+    assert (fast.logits - slow.logits).abs().max() < 1e-5
+
+
+def test_changing_a_rollout_token_touches_only_its_own_later_logits(model):
+    net, arch = model
+    layout = BlockLayout(24, 4, 4, 4, 2)
+    gen = torch.Generator().manual_seed(5)
+    chunk = torch.randint(0, arch.vocab_size, (1, 24), generator=gen)
+    rollouts = torch.randint(0, arch.vocab_size, (1, layout.num_blocks, 2, 4), generator=gen)
+    params = BlockAttentionParams(layout=layout, mode="packed")
+    positions = layout.position_ids[None]
+    before = pipeline.forward(net, layout.pack(chunk, rollouts), positions, _logits(net, arch), params)
+    changed = rollouts.clone()
+    block, sample, step = 2, 1, 1
+    changed[0, block, sample, step] = (changed[0, block, sample, step] + 1) % arch.vocab_size
+    after = pipeline.forward(net, layout.pack(chunk, changed), positions, _logits(net, arch), params)
+    moved = (before - after).abs().amax(dim=-1)[0] > 0
+    expected = torch.zeros(layout.packed_len, dtype=torch.bool)
+    start = layout.rollout_index(block, sample, step)
+    expected[start:layout.rollout_index(block, sample, layout.rollout_len)] = True
+    assert torch.equal(moved, expected)
+
+
+def test_padded_last_chunk(model):
+    net, arch = model
+    layout = BlockLayout(24, 4, 4, 4, 2)
+    chunk = torch.randint(1, arch.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([24, 15])
+    chunk[1, 15:] = 0  # pad id
+    valid = layout.valid_blocks(lengths)
+    assert valid[0].all()
+    assert valid[1].tolist() == [True, True, False, False, False]  # windows end at 8, 12, 16 > 15, ...
+    out = sample_rollouts(net, layout, chunk, arch.vocab_size, SamplingSettings(1.0), torch.Generator().manual_seed(0))
+    assert out.tokens.shape == (2, 5, 2, 4)
+
+
+def test_bad_settings_are_refused(model):
+    net, arch = model
+    with pytest.raises(LayoutError, match="not divisible by stride"):
+        BlockLayout(25, 4, 4, 4, 2)
+    with pytest.raises(ValueError, match="chunk_len"):
+        sample_rollouts(net, BlockLayout(24, 4, 4, 4, 2), torch.zeros(1, 20, dtype=torch.long),
+                        arch.vocab_size, SamplingSettings())
