@@ -55,7 +55,8 @@ class RolloutKVCache:
 @dataclass
 class BlockAttentionParams(PackedSeqParams):
     layout: Optional[BlockLayout] = None
-    mode: str = "packed"  # "packed" | "prefill" | "decode"
+    # "packed" | "prefill" | "decode"; "dense" = use the attention_mask tensor (reference paths)
+    mode: str = "packed"
     cache: Optional[RolloutKVCache] = None
     step: int = 0
     # Sequence rows whose logits are wanted; the LM head then runs on these rows only (the
@@ -64,9 +65,9 @@ class BlockAttentionParams(PackedSeqParams):
 
     def __post_init__(self):
         self.qkv_format = "sbhd"
-        if self.mode not in ("packed", "prefill", "decode"):
+        if self.mode not in ("packed", "prefill", "decode", "dense"):
             raise ValueError(f"unknown block attention mode {self.mode!r}")
-        if self.mode != "packed" and self.cache is None:
+        if self.mode in ("prefill", "decode") and self.cache is None:
             raise ValueError(f"mode {self.mode!r} needs a RolloutKVCache")
 
 
@@ -159,8 +160,9 @@ class BlockCoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by BlockCoreAttention")
         if isinstance(packed_seq_params, BlockAttentionParams):
-            return self._block_forward(query, key, value, packed_seq_params)
-        if packed_seq_params is not None:
+            if packed_seq_params.mode != "dense":
+                return self._block_forward(query, key, value, packed_seq_params)
+        elif packed_seq_params is not None:
             raise ValueError("THD packed sequences are not supported by BlockCoreAttention")
         q, k, v = _bhsd(query), _bhsd(key), _bhsd(value)
         if attention_mask is None:

@@ -129,17 +129,18 @@ def sample_rollouts_recompute(
             index = torch.cat([torch.arange(P), rollout_idx])
             seq = torch.cat([chunk, tokens[:, :, i, :t].reshape(B, -1)], dim=1)
             mask = ~allowed[index][:, index]  # megatron convention: True = masked out
-            # where in `index` each block's predictor sits
+            # where in `index` each block's predictor sits; the LM head runs on those rows only
             where = torch.searchsorted(index, predictors[:, t])
+            params = BlockAttentionParams(layout=single, mode="dense", logit_rows=where)
 
-            def draw(logits, i=i, t=t, where=where):
-                full = pipeline.gather_vocab_parallel(logits[:, where])[..., :vocab_size]
+            def draw(logits, i=i, t=t):
+                full = pipeline.gather_vocab_parallel(logits)[..., :vocab_size]
                 u = None if uniforms is None else uniforms[:, :, i, t]
                 return full, sample_tokens(full, settings.temperature, settings.top_p, generator, uniforms=u)
 
             full, step_tokens = pipeline.forward(
                 model, seq, positions_full[index].expand(B, -1), reduce=draw,
-                attention_mask=mask[None, None],
+                attention_mask=mask[None, None], block_params=params,
             )
             tokens[:, :, i, t] = step_tokens
             if return_logits:
