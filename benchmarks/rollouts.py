@@ -131,7 +131,9 @@ def main() -> None:
         result.update({
             "recompute_seconds": ref_s, "recompute_tokens_per_s": generated / ref_s,
             "speedup": ref_s / ours_s,
-            "same_tokens": all(torch.equal(a, b) for a, b in zip(ours_tokens, ref_tokens)),
+            # the same random numbers drive both; a token can differ only where a uniform falls
+            # within fp32 rounding of a CDF step (likelier with near-flat random weights)
+            "same_token_fraction": float(torch.cat([(a == b).flatten() for a, b in zip(ours_tokens, ref_tokens)]).float().mean()),
             "peak_rss_mb_total": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         })
     print(json.dumps(result, indent=2))

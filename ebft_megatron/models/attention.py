@@ -90,37 +90,41 @@ def causal_attention(q, k, v, scale):
 def rollout_attention(q, k_prefix, v_prefix, k_own, v_own, anchors, own_allowed, scale):
     """Rollout queries against their chunk prefix and their own block, real pairs only.
 
-    q:        [B, Hkv, rep, NB, n, Gq, d]   queries, grouped by (block, sample)
+    q:        [B, Hkv, NB, rep, n, Gq, d]   queries, grouped by block (rep = query heads per KV head)
     k_prefix: [B, Hkv, P', d]              chunk keys (P' >= the last anchor)
     k_own:    [B, Hkv, NB, n, Gk, d]        each (block, sample)'s own rollout keys
     anchors:  list[int] of length NB       block b sees chunk keys [0, a_b)
     own_allowed: [Gq, Gk] bool             which own keys each query step sees
-    returns   [B, Hkv, rep, NB, n, Gq, d]
+    returns   [B, Hkv, NB, rep, n, Gq, d]
+
+    Query heads that share a KV head are folded into the rows of one matmul per tile, so the
+    chunk keys are never copied per head.
     """
-    B, Hkv, rep, NB, n, Gq, d = q.shape
+    B, Hkv, NB, rep, n, Gq, d = q.shape
     Gk = k_own.shape[-2]
-    own_scores = torch.matmul(q, k_own.unsqueeze(2).transpose(-1, -2)) * scale
+    q = (q * scale).contiguous()
+    own_scores = torch.matmul(q, k_own.unsqueeze(3).transpose(-1, -2))  # [B,Hkv,NB,rep,n,Gq,Gk]
     own_scores = own_scores.masked_fill(~own_allowed, float("-inf"))
+    positions = torch.arange(int(anchors[-1]), device=q.device)
     outputs = []
     for start in range(0, NB, TILE_BLOCKS):
         stop = min(start + TILE_BLOCKS, NB)
-        tile_anchors = torch.as_tensor(anchors[start:stop], device=q.device)
+        blocks = stop - start
         key_len = int(anchors[stop - 1])
-        q_tile = q[:, :, :, start:stop].reshape(B, Hkv, rep, (stop - start) * n * Gq, d)
-        prefix_scores = torch.matmul(q_tile, k_prefix[:, :, None, :key_len].transpose(-1, -2)) * scale
-        prefix_scores = prefix_scores.view(B, Hkv, rep, stop - start, n, Gq, key_len)
-        hidden = torch.arange(key_len, device=q.device)[None, :] >= tile_anchors[:, None]
-        prefix_scores = prefix_scores.masked_fill(hidden[:, None, None, :], float("-inf"))
-        scores = torch.cat([prefix_scores, own_scores[:, :, :, start:stop]], dim=-1)
+        rows = blocks * rep * n * Gq
+        prefix_scores = torch.matmul(
+            q[:, :, start:stop].reshape(B, Hkv, rows, d), k_prefix[:, :, :key_len].transpose(-1, -2)
+        ).view(B, Hkv, blocks, rep, n, Gq, key_len)
+        tile_anchors = torch.as_tensor(anchors[start:stop], device=q.device)
+        hidden = positions[None, :key_len] >= tile_anchors[:, None]  # [blocks, key_len]
+        prefix_scores = prefix_scores.masked_fill(hidden[:, None, None, None, :], float("-inf"))
+        scores = torch.cat([prefix_scores, own_scores[:, :, start:stop]], dim=-1)
         probs = torch.softmax(scores, dim=-1)
         prefix_probs, own_probs = probs.split([key_len, Gk], dim=-1)
-        prefix_out = torch.matmul(
-            prefix_probs.reshape(B, Hkv, rep, (stop - start) * n * Gq, key_len),
-            v_prefix[:, :, None, :key_len],
-        ).view(B, Hkv, rep, stop - start, n, Gq, d)
-        own_out = torch.matmul(own_probs, v_own[:, :, None, start:stop])
-        outputs.append(prefix_out + own_out)
-    return torch.cat(outputs, dim=3)
+        prefix_out = torch.matmul(prefix_probs.reshape(B, Hkv, rows, key_len), v_prefix[:, :, :key_len])
+        own_out = torch.matmul(own_probs, v_own[:, :, start:stop].unsqueeze(3))
+        outputs.append(prefix_out.view(B, Hkv, blocks, rep, n, Gq, d) + own_out)
+    return torch.cat(outputs, dim=2)
 
 
 class BlockCoreAttention(MegatronModule):
@@ -201,24 +205,24 @@ class BlockCoreAttention(MegatronModule):
             new_v = value.view(NB, n, B, Hkv, d).permute(2, 3, 0, 1, 4)
             cache["rollout_k"][:, :, :, :, t] = new_k
             cache["rollout_v"][:, :, :, :, t] = new_v
-            q = query.view(NB, n, B, Hkv, rep, 1, d).permute(2, 3, 4, 0, 1, 5, 6)
+            q = query.view(NB, n, B, Hkv, rep, 1, d).permute(2, 3, 0, 4, 1, 5, 6)
             own_allowed = torch.ones(1, t + 1, dtype=torch.bool, device=query.device)
             out = rollout_attention(
                 q, cache["chunk_k"], cache["chunk_v"],
                 cache["rollout_k"][..., : t + 1, :], cache["rollout_v"][..., : t + 1, :],
                 anchors, own_allowed, scale,
-            )  # [B, Hkv, rep, NB, n, 1, d]
-            return out.permute(3, 4, 5, 0, 1, 2, 6).reshape(NB * n, B, H * d)
+            )  # [B, Hkv, NB, rep, n, 1, d]
+            return out.permute(2, 4, 5, 0, 1, 3, 6).reshape(NB * n, B, H * d)
 
         # packed: chunk causal + rollout tokens against prefix and own block
         q, k, v = _bhsd(query), _bhsd(key), _bhsd(value)
         chunk_out = causal_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], scale)
-        q_roll = query[P:].view(NB, n, G, B, Hkv, rep, d).permute(3, 4, 5, 0, 1, 2, 6)
+        q_roll = query[P:].view(NB, n, G, B, Hkv, rep, d).permute(3, 4, 0, 5, 1, 2, 6)
         k_roll = key[P:].view(NB, n, G, B, Hkv, d).permute(3, 4, 0, 1, 2, 5)
         v_roll = value[P:].view(NB, n, G, B, Hkv, d).permute(3, 4, 0, 1, 2, 5)
         own_allowed = torch.ones(G, G, dtype=torch.bool, device=query.device).tril()
         roll_out = rollout_attention(
             q_roll, k[:, :, :P], v[:, :, :P], k_roll, v_roll, anchors, own_allowed, scale
-        )  # [B, Hkv, rep, NB, n, G, d]
-        roll_out = roll_out.permute(3, 4, 5, 0, 1, 2, 6).reshape(NB * n * G, B, H * d)
+        )  # [B, Hkv, NB, rep, n, G, d]
+        roll_out = roll_out.permute(2, 4, 5, 0, 1, 3, 6).reshape(NB * n * G, B, H * d)
         return torch.cat([_sbh(chunk_out), roll_out], dim=0)

@@ -28,22 +28,28 @@ def sample_tokens(
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
         return tokens if num_samples is None else tokens.unsqueeze(-1).expand(*tokens.shape, draws)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    shape = probs.shape[:-1] if num_samples is None else (*probs.shape[:-1], draws)
-    probs = probs.reshape(-1, probs.shape[-1])
+    shape = logits.shape[:-1] if num_samples is None else (*logits.shape[:-1], draws)
     if uniforms is None:
-        uniforms = torch.rand(probs.shape[0], draws, generator=generator, device=probs.device)
-    uniforms = uniforms.reshape(-1, draws).to(probs.dtype)
+        uniforms = torch.rand(logits[..., 0].numel(), draws, generator=generator, device=logits.device)
+    uniforms = uniforms.reshape(-1, draws).float()
+    # Unnormalised probabilities exp((l - max) / T) in one buffer, then their running sum: the
+    # draw is the first index whose running sum exceeds u * total (exact inverse CDF).
+    weights = logits.reshape(-1, logits.shape[-1]).float()
+    weights = (weights - weights.amax(dim=-1, keepdim=True)).mul_(1.0 / temperature).exp_()
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(before > top_p, 0.0)  # the top token always stays
-        cdf = sorted_probs.cumsum(dim=-1)
-        pick = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
+        sorted_weights, order = weights.sort(dim=-1, descending=True)
+        cdf = sorted_weights.cumsum(dim=-1)
+        before = (cdf - sorted_weights) / cdf[:, -1:]
+        sorted_weights = sorted_weights.masked_fill(before > top_p, 0.0)  # the top token always stays
+        cdf = sorted_weights.cumsum(dim=-1)
+        pick = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_(max=weights.shape[-1] - 1)
         tokens = order.gather(-1, pick)
     else:
-        cdf = probs.cumsum(dim=-1)
-        tokens = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
+        cdf = torch.cumsum(weights, dim=-1, out=weights)
+        tokens = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
         # a token of probability 0 can only be hit through rounding at its cdf step; move off it
-        tokens = torch.where(probs.gather(-1, tokens) > 0, tokens, probs.argmax(dim=-1, keepdim=True).expand_as(tokens))
+        below = torch.where(tokens > 0, cdf.gather(-1, (tokens - 1).clamp(min=0)), torch.zeros_like(uniforms))
+        empty = cdf.gather(-1, tokens) <= below
+        if empty.any():
+            tokens = torch.where(empty, logits.reshape(-1, logits.shape[-1]).argmax(dim=-1, keepdim=True), tokens)
     return tokens.reshape(shape)
