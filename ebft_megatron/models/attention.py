@@ -104,7 +104,7 @@ def rollout_attention(q, k_prefix, v_prefix, k_own, v_own, anchors, own_allowed,
     Gk = k_own.shape[-2]
     q = (q * scale).contiguous()
     own_scores = torch.matmul(q, k_own.unsqueeze(3).transpose(-1, -2))  # [B,Hkv,NB,rep,n,Gq,Gk]
-    own_scores = own_scores.masked_fill(~own_allowed, float("-inf"))
+    own_scores.masked_fill_(~own_allowed, float("-inf"))  # fresh matmul outputs: fill in place
     positions = torch.arange(int(anchors[-1]), device=q.device)
     outputs = []
     for start in range(0, NB, TILE_BLOCKS):
@@ -117,13 +117,13 @@ def rollout_attention(q, k_prefix, v_prefix, k_own, v_own, anchors, own_allowed,
         ).view(B, Hkv, blocks, rep, n, Gq, key_len)
         tile_anchors = torch.as_tensor(anchors[start:stop], device=q.device)
         hidden = positions[None, :key_len] >= tile_anchors[:, None]  # [blocks, key_len]
-        prefix_scores = prefix_scores.masked_fill(hidden[:, None, None, None, :], float("-inf"))
+        prefix_scores.masked_fill_(hidden[:, None, None, None, :], float("-inf"))
         scores = torch.cat([prefix_scores, own_scores[:, :, start:stop]], dim=-1)
         probs = torch.softmax(scores, dim=-1)
         prefix_probs, own_probs = probs.split([key_len, Gk], dim=-1)
         prefix_out = torch.matmul(prefix_probs.reshape(B, Hkv, rows, key_len), v_prefix[:, :, :key_len])
         own_out = torch.matmul(own_probs, v_own[:, :, start:stop].unsqueeze(3))
-        outputs.append(prefix_out.view(B, Hkv, blocks, rep, n, Gq, d) + own_out)
+        outputs.append(prefix_out.view(B, Hkv, blocks, rep, n, Gq, d).add_(own_out))
     return torch.cat(outputs, dim=2)
 
 

@@ -56,7 +56,8 @@ def _drawer(vocab_size, settings, generator, uniforms, keep_logits, store):
         if keep_logits:
             store.append(full.expand(*shape[:2], num_samples, vocab_size) if num_samples else full)
         u = None if uniforms is None else uniforms[..., step]
-        return sample_tokens(full, settings.temperature, settings.top_p, generator, uniforms=u, num_samples=num_samples)
+        return sample_tokens(full, settings.temperature, settings.top_p, generator, uniforms=u,
+                             num_samples=num_samples, overwrite_logits=not keep_logits)
 
     return draw
 

@@ -17,12 +17,15 @@ def sample_tokens(
     generator: Optional[torch.Generator] = None,
     uniforms: Optional[torch.Tensor] = None,
     num_samples: Optional[int] = None,
+    overwrite_logits: bool = False,
 ) -> torch.Tensor:
     """logits [..., V] -> token ids [...] (or [..., num_samples] independent draws per row).
     ``temperature == 0`` is greedy.
 
     ``uniforms`` ([...] or [..., num_samples], in [0, 1)) may be given to drive the draw
     explicitly; tests use this to make two samplers draw from the same random numbers.
+    ``overwrite_logits`` lets the draw reuse the logits' memory (a [rows, 49k] fp32 buffer costs
+    more to allocate and fault in than to compute on).
     """
     draws = num_samples or 1
     if temperature == 0:
@@ -35,7 +38,12 @@ def sample_tokens(
     # Unnormalised probabilities exp((l - max) / T) in one buffer, then their running sum: the
     # draw is the first index whose running sum exceeds u * total (exact inverse CDF).
     weights = logits.reshape(-1, logits.shape[-1]).float()
-    weights = (weights - weights.amax(dim=-1, keepdim=True)).mul_(1.0 / temperature).exp_()
+    greedy_fallback = None
+    if not (overwrite_logits and weights.dtype == logits.dtype and weights.is_contiguous()):
+        weights = weights.clone()
+    else:
+        greedy_fallback = weights.argmax(dim=-1, keepdim=True)  # the logits are about to go
+    weights.sub_(weights.amax(dim=-1, keepdim=True)).mul_(1.0 / temperature).exp_()
     if top_p < 1.0:
         sorted_weights, order = weights.sort(dim=-1, descending=True)
         cdf = sorted_weights.cumsum(dim=-1)
@@ -51,5 +59,7 @@ def sample_tokens(
         below = torch.where(tokens > 0, cdf.gather(-1, (tokens - 1).clamp(min=0)), torch.zeros_like(uniforms))
         empty = cdf.gather(-1, tokens) <= below
         if empty.any():
-            tokens = torch.where(empty, logits.reshape(-1, logits.shape[-1]).argmax(dim=-1, keepdim=True), tokens)
+            if greedy_fallback is None:
+                greedy_fallback = logits.reshape(-1, logits.shape[-1]).argmax(dim=-1, keepdim=True)
+            tokens = torch.where(empty, greedy_fallback, tokens)
     return tokens.reshape(shape)
