@@ -146,14 +146,3 @@ def is_rank0() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print_rank0(*args, **kwargs) -> None:
-    if is_rank0():
-        print(*args, **kwargs, flush=True)
-
-
-def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -25,18 +25,20 @@ def max_diff(a, b) -> float:
 
 
 def check_logits(models_dir: Path, families, tokens) -> dict:
+    import torch
+
     from ebft_megatron.checkpoint import store
     from ebft_megatron.models.gpt import build_model
     from ebft_megatron.runtime import pipeline
     from tests.fixtures import hf_logits
 
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     out = {}
     for family in families:
         ckpt = models_dir / f"{family}-mcore"
         arch = store.architecture_of(ckpt)
         model = build_model(arch)
         store.load_model_weights(model, ckpt)
-        positions = __import__("torch").arange(tokens.shape[1]).expand_as(tokens)
         ours = pipeline.forward(model, tokens, positions,
                                 reduce=lambda o: pipeline.gather_vocab_parallel(o)[..., : arch.vocab_size])
         out[family] = max_diff(ours, hf_logits(models_dir / f"{family}-hf", tokens))
