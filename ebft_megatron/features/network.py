@@ -1,0 +1,210 @@
+"""The frozen feature network and the feature moments EBFT's rewards are made of.
+
+The feature network is a copy of the base model (or another checkpoint), built with the policy's
+TP/PP layout on the same ranks, and only up to its deepest feature layer: the layers above it are
+never needed. (Under PP the truncated depth is rounded up to a multiple of the stage count, so
+that megatron splits it evenly; the extra layers are computed but never read.)
+
+A feature of a token is the residual stream after each feature layer (no final norm),
+concatenated over the layers and L2-normalized jointly (spec §2). Features are read, in one
+packed forward of the chunk and all rollouts (``rollouts.layout``), at the completion rows:
+- ground truth of block b: chunk rows a_b .. a_b+G-1 (they see x[:a_b+G]);
+- rollout (b, i): its own G rows (they see x[:a_b] and the rollout).
+Pooling over the G completion tokens is ``last_token`` or ``mean`` (of the unit vectors, not
+renormalized), as in the reference.
+
+Nothing gathers the features. Each pipeline stage holds some of the feature layers; it computes
+its part of every token's squared norm, those are summed over the pipeline group, and then its
+part of the (n+1)x(n+1) Gram matrix of pooled features per block (ground truth first), also
+summed over the pipeline group. Dot products split over concatenated layers, so the sum is the
+exact Gram matrix of the full features. Rewards, whitening and the CFM metric need nothing else.
+
+Gram matrices are computed for every completion length 1..G (the pooled feature of the first
+t+1 tokens), which gives the CFM-vs-completion-length curve for free; training uses length G.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ebft_megatron.models.attention import BlockAttentionParams
+from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.runtime import pipeline
+
+POOLINGS = ("last_token", "mean")
+
+
+class FeatureConfigError(ValueError):
+    pass
+
+
+def check_feature_layers(feature_layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    layers = tuple(int(layer) for layer in feature_layers)
+    if not layers:
+        raise FeatureConfigError("feature_layers is empty; name at least one layer (1-based)")
+    bad = [layer for layer in layers if not 1 <= layer <= num_layers]
+    if bad:
+        raise FeatureConfigError(
+            f"feature_layers {bad} are outside 1..{num_layers} (the feature model's layers; "
+            "layer l is the residual stream after the l-th transformer block)"
+        )
+    if len(set(layers)) != len(layers):
+        raise FeatureConfigError(f"feature_layers {list(layers)} repeat a layer")
+    return tuple(sorted(layers))
+
+
+def truncated_depth(feature_layers: Sequence[int], pipeline_size: int) -> int:
+    """Layers the feature network is built with: the deepest feature layer, rounded up to a
+    multiple of the pipeline size."""
+    deepest = max(feature_layers)
+    return -(-deepest // pipeline_size) * pipeline_size
+
+
+def build_feature_network(arch, feature_layers: Sequence[int], params_dtype=torch.float32, use_te=None):
+    """This rank's stage of the frozen, truncated feature network (weights still to be loaded)."""
+    from megatron.core import parallel_state as ps
+
+    from ebft_megatron.models.gpt import build_model
+
+    layers = check_feature_layers(feature_layers, arch.num_layers)
+    depth = min(truncated_depth(layers, ps.get_pipeline_model_parallel_world_size()), arch.num_layers)
+    model = build_model(arch, params_dtype=params_dtype, use_te=use_te, num_layers=depth, post_process=False)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.eval()
+    model.feature_layers = layers
+    return model
+
+
+def load_feature_network(checkpoint, feature_layers: Optional[Sequence[int]] = None, params_dtype=torch.float32):
+    """Build and load the feature network from a checkpoint folder (``checkpoint.store``).
+    The checkpoint's own (untruncated) weights are read for the layers kept."""
+    from ebft_megatron.checkpoint import store
+
+    arch = store.architecture_of(checkpoint)
+    layers = feature_layers or arch.default_feature_layers()
+    model = build_feature_network(arch, layers, params_dtype)
+    store.load_model_weights(model, checkpoint)
+    return model
+
+
+@dataclass
+class FeatureMoments:
+    """gram_by_length[B, NB, G, n+1, n+1] (float64): the Gram matrix of the pooled features of the
+    first t+1 completion tokens, index 0 = ground truth, 1..n = the samples."""
+
+    gram_by_length: torch.Tensor
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """[B, NB, n+1, n+1] at the full rollout length G (what the rewards use)."""
+        return self.gram_by_length[:, :, -1]
+
+
+def completion_rows(layout: BlockLayout) -> torch.Tensor:
+    """[NB, n+1, G] packed row of each completion token: ground truth (slot 0), then samples."""
+    NB, n, G = layout.num_blocks, layout.num_samples, layout.rollout_len
+    rows = torch.empty(NB, n + 1, G, dtype=torch.long)
+    rows[:, 0] = layout.ground_truth_windows
+    rows[:, 1:] = layout.rollout_index(
+        torch.arange(NB)[:, None, None], torch.arange(n)[None, :, None], torch.arange(G)[None, None, :]
+    )
+    return rows
+
+
+def select_rows(hidden: torch.Tensor, rows: torch.Tensor, full_len: int) -> torch.Tensor:
+    """hidden [s, B, H] -> [len(rows), B, H].
+
+    Without sequence parallelism every TP rank holds all s = full_len rows. With it, TP rank r
+    holds rows [r*s, (r+1)*s); each rank then fills the rows it owns into a zero buffer and the
+    buffers are summed over the TP group, which sends only the selected rows.
+    """
+    if hidden.shape[0] == full_len:
+        return hidden.index_select(0, rows)
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    local_len = hidden.shape[0]
+    start = ps.get_tensor_model_parallel_rank() * local_len
+    owned = (rows >= start) & (rows < start + local_len)
+    picked = hidden.new_zeros(len(rows), *hidden.shape[1:])
+    picked[owned] = hidden.index_select(0, rows[owned] - start)
+    dist.all_reduce(picked, group=ps.get_tensor_model_parallel_group())
+    return picked
+
+
+class _LayerTaps:
+    """Forward hooks that keep the completion rows of the feature layers held by this stage."""
+
+    def __init__(self, model, feature_layers, rows: torch.Tensor, full_len: int):
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._handles = []
+        for layer in model.decoder.layers:
+            if layer.layer_number in feature_layers:
+                self._handles.append(layer.register_forward_hook(self._keeper(layer.layer_number, rows, full_len)))
+
+    def _keeper(self, layer_number, rows, full_len):
+        def keep(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            self.outputs[layer_number] = select_rows(hidden.detach(), rows.to(hidden.device), full_len)
+
+        return keep
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()
+
+
+def _sum_over_pipeline(tensor: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(tensor, group=ps.get_pipeline_model_parallel_group())
+    return tensor
+
+
+def moments_from_hidden(hidden_by_layer: Sequence[torch.Tensor], layout: BlockLayout, pooling: str,
+                        batch_size: int, device=None) -> FeatureMoments:
+    """This stage's feature layers' completion rows ([NB*(n+1)*G, B, H] each, possibly none)
+    -> the Gram matrices of the full features, summed over the pipeline stages."""
+    if pooling not in POOLINGS:
+        raise FeatureConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    NB, n, G, B = layout.num_blocks, layout.num_samples, layout.rollout_len, batch_size
+    R = NB * (n + 1) * G
+    squared_norm = torch.zeros(R, B, dtype=torch.float64, device=device)
+    for hidden in hidden_by_layer:
+        squared_norm += hidden.double().square().sum(-1)
+    _sum_over_pipeline(squared_norm)
+    inverse_norm = squared_norm.clamp_min(1e-24).rsqrt()
+    gram = torch.zeros(B, NB, G, n + 1, n + 1, dtype=torch.float64, device=device)
+    for hidden in hidden_by_layer:
+        unit = (hidden.double() * inverse_norm[..., None]).view(NB, n + 1, G, B, -1).permute(3, 0, 2, 1, 4)
+        if pooling == "mean":  # mean of the first t+1 unit vectors, for every length t+1
+            steps = torch.arange(1, G + 1, dtype=unit.dtype, device=unit.device)
+            unit = unit.cumsum(dim=2) / steps[None, None, :, None, None]
+        gram += unit @ unit.transpose(-1, -2)  # [B, NB, G, n+1, n+1]
+    _sum_over_pipeline(gram)
+    return FeatureMoments(gram_by_length=gram)
+
+
+def embed(feature_model, layout: BlockLayout, packed_tokens: torch.Tensor, pooling: str = "last_token") -> FeatureMoments:
+    """One no-grad forward of the packed chunk + rollouts [B, packed_len] through the feature
+    network's stages; returns the feature moments on every rank."""
+    B, S = packed_tokens.shape
+    if S != layout.packed_len:
+        raise ValueError(f"packed sequence has {S} tokens, the layout needs {layout.packed_len}")
+    rows = completion_rows(layout).reshape(-1)
+    taps = _LayerTaps(feature_model, feature_model.feature_layers, rows, S)
+    try:
+        pipeline.forward(
+            feature_model, packed_tokens, layout.position_ids.expand(B, -1),
+            reduce=lambda output: None, block_params=BlockAttentionParams(layout=layout, mode="packed"),
+        )
+    finally:
+        taps.remove()
+    hidden = [taps.outputs[layer] for layer in sorted(taps.outputs)]
+    return moments_from_hidden(hidden, layout, pooling, B, device=packed_tokens.device)

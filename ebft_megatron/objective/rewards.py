@@ -1,0 +1,131 @@
+"""EBFT rewards, the RLOO baseline and the feature-matching metrics, all from Gram matrices.
+
+Input: per (chunk, block) group the (n+1)x(n+1) Gram matrix of pooled features, ground truth at
+index 0 and the n samples at 1..n (``features.FeatureMoments.gram``). Everything below is a
+function of those inner products, so it runs identically on every rank after the pipeline
+all-reduce, with no feature vectors gathered anywhere.
+
+Spec §2-3 (the reference's code), per group with samples phi_i and ground truth g:
+- optional whitening across the n samples: X = U S V^T (thin SVD of the n x D sample matrix),
+  W = U diag(1/S) U^T keeping singular values above ``whiten_threshold`` * S_max; whitened
+  samples W X and whitened ground truth rows c_i * g with c = W 1. From the Gram matrix: the
+  singular values of X are the square roots of the eigenvalues of K = X X^T (eigh in float64);
+- alignment a_i = cos(phi_i, g_i); diversity d_i = 1/(n-1) sum_{j != i} phi_i . phi_j;
+- reward r_i = 2 alpha a_i - 2 beta d_i;
+- RLOO baseline b_i = alpha (sum_{j != i} A_j)/(n-1) - beta (sum_j D_j - 2 D_i)/(n-2) with
+  A = 2a, D = 2d (diversity part 0 when n <= 2 or beta = 0); advantage = r - b.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+COSINE_EPS = 1e-8  # as torch.nn.functional.cosine_similarity, which the reference uses
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    alignment_coef: float = 1.0  # alpha
+    diversity_coef: float = 0.5  # beta
+    whiten: bool = True
+    whiten_threshold: float = 1e-5  # singular values below this fraction of the largest are dropped
+
+
+@dataclass
+class BlockRewards:
+    """Per (chunk, block, sample) tensors [B, NB, n]; ``valid`` [B, NB] marks blocks whose
+    ground-truth window lies in real (unpadded) tokens: the others get zero advantage."""
+
+    alignment: torch.Tensor
+    diversity: torch.Tensor
+    reward: torch.Tensor
+    baseline: torch.Tensor
+    advantage: torch.Tensor
+    valid: torch.Tensor
+
+
+def whitening_matrix(sample_gram: torch.Tensor, threshold: float = 1e-5) -> torch.Tensor:
+    """K = X X^T [..., n, n] -> W = U diag(1/S) U^T [..., n, n] for X = U S V^T."""
+    eigenvalues, U = torch.linalg.eigh(sample_gram.double())
+    singular = eigenvalues.clamp_min(0).sqrt()
+    keep = singular > threshold * singular.amax(dim=-1, keepdim=True)
+    inverse = torch.where(keep, 1.0 / (singular + 1e-12), torch.zeros_like(singular))
+    return (U * inverse[..., None, :]) @ U.transpose(-1, -2)
+
+
+def alignment_and_diversity(gram: torch.Tensor, whiten: bool, threshold: float = 1e-5):
+    """gram [..., n+1, n+1] -> (a, d), each [..., n]."""
+    gram = gram.double()
+    n = gram.shape[-1] - 1
+    K = gram[..., 1:, 1:]  # samples . samples
+    k = gram[..., 1:, 0]  # samples . ground truth
+    gg = gram[..., 0, 0]
+    if whiten:
+        W = whitening_matrix(K, threshold)
+        c = W.sum(-1)  # whitened ground-truth row i = c_i * g
+        K = W @ K @ W
+        dot = c * (W @ k[..., None])[..., 0]  # (W phi)_i . (c_i g)
+        gt_norm = c.abs() * gg.clamp_min(0).sqrt()[..., None]
+    else:
+        dot = k
+        gt_norm = gg.clamp_min(0).sqrt()[..., None].expand_as(k)
+    sample_norm = torch.diagonal(K, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    alignment = dot / (sample_norm * gt_norm).clamp_min(COSINE_EPS)
+    diversity = (K.sum(-1) - torch.diagonal(K, dim1=-2, dim2=-1)) / max(n - 1, 1)
+    return alignment, diversity
+
+
+def rloo_baseline(A: torch.Tensor, D: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Leave-one-out baseline over the last axis (the n samples); A = 2a, D = 2d."""
+    n = A.shape[-1]
+    if n < 2:
+        return torch.zeros_like(A)
+    baseline = alpha * (A.sum(-1, keepdim=True) - A) / (n - 1)
+    if n > 2 and beta != 0:
+        baseline = baseline - beta * (D.sum(-1, keepdim=True) - 2 * D) / (n - 2)
+    return baseline
+
+
+def block_rewards(gram: torch.Tensor, settings: RewardSettings, valid: Optional[torch.Tensor] = None) -> BlockRewards:
+    """gram [B, NB, n+1, n+1] -> rewards and RLOO advantages per (chunk, block, sample)."""
+    a, d = alignment_and_diversity(gram, settings.whiten, settings.whiten_threshold)
+    A, D = 2 * a, 2 * d
+    reward = settings.alignment_coef * A - settings.diversity_coef * D
+    baseline = rloo_baseline(A, D, settings.alignment_coef, settings.diversity_coef)
+    if valid is None:
+        valid = torch.ones(gram.shape[:-2], dtype=torch.bool, device=gram.device)
+    advantage = torch.where(valid[..., None], reward - baseline, torch.zeros_like(reward))
+    return BlockRewards(a, d, reward, baseline, advantage, valid)
+
+
+def cfm_loss(gram: torch.Tensor) -> torch.Tensor:
+    """Unbiased estimate of the conditional feature-matching loss ||E phi(c:y) - phi(c:y*)||^2
+    per group, from the unwhitened Gram [..., n+1, n+1] (spec §5.2):
+    1/(n(n-1)) sum_{i != j} phi_i.phi_j - 2/n sum_i phi_i.g + g.g."""
+    gram = gram.double()
+    n = gram.shape[-1] - 1
+    K = gram[..., 1:, 1:]
+    cross = (K.sum((-1, -2)) - torch.diagonal(K, dim1=-2, dim2=-1).sum(-1)) / (n * (n - 1))
+    return cross - 2.0 / n * gram[..., 1:, 0].sum(-1) + gram[..., 0, 0]
+
+
+def reward_metrics(rewards: BlockRewards, gram: torch.Tensor, settings: RewardSettings) -> dict[str, float]:
+    """Means over valid groups, with the reference's metric names where they exist (spec §5.2)."""
+    valid = rewards.valid
+    count = valid.sum().clamp_min(1)
+
+    def mean(per_sample: torch.Tensor) -> float:
+        return float((per_sample.mean(-1) * valid).sum() / count)
+
+    A, D = 2 * rewards.alignment, 2 * rewards.diversity
+    return {
+        "reward/alignment": mean(A),  # reward_pass1_gt
+        "reward/diversity": mean(D),  # reward_pass1_diversity
+        "reward/total": mean(rewards.reward),  # reward_pass1
+        "reward/effective": mean(settings.alignment_coef * A - settings.diversity_coef * D / 2),
+        "reward/advantage_abs": mean(rewards.advantage.abs()),
+        "cfm": float((cfm_loss(gram) * valid).sum() / count),
+    }
