@@ -1,9 +1,8 @@
 """The frozen feature network and the feature moments EBFT's rewards are made of.
 
 The feature network is a copy of the base model (or another checkpoint), built with the policy's
-TP/PP layout on the same ranks, and only up to its deepest feature layer: the layers above it are
-never needed. (Under PP the truncated depth is rounded up to a multiple of the stage count, so
-that megatron splits it evenly; the extra layers are computed but never read.)
+TP/PP layout on the same ranks, and kept only up to its deepest feature layer: the layers above it
+are never needed, so they are dropped right after loading.
 
 A feature of a token is the residual stream after each feature layer (no final norm),
 concatenated over the layers and L2-normalized jointly (spec §2). Features are read, in one
@@ -56,22 +55,13 @@ def check_feature_layers(feature_layers: Sequence[int], num_layers: int) -> tupl
     return tuple(sorted(layers))
 
 
-def truncated_depth(feature_layers: Sequence[int], pipeline_size: int) -> int:
-    """Layers the feature network is built with: the deepest feature layer, rounded up to a
-    multiple of the pipeline size."""
-    deepest = max(feature_layers)
-    return -(-deepest // pipeline_size) * pipeline_size
-
-
 def build_feature_network(arch, feature_layers: Sequence[int], params_dtype=torch.float32, use_te=None):
-    """This rank's stage of the frozen, truncated feature network (weights still to be loaded)."""
-    from megatron.core import parallel_state as ps
-
+    """This rank's stage of the frozen feature network, full depth (weights still to be loaded;
+    call :func:`truncate` after loading)."""
     from ebft_megatron.models.gpt import build_model
 
     layers = check_feature_layers(feature_layers, arch.num_layers)
-    depth = min(truncated_depth(layers, ps.get_pipeline_model_parallel_world_size()), arch.num_layers)
-    model = build_model(arch, params_dtype=params_dtype, use_te=use_te, num_layers=depth, post_process=False)
+    model = build_model(arch, params_dtype=params_dtype, use_te=use_te, post_process=False)
     for param in model.parameters():
         param.requires_grad_(False)
     model.eval()
@@ -79,15 +69,28 @@ def build_feature_network(arch, feature_layers: Sequence[int], params_dtype=torc
     return model
 
 
+def truncate(model) -> None:
+    """Drop the layers above the deepest feature layer (and with them their memory and compute).
+
+    The network is built at full depth and loaded before this, because megatron's checkpoints
+    stack all layers along one axis and a shallower model cannot read a prefix of it. Under PP the
+    stages keep megatron's layer split, so upper stages may end up shorter or empty (a pass-through
+    in the no-grad pipeline schedule)."""
+    deepest = max(model.feature_layers)
+    kept = [layer for layer in model.decoder.layers if layer.layer_number <= deepest]
+    model.decoder.layers = torch.nn.ModuleList(kept)
+    model.decoder.num_layers_per_pipeline_rank = len(kept)
+
+
 def load_feature_network(checkpoint, feature_layers: Optional[Sequence[int]] = None, params_dtype=torch.float32):
-    """Build and load the feature network from a checkpoint folder (``checkpoint.store``).
-    The checkpoint's own (untruncated) weights are read for the layers kept."""
+    """Build, load (from a checkpoint folder, ``checkpoint.store``) and truncate the feature network."""
     from ebft_megatron.checkpoint import store
 
     arch = store.architecture_of(checkpoint)
     layers = feature_layers or arch.default_feature_layers()
     model = build_feature_network(arch, layers, params_dtype)
     store.load_model_weights(model, checkpoint)
+    truncate(model)
     return model
 
 
