@@ -67,7 +67,7 @@ class _Problems:
         if self.skip_bad:
             self.report.add(reason, f"{where}: {problem}")
             return
-        fix = f"{fix} or {SKIP_HINT}" if fix else SKIP_HINT
+        fix = f"{fix}, or {SKIP_HINT}" if fix else SKIP_HINT
         raise DataError(f"{where}: {problem}; {fix}")
 
 
@@ -289,7 +289,7 @@ def read_code_file(path: Path, root: Path, skip_bad: bool, report: SkipReport) -
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
         problems.bad("not UTF-8", f"{path}:{line}",
                      f"not valid UTF-8 (byte {data[err.start]:#04x} at column {column})",
-                     "convert the file to UTF-8, leave its extension out of data.extensions")
+                     "convert the file to UTF-8 or leave its extension out of data.extensions")
         return None
     text = text.removeprefix("\ufeff")
     if not text.strip():

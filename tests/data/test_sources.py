@@ -57,7 +57,7 @@ def test_jsonl_bad_line_names_file_line_and_fix(tmp_path, bad_line, problem):
 def test_missing_key_message_lists_keys_and_setting(tmp_path):
     path = write_lines(tmp_path / "qa.jsonl", [jsonl_line(prompt="q", answer="a")])
     with pytest.raises(DataError, match=r"qa.jsonl:1: no key 'question' \(keys present: 'answer', 'prompt'\); "
-                                        r"fix the line or set data.prompt_key"):
+                                        r"fix the line or set data.prompt_key to the right key, or set skip_bad=true"):
         read_jsonl(path)
 
 
