@@ -1,0 +1,24 @@
+"""Data: sources (JSONL pairs, code folders, translation pairs), tokenizers, packing into fixed
+chunks, megatron indexed corpora, and the chunk order of training.
+
+The main names are imported on first use, so ``ebft_megatron.data.tokenizers`` stays a light import.
+"""
+
+_EXPORTS = {
+    "DataConfig": "ebft_megatron.data.config",
+    "DataError": "ebft_megatron.data.sources",
+    "ChunkLoader": "ebft_megatron.data.dataset",
+    "load_chunks": "ebft_megatron.data.dataset",
+    "PackedChunks": "ebft_megatron.data.packing",
+    "pack_documents": "ebft_megatron.data.packing",
+    "check_tokenizer_matches": "ebft_megatron.data.packing",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ebft_megatron.data' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
