@@ -136,7 +136,9 @@ def build_model(
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=is_last if post_process is None else (post_process and is_last),
-        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        # without an output layer there is nothing to tie (and megatron would otherwise wait for the
+        # last stage to join the embedding all-reduce at construction)
+        share_embeddings_and_output_weights=arch.tie_word_embeddings and post_process is not False,
         position_embedding_type="mrope",
         rotary_base=arch.rope_theta,
     )

@@ -134,6 +134,108 @@ def check_dp_sampling(models_dir: Path, seed: int) -> dict:
             "differ_across_dp": differ_across_dp, "dp_size": info.dp_size}
 
 
+def full_grads(model, tied: bool) -> dict:
+    """Every parameter's gradient as a full (unsharded) tensor, keyed by its TP1/PP1 name, on
+    every rank: TP shards all-gathered (SwiGLU fc1 shards are [gate_r; up_r]), PP stages merged."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    rename = {f"decoder.layers.{i}.": f"decoder.layers.{layer.layer_number - 1}."
+              for i, layer in enumerate(model.decoder.layers)}
+    out = {}
+    for name, param in model.named_parameters():
+        grad = (param.main_grad if getattr(param, "main_grad", None) is not None else param.grad).detach().float()
+        if getattr(param, "tensor_model_parallel", False) and tp > 1:
+            parts = [torch.empty_like(grad) for _ in range(tp)]
+            dist.all_gather(parts, grad.contiguous(), group=ps.get_tensor_model_parallel_group())
+            if "linear_fc1" in name:
+                halves = [part.chunk(2, dim=0) for part in parts]
+                grad = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+            else:
+                grad = torch.cat(parts, dim=param.partition_dim)
+        for local, global_name in rename.items():
+            if name.startswith(local):
+                name = global_name + name[len(local):]
+                break
+        if tied and name == "output_layer.weight":
+            name = "embedding.word_embeddings.weight"
+        out[name] = grad.clone()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        stages = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(stages, out, group=ps.get_pipeline_model_parallel_group())
+        out = {}
+        for stage in stages:
+            for name, grad in stage.items():
+                out.setdefault(name, grad)
+    return out
+
+
+_OBJECTIVE_REFERENCE: dict = {}
+
+
+def check_objective(models_dir: Path, name: str) -> dict:
+    """Features -> rewards -> packed EBFT loss -> gradients (2 micro-batches through megatron's
+    schedule and DDP), compared with the first layout run (TP1). Tied embeddings (llama) so that
+    PP has to all-reduce the embedding gradient between the first and last stage."""
+    import torch
+
+    from ebft_megatron.checkpoint import store
+    from ebft_megatron.features.network import embed, load_feature_network, select_rows
+    from ebft_megatron.models.gpt import build_model
+    from ebft_megatron.objective.loss import LossSettings
+    from ebft_megatron.objective.rewards import RewardSettings, block_rewards, reward_metrics
+    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.training.optimizer import wrap_ddp
+    from ebft_megatron.training.step import MicroBatch, forward_backward
+
+    ckpt = models_dir / "llama-mcore"
+    arch = store.architecture_of(ckpt)
+    policy = build_model(arch)
+    store.load_model_weights(policy, ckpt)
+    ddp = wrap_ddp(policy, use_distributed_optimizer=False)
+    features = load_feature_network(ckpt, (1, 3))
+    layout = BlockLayout(24, 4, 4, 4, 3)
+    gen = torch.Generator().manual_seed(77)
+    chunk = torch.randint(0, arch.vocab_size, (2, 24), generator=gen)
+    rollouts = torch.randint(0, arch.vocab_size, (2, layout.num_blocks, 3, 4), generator=gen)
+    lengths = torch.tensor([24, 21])
+    gram = embed(features, layout, layout.pack(chunk, rollouts), "last_token").gram
+    settings = RewardSettings(1.0, 0.5, whiten=True)
+    rewards = block_rewards(gram, settings, layout.valid_blocks(lengths))
+    metrics = reward_metrics(rewards, gram, settings)
+    micro = [MicroBatch(chunk[i:i + 1], lengths[i:i + 1], rollouts[i:i + 1], rewards.advantage[i:i + 1])
+             for i in range(2)]
+    ddp.zero_grad_buffer()
+    terms = forward_backward(ddp, micro, layout, LossSettings(rl_coef=1.0, ce_coef=0.1, temperature=0.7))
+    grads = full_grads(policy, arch.tie_word_embeddings)
+    current = {"gram": gram, "advantage": rewards.advantage, "loss": torch.tensor(terms["loss"]),
+               "cfm": torch.tensor(metrics["cfm"]), **{f"grad/{k}": v for k, v in grads.items()}}
+    if not _OBJECTIVE_REFERENCE:
+        _OBJECTIVE_REFERENCE.update(current)
+    ref = _OBJECTIVE_REFERENCE
+    grad_rel = max(float((current[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-6))
+                   for k in ref if k.startswith("grad/"))
+    # sequence-parallel row selection: each TP rank holds a slice of the rows
+    from megatron.core import parallel_state as ps
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    full = torch.arange(8 * 2 * 3, dtype=torch.float32).view(8, 2, 3)
+    rows = torch.tensor([6, 0, 5, 3])
+    local = full.chunk(tp, dim=0)[rank] if tp > 1 else full
+    return {
+        "gram_max_diff": max_diff(current["gram"], ref["gram"]),
+        "advantage_max_diff": max_diff(current["advantage"], ref["advantage"]),
+        "loss": terms["loss"], "loss_diff": abs(terms["loss"] - float(ref["loss"])),
+        "cfm_diff": abs(metrics["cfm"] - float(ref["cfm"])),
+        "grad_names": sorted(k for k in current if k.startswith("grad/")) == sorted(k for k in ref if k.startswith("grad/")),
+        "grad_max_rel_diff": grad_rel,
+        "grad_count": sum(k.startswith("grad/") for k in current),
+        "sequence_parallel_rows_equal": bool(torch.equal(select_rows(local, rows, 8), full[rows])),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", required=True)
@@ -161,6 +263,7 @@ def main() -> None:
         results[name] = {"logits_vs_hf": check_logits(models_dir, families, tokens)}
         results[name].update(check_packed_and_rollouts(models_dir))
         results[name]["dp_sampling"] = check_dp_sampling(models_dir, seed=99)
+        results[name]["objective"] = check_objective(models_dir, name)
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     distributed.destroy()

@@ -62,3 +62,14 @@ def test_each_dp_rank_samples_its_own_chunks_reproducibly(results, layout):
     dp = results[layout]["dp_sampling"]
     assert dp["reproducible"] and dp["same_within_model_parallel_group"]
     assert dp["dp_size"] >= 1 and dp["differ_across_dp"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_features_rewards_loss_and_gradients_equal_tp1(results, layout):
+    """Same rewards, loss and gradients (2 micro-batches, DDP, tied embeddings) as the TP1 run."""
+    objective = results[layout]["objective"]
+    assert objective["gram_max_diff"] <= TOL and objective["advantage_max_diff"] <= 1e-4
+    assert objective["loss_diff"] <= TOL and objective["cfm_diff"] <= TOL
+    assert objective["grad_names"] and objective["grad_count"] >= 20
+    assert objective["grad_max_rel_diff"] <= 1e-4
+    assert objective["sequence_parallel_rows_equal"]
