@@ -1,0 +1,147 @@
+"""Training checkpoints: ``<save>/step_NNNNNN/``, each a complete, loadable model checkpoint.
+
+A training checkpoint is the store's format (``checkpoint.store``: model dist checkpoint,
+hf_config.json, tokenizer/, ebft_checkpoint.json written last) plus:
+- ``optimizer/``: megatron's optimizer state as a dist checkpoint in the *fully reshardable*
+  format, so a run saved at one TP/PP/DP layout resumes at another;
+- ``trainer_state.json``: step, data position, LR schedule, skip counters, each DP rank's
+  rollout RNG state, and the config the run was started with.
+Writes go to ``step_NNNNNN.partial`` and are renamed when complete, so a kill during a save
+leaves the previous checkpoint as the latest good one. Loading refuses a partial or corrupt
+checkpoint, naming it and the latest good one before it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ebft_megatron.checkpoint import store
+from ebft_megatron.checkpoint.store import CheckpointError
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def step_dir(save_dir: str | Path, step: int) -> Path:
+    return Path(save_dir) / f"step_{step:06d}"
+
+
+def _is_good(ckpt: Path) -> Optional[str]:
+    """None if ``ckpt`` is a complete training checkpoint, else why not."""
+    try:
+        store.read_meta(ckpt)
+    except CheckpointError as err:
+        return str(err)
+    if not (ckpt / TRAINER_STATE).is_file():
+        return f"{ckpt} has no {TRAINER_STATE}"
+    if not (ckpt / "optimizer").is_dir():
+        return f"{ckpt} has no optimizer state"
+    return None
+
+
+def training_checkpoints(save_dir: str | Path) -> list[Path]:
+    """Step folders under ``save_dir``, newest first (partial ones excluded by name)."""
+    folder = Path(save_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), path) for path in folder.iterdir() if (m := STEP_DIR.match(path.name))]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def latest_good_checkpoint(save_dir: str | Path, log=print) -> Optional[Path]:
+    """The newest complete checkpoint in ``save_dir``; newer broken ones are reported and skipped."""
+    for ckpt in training_checkpoints(save_dir):
+        problem = _is_good(ckpt)
+        if problem is None:
+            return ckpt
+        log(f"warning: skipping {ckpt}: {problem}")
+    return None
+
+
+def check_resumable(ckpt: str | Path) -> Path:
+    """Refuse a partial or corrupt training checkpoint with a message naming a good one."""
+    ckpt = Path(ckpt)
+    problem = _is_good(ckpt)
+    if problem is None:
+        return ckpt
+    earlier = [c for c in training_checkpoints(ckpt.parent) if c.name < ckpt.name and _is_good(c) is None]
+    hint = f"; the latest good checkpoint before it is {earlier[0]}" if earlier else "; no earlier good checkpoint exists"
+    raise CheckpointError(f"cannot resume from {ckpt}: {problem}{hint}")
+
+
+def _encode_rng(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def _decode_rng(text: str) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
+def _gather_rng_by_dp(generator: torch.Generator) -> dict[str, str]:
+    """Every DP rank's rollout-generator state (ranks of one model-parallel group share it)."""
+    import torch.distributed as dist
+
+    from ebft_megatron.runtime.distributed import parallel_info
+
+    mine = (parallel_info().dp_rank, _encode_rng(generator.get_state()))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {str(dp): state for dp, state in everyone}
+
+
+def save_training_checkpoint(save_dir, step: int, policy, optimizer, arch, source_checkpoint, trainer_state: dict,
+                             generator: torch.Generator, keep_last: int = 0) -> Path:
+    """Collective. Writes ``step_NNNNNN`` atomically, then prunes to the ``keep_last`` newest."""
+    model_state = policy.sharded_state_dict()
+    optimizer_state = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA)
+    state = dict(trainer_state, step=step, rng_by_dp=_gather_rng_by_dp(generator))
+    source = Path(source_checkpoint)
+
+    def write_state(partial: Path) -> None:
+        (partial / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+
+    hf_config = json.loads((source / "hf_config.json").read_text())
+    tokenizer = source / "tokenizer" if (source / "tokenizer").is_dir() else None
+    final = store.save_checkpoint(
+        step_dir(save_dir, step), model_state, arch, hf_config, tokenizer_dir=tokenizer,
+        extra_meta={"step": step, "kind": "training"}, extra_shards={"optimizer": optimizer_state},
+        extra_writer=write_state, overwrite=True,
+    )
+    if keep_last and store._rank() == 0:
+        for old in training_checkpoints(save_dir)[keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_training_checkpoint(ckpt: str | Path, policy, optimizer, generator: torch.Generator) -> dict:
+    """Restore model, optimizer and this DP rank's RNG; returns the trainer state (step, data
+    position, schedule) for the caller to restore."""
+    from megatron.core import dist_checkpointing
+
+    from ebft_megatron.runtime.distributed import parallel_info
+
+    ckpt = check_resumable(ckpt)
+    store.load_model_weights(policy, ckpt)
+    sharded = optimizer.sharded_state_dict(policy.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_METADATA)
+    try:
+        optimizer.load_state_dict(dist_checkpointing.load(sharded, str(ckpt / "optimizer")))
+    except Exception as err:  # name the checkpoint, keep the cause
+        raise CheckpointError(f"checkpoint {ckpt}: the optimizer state could not be read ({type(err).__name__}: {err})") from err
+    state = json.loads((ckpt / TRAINER_STATE).read_text())
+    rng = state["rng_by_dp"].get(str(parallel_info().dp_rank))
+    if rng is None:
+        # more DP ranks than when saved: derive a fresh, still reproducible stream for this rank
+        generator.manual_seed(int(state.get("seed", 0)) * 1000003 + parallel_info().dp_rank + 7919 * state["step"])
+    else:
+        generator.set_state(_decode_rng(rng))
+    return state

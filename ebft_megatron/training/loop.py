@@ -1,0 +1,260 @@
+"""The training loop, readable top to bottom: setup, then for each step
+chunks -> experience (rollouts, features, rewards) -> forward/backward -> optimizer step,
+with evaluation, checkpoints and logging around it."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ebft_megatron.config import Config, layout_of
+from ebft_megatron.runtime import distributed
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+def _policy_config_overrides(recompute: str) -> dict:
+    if recompute == "selective":  # recompute core attention only: the real-pair scores are the big activations
+        return {"recompute_granularity": "selective"}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return {}
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class Trainer:
+    def __init__(self, config: Config, log=None):
+        from ebft_megatron.checkpoint import store
+        from ebft_megatron.data.dataset import ChunkLoader, load_chunks
+        from ebft_megatron.data.packing import check_tokenizer_matches
+        from ebft_megatron.data.tokenizers import Tokenizer
+        from ebft_megatron.features.network import load_feature_network
+        from ebft_megatron.models.gpt import build_model
+        from ebft_megatron.rollouts.sampler import rollout_generator
+        from ebft_megatron.training.logging import MetricsLogger
+        from ebft_megatron.training.optimizer import OptimizerSettings, build_optimizer, wrap_ddp
+
+        self.config = c = config
+        distributed.initialize(c.parallel.tp, c.parallel.pp, seed=c.train.seed)
+        self.info = distributed.parallel_info()
+        self.is_rank0 = distributed.is_rank0()
+        self.logger = MetricsLogger(c.train.save or None, c.train.steps, enabled=self.is_rank0,
+                                    tensorboard=c.train.tensorboard, wandb_mode=c.train.wandb,
+                                    wandb_project=c.train.wandb_project, config=c.to_dict())
+        self.log = log or self.logger.note
+        self.layout = layout_of(c)
+        self.source = Path(c.model.load)
+        self.arch = store.architecture_of(self.source)
+        self.arch.check_parallel(c.parallel.tp, c.parallel.pp)
+        if c.train.chunks_per_step % (self.info.dp_size * c.train.micro_batch):
+            from ebft_megatron.cli import UsageError
+
+            raise UsageError(f"train.chunks_per_step={c.train.chunks_per_step} must be a multiple of data-parallel "
+                             f"size {self.info.dp_size} x train.micro_batch {c.train.micro_batch}")
+        self.params_dtype = torch.bfloat16 if c.model.dtype == "bfloat16" else torch.float32
+
+        # data
+        tokenizer = Tokenizer(self.source / "tokenizer")
+        check_tokenizer_matches(tokenizer, self.arch.vocab_size, str(self.source / "tokenizer"))
+        P = c.rollout.chunk_len
+        self.train_chunks = load_chunks(c.data, tokenizer, P, "train", verbose=self.is_rank0)
+        self.val_chunks = load_chunks(c.data, tokenizer, P, "validation", verbose=self.is_rank0)
+        self.loader = ChunkLoader(len(self.train_chunks.tokens), c.train.chunks_per_step, self.info.dp_rank,
+                                  self.info.dp_size, c.train.seed)
+        self.log(f"data: {len(self.train_chunks.tokens)} training chunks, {len(self.val_chunks.tokens)} validation "
+                 f"chunks of {P} tokens; {self.loader.steps_per_epoch} steps per epoch")
+
+        # models
+        self.policy = build_model(self.arch, params_dtype=self.params_dtype,
+                                  **_policy_config_overrides(c.model.recompute))
+        store.load_model_weights(self.policy, self.source)
+        self.ddp = wrap_ddp(self.policy, c.optimizer.distributed)
+        o = c.optimizer
+        self.optimizer = build_optimizer(self.ddp, OptimizerSettings(
+            lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+            use_distributed_optimizer=o.distributed), self.params_dtype)
+        self.scheduler = self._scheduler()
+        feature_source = c.model.feature_load or c.model.load
+        self.feature_model = load_feature_network(feature_source, c.model.feature_layers or None, self.params_dtype)
+        self.generator = rollout_generator(c.train.seed, self.info.dp_rank)
+        self.eval_generator_seed = c.train.seed + 17
+
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+        if c.train.save and c.train.resume:
+            self._resume()
+
+    # --- setup pieces -------------------------------------------------------------------------
+    def _scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o, steps = self.config.optimizer, self.config.train.steps
+        warmup = int(round(o.warmup_fraction * steps))
+        return OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if warmup else o.lr, max_lr=o.lr,
+            min_lr=o.min_lr if o.schedule == "cosine" else o.lr, lr_warmup_steps=warmup,
+            lr_decay_steps=max(steps, warmup + 1), lr_decay_style=o.schedule, start_wd=o.weight_decay,
+            end_wd=o.weight_decay, wd_incr_steps=steps, wd_incr_style="constant",
+        )
+
+    def _resume(self) -> None:
+        from ebft_megatron.training.checkpointing import latest_good_checkpoint, load_training_checkpoint
+
+        ckpt = latest_good_checkpoint(self.config.train.save, log=self.log)
+        if ckpt is None:
+            return
+        state = load_training_checkpoint(ckpt, self.policy, self.optimizer, self.generator)
+        self.step = state["step"]
+        self.loader.load_state_dict(state["loader"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.log(f"resumed from {ckpt} at step {self.step}")
+
+    # --- one step -----------------------------------------------------------------------------
+    def _micro_batches(self, indices: list[int]):
+        from ebft_megatron.training.step import MicroBatch
+
+        size = self.config.train.micro_batch
+        chunks = self.train_chunks
+        for start in range(0, len(indices), size):
+            picked = torch.as_tensor(indices[start:start + size], dtype=torch.long)
+            yield MicroBatch(chunks.tokens[picked], chunks.lengths[picked])
+
+    def _experience(self, batch):
+        from ebft_megatron.objective.rewards import RewardSettings
+        from ebft_megatron.objective.rlvr import resolve_reward
+        from ebft_megatron.rollouts.sampler import SamplingSettings
+        from ebft_megatron.training.step import make_experience, make_rlvr_experience
+
+        c = self.config
+        sampling = SamplingSettings(c.rollout.temperature, c.rollout.top_p)
+        if c.objective.mode == "sft":
+            return batch
+        if c.objective.mode == "rlvr":
+            return make_rlvr_experience(self.ddp, self.layout, batch, self.arch.vocab_size, sampling,
+                                        resolve_reward(c.objective.reward), self.generator)
+        rewards = RewardSettings(c.objective.alignment_coef, c.objective.diversity_coef, c.objective.whiten)
+        return make_experience(self.ddp, self.feature_model, self.layout, batch, self.arch.vocab_size, sampling,
+                               rewards, c.objective.pooling, self.generator)
+
+    def _grads_finite(self) -> bool:
+        local = all(bool(torch.isfinite(buffer.grad_data).all()) for buffer in self.ddp.buffers)
+        return not _any_rank(not local)
+
+    def train_step(self) -> dict:
+        from ebft_megatron.objective.loss import LossSettings
+        from ebft_megatron.training.step import forward_backward
+
+        c = self.config
+        started = time.perf_counter()
+        indices = self.loader.next_indices()
+        experiences = [self._experience(batch) for batch in self._micro_batches(indices)]
+        rollout_time = time.perf_counter() - started
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        settings = LossSettings(c.objective.rl_coef, c.objective.ce_coef, c.rollout.temperature)
+        terms = forward_backward(self.ddp, experiences, self.layout, settings, mode=c.objective.mode)
+        finite = math.isfinite(terms["loss"]) and self._grads_finite()
+        metrics = dict(terms)
+        if finite:
+            _, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(1)
+            self.nonfinite_in_a_row = 0
+            metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        else:
+            self.nonfinite_in_a_row += 1
+            self.skipped_steps += 1
+            self.log(f"warning: step {self.step + 1}: non-finite loss or gradient, step skipped "
+                     f"({self.nonfinite_in_a_row} in a row, {self.skipped_steps} in total)")
+            if self.nonfinite_in_a_row >= c.train.max_nonfinite_steps:
+                raise TrainingAborted(
+                    f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient "
+                    f"(limit train.max_nonfinite_steps={c.train.max_nonfinite_steps}); stopping. Lower optimizer.lr, "
+                    "check the data, or resume from the last checkpoint")
+        self.step += 1
+        for key in experiences[0].metrics if c.objective.mode != "sft" else []:
+            metrics[key] = sum(e.metrics[key] for e in experiences) / len(experiences)
+        elapsed = time.perf_counter() - started
+        chunks = c.train.chunks_per_step
+        metrics.update({"lr": self.optimizer.param_groups[0]["lr"], "step_time_s": elapsed,
+                        "rollout_time_s": rollout_time, "skipped_steps": self.skipped_steps,
+                        "tokens_per_s": chunks * c.rollout.chunk_len / elapsed})
+        return metrics
+
+    # --- evaluation and saving ----------------------------------------------------------------
+    def evaluate(self, tag: str) -> dict:
+        from ebft_megatron import evaluation
+        from ebft_megatron.rollouts.sampler import SamplingSettings
+
+        c = self.config
+        val = self.val_chunks
+        ce_chunks = val.select(range(min(len(val.tokens), c.eval.ce_chunks))) if c.eval.ce_chunks else val
+        ce = evaluation.validation_ce(self.ddp, ce_chunks, micro_batch_size=c.train.micro_batch)
+        curve = evaluation.feature_matching_by_length(
+            self.ddp, self.feature_model, self.layout, val.select(range(min(len(val.tokens), c.eval.cfm_chunks))),
+            self.arch.vocab_size, SamplingSettings(c.eval.temperature, c.rollout.top_p),
+            torch.Generator().manual_seed(self.eval_generator_seed), pooling=c.objective.pooling,
+        )
+        metrics = {f"val/{k}": v for k, v in ce.items()}
+        metrics.update(curve.as_metrics())
+        if c.train.save:
+            evaluation.write_report(Path(c.train.save) / "eval" / tag, ce, curve,
+                                    before=getattr(self, "_first_curve", None))
+        if not hasattr(self, "_first_curve"):
+            self._first_curve = curve
+        return metrics
+
+    def save(self) -> Optional[Path]:
+        from ebft_megatron.training.checkpointing import save_training_checkpoint
+
+        if not self.config.train.save:
+            return None
+        state = {"loader": self.loader.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "skipped_steps": self.skipped_steps, "seed": self.config.train.seed,
+                 "config": self.config.to_dict()}
+        path = save_training_checkpoint(self.config.train.save, self.step, self.policy, self.optimizer, self.arch,
+                                        self.source, state, self.generator, self.config.train.keep_last)
+        self.log(f"saved {path}")
+        return path
+
+    # --- the run ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        c = self.config
+        history = {"losses": []}
+        if self.step == 0 or c.eval.interval:
+            before = self.evaluate(f"step_{self.step:06d}")
+            self.logger.log(self.step, before, console=False)
+            self.log("eval before: " + json.dumps({k: round(v, 4) for k, v in before.items()}))
+            history["eval_before"] = before
+        self.logger.start(self.step)
+        while self.step < c.train.steps:
+            metrics = self.train_step()
+            history["losses"].append(metrics["loss"])
+            self.logger.log(self.step, metrics, console=self.step % c.train.log_interval == 0)
+            if c.train.save_interval and self.step % c.train.save_interval == 0 and self.step < c.train.steps:
+                self.save()
+            if c.eval.interval and self.step % c.eval.interval == 0 and self.step < c.train.steps:
+                self.logger.log(self.step, self.evaluate(f"step_{self.step:06d}"), console=False)
+        after = self.evaluate(f"step_{self.step:06d}")
+        self.logger.log(self.step, after, console=False)
+        self.log("eval after: " + json.dumps({k: round(v, 4) for k, v in after.items()}))
+        history["eval_after"] = after
+        self.save()
+        self.logger.close()
+        return history
