@@ -177,6 +177,21 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
+def read_errors() -> tuple:
+    """What a failed dist-checkpoint read raises. torch's CheckpointException derives from
+    BaseException, so ``except Exception`` alone would let it through as a traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+def describe_read_error(err: BaseException) -> str:
+    """One line for the user: torch DCP errors carry whole remote tracebacks in their text."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return f"{type(err).__name__}: {last}" if last and len(lines) == 1 else (last or type(err).__name__)
+
+
 def load_model_weights(model, ckpt_dir: str | Path) -> dict:
     """Load the model weights of a checkpoint into this rank's stage (any TP/PP)."""
     from megatron.core import dist_checkpointing
@@ -184,8 +199,8 @@ def load_model_weights(model, ckpt_dir: str | Path) -> dict:
     meta = read_meta(ckpt_dir)
     try:
         state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(ckpt_dir) / "model"))
-    except Exception as err:  # torch DCP raises many types; name the checkpoint, keep the cause
-        raise CheckpointError(f"checkpoint {ckpt_dir}: the model weights could not be read ({type(err).__name__}: {err})") from err
+    except read_errors() as err:  # name the checkpoint, keep the cause
+        raise CheckpointError(f"checkpoint {ckpt_dir}: the model weights could not be read ({describe_read_error(err)})") from err
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing:

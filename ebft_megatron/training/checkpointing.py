@@ -27,6 +27,7 @@ from ebft_megatron.checkpoint.store import CheckpointError
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TRAINER_STATE = "trainer_state.json"
+# The optimizer state in model space (one tensor per parameter and state): reshardable across TP, PP, DP.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -72,9 +73,15 @@ def check_resumable(ckpt: str | Path) -> Path:
     problem = _is_good(ckpt)
     if problem is None:
         return ckpt
+    raise CheckpointError(f"cannot resume from {ckpt}: {problem}{_earlier_good_hint(ckpt)}")
+
+
+def _earlier_good_hint(ckpt: Path) -> str:
     earlier = [c for c in training_checkpoints(ckpt.parent) if c.name < ckpt.name and _is_good(c) is None]
-    hint = f"; the latest good checkpoint before it is {earlier[0]}" if earlier else "; no earlier good checkpoint exists"
-    raise CheckpointError(f"cannot resume from {ckpt}: {problem}{hint}")
+    if earlier:
+        return (f"; the latest good checkpoint before it is {earlier[0]} (remove or move {ckpt.name} to resume "
+                "from there)")
+    return "; no earlier good checkpoint exists"
 
 
 def _encode_rng(state: torch.Tensor) -> str:
@@ -123,6 +130,52 @@ def save_training_checkpoint(save_dir, step: int, policy, optimizer, arch, sourc
     return final
 
 
+def _allocate_optimizer_state(optimizer) -> None:
+    """A fresh distributed optimizer has no Adam state yet, and megatron's loading path needs the
+    state tensors to exist (it loads into them in place). megatron fills them with one step on
+    zero gradients; the loaded checkpoint then overwrites everything it touched."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(sub, DistributedOptimizer):
+            if not sub.optimizer.state:
+                sub._init_optimizer_states_with_dummy_values()
+            _skip_step_when_setting_states(sub)
+
+
+def _skip_step_when_setting_states(distributed_optimizer) -> None:
+    """Without Transformer Engine or apex, megatron-core 0.16 runs torch's Adam, which keeps a
+    per-parameter "step" tensor. The fully reshardable loader restores "step" from the common
+    state but then copies every per-parameter state key from the checkpoint, where "step" is not
+    stored, and fails with KeyError('step'). Copy the keys the checkpoint has; "step" is set by
+    the common state as megatron intends."""
+    original = type(distributed_optimizer)._set_main_param_and_optimizer_states
+
+    def set_states(model_param, tensors):
+        group, order = distributed_optimizer.model_param_group_index_map[model_param]
+        main_param = distributed_optimizer.optimizer.param_groups[group]["params"][order]
+        state = distributed_optimizer.optimizer.state[main_param]
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            original(distributed_optimizer, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    distributed_optimizer._set_main_param_and_optimizer_states = set_states
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron's loader hands one "step" tensor to every parameter's torch-Adam state; Adam then
+    increments it in place once per parameter, which corrupts the bias correction. Give each
+    parameter its own copy (as a fresh torch Adam has)."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
 def load_training_checkpoint(ckpt: str | Path, policy, optimizer, generator: torch.Generator) -> dict:
     """Restore model, optimizer and this DP rank's RNG; returns the trainer state (step, data
     position, schedule) for the caller to restore."""
@@ -131,12 +184,18 @@ def load_training_checkpoint(ckpt: str | Path, policy, optimizer, generator: tor
     from ebft_megatron.runtime.distributed import parallel_info
 
     ckpt = check_resumable(ckpt)
-    store.load_model_weights(policy, ckpt)
-    sharded = optimizer.sharded_state_dict(policy.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_METADATA)
     try:
-        optimizer.load_state_dict(dist_checkpointing.load(sharded, str(ckpt / "optimizer")))
-    except Exception as err:  # name the checkpoint, keep the cause
-        raise CheckpointError(f"checkpoint {ckpt}: the optimizer state could not be read ({type(err).__name__}: {err})") from err
+        _allocate_optimizer_state(optimizer)  # before the weights: the dummy step must not touch loaded params
+        store.load_model_weights(policy, ckpt)
+        sharded = optimizer.sharded_state_dict(policy.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_METADATA)
+        try:
+            optimizer.load_state_dict(dist_checkpointing.load(sharded, str(ckpt / "optimizer")))
+            _unshare_adam_steps(optimizer)
+        except store.read_errors() as err:  # name the checkpoint, keep the cause
+            raise CheckpointError(f"checkpoint {ckpt}: the optimizer state could not be read "
+                                  f"({store.describe_read_error(err)})") from err
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}{_earlier_good_hint(ckpt)}") from err
     state = json.loads((ckpt / TRAINER_STATE).read_text())
     rng = state["rng_by_dp"].get(str(parallel_info().dp_rank))
     if rng is None:
