@@ -239,7 +239,7 @@ def _build_section(name: str, values: dict, where: str):
 def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """YAML file (optional) + ``section.key=value`` overrides -> a validated Config."""
     raw: dict[str, dict] = {}
-    where = "defaults"
+    where = "command line"
     if path is not None:
         import yaml
 

@@ -1,0 +1,55 @@
+"""End-to-end EBFT/SFT training under torchrun: a 2-process launch (PP2 and DP2) and a 4-process
+launch (TP2 x PP2, plus a resume of the DP2 checkpoint at TP2 x PP2). See launch.py."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def torchrun(nproc: int, phase: str, work: Path, checkpoint: Path) -> dict:
+    with socket.socket() as sock:  # torchrun's static rendezvous needs a concrete free port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+           str(ROOT / "tests" / "training" / "launch.py"), "--phase", phase, "--work", str(work),
+           "--checkpoint", str(checkpoint)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    return json.loads((work / f"{phase}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models, tmp_path_factory):
+    from tests.training.common import make_code_folder
+
+    work = tmp_path_factory.mktemp("distributed_training")
+    make_code_folder(work / "code")
+    checkpoint = tiny_models["llama"][1]
+    first = torchrun(2, "first", work, checkpoint)
+    second = torchrun(4, "second", work, checkpoint)
+    print(json.dumps({"first": first, "second": second}, indent=1))
+    return {**first, **second}
+
+
+@pytest.mark.parametrize("run", ["ebft_pp2", "ebft_tp2pp2"])
+def test_ebft_training_lowers_validation_cross_entropy(runs, run):
+    result = runs[run]
+    assert len(result["losses"]) == 6 and all(abs(loss) < 1e3 for loss in result["losses"])
+    assert result["ce_after"] < result["ce_before"] - 0.05
+
+
+def test_resume_at_another_layout_continues_the_same_run(runs):
+    dp2, resumed = runs["sft_dp2"], runs["sft_resumed_tp2pp2"]
+    assert dp2["dp"] == 2 and resumed["dp"] == 1 and resumed["start"] == 2
+    assert set(resumed["losses"]) == {"3", "4"}
+    for step in ("3", "4"):
+        assert abs(resumed["losses"][step] - dp2["losses"][step]) < 1e-5
+    assert dp2["losses"]["4"] < dp2["losses"]["1"]
