@@ -4,12 +4,17 @@ All documents' tokens form one stream with a single EOS *between* documents (non
 the EOS belongs to the document before it. The stream is cut into chunks of P tokens and only the
 last chunk is padded. One chunk is one training example; attention crosses document boundaries
 unless document masking is asked for (``doc_ids`` makes that possible).
+
+Optionally packing also marks the response tokens (``response_mask``), which the response-only
+validation CE (the reference's ``answer_ce_loss``) is computed on. A document's response is its
+last segment when it has two or more (prompt/response pairs, translation pairs; see
+``sources.Document.segments``); a code file has none. EOS and padding are never response tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +29,7 @@ class PackedChunks:
     doc_ids: torch.Tensor  # int64 [N, P]: document index of each token (its split's order), -1 on padding
     num_documents: int = 0
     skipped: dict = field(default_factory=dict)  # reason -> count, from SkipReport
+    response_mask: Optional[torch.Tensor] = None  # bool [N, P]: response tokens, when packing was told where they start
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -35,15 +41,26 @@ class PackedChunks:
     def select(self, indices) -> "PackedChunks":
         """The chunks at ``indices`` (a ChunkLoader step), same layout."""
         index = torch.as_tensor(indices, dtype=torch.long)
+        mask = None if self.response_mask is None else self.response_mask[index]
         return PackedChunks(self.tokens[index], self.lengths[index], self.doc_ids[index],
-                            self.num_documents, dict(self.skipped))
+                            self.num_documents, dict(self.skipped), mask)
+
+
+def response_start(segment_lengths: Sequence[int]) -> int:
+    """Where a document's response begins, from the token counts of its segments: the last segment
+    is the response when there are two or more; a one-segment document (a code file) has none, so
+    its response starts at its end."""
+    lengths = [int(length) for length in segment_lengths]
+    return sum(lengths[:-1]) if len(lengths) >= 2 else sum(lengths)
 
 
 def pack_documents(documents: Sequence[Sequence[int] | np.ndarray], eos_id: int | None, chunk_len: int,
-                   pad_id: int | None = None) -> PackedChunks:
+                   pad_id: int | None = None, response_starts: Sequence[int] | None = None) -> PackedChunks:
     """Documents' token ids -> chunks of ``chunk_len`` tokens. ``pad_id`` defaults to EOS (the
     reference pads with the pad token, else EOS; padded positions are marked by ``lengths`` and
-    ``doc_ids == -1`` either way)."""
+    ``doc_ids == -1`` either way). With ``response_starts`` (per document, the index of its first
+    response token; its length if it has none, see :func:`response_start`) the chunks also carry
+    ``response_mask``."""
     if eos_id is None:
         raise DataError("the tokenizer has no EOS token, which packing puts between documents; use a tokenizer "
                         "whose tokenizer_config.json names an eos_token")
@@ -66,6 +83,9 @@ def pack_documents(documents: Sequence[Sequence[int] | np.ndarray], eos_id: int 
         stream[start:start + length] = doc
     stream[ends[:-1] - 1] = eos_id
     stream_doc = np.repeat(np.arange(len(documents), dtype=np.int64), span)
+    stream_response = None
+    if response_starts is not None:
+        stream_response = _response_stream(response_starts, doc_lengths, starts, stream_doc)
 
     num_chunks = -(-total // chunk_len)
     padded = num_chunks * chunk_len
@@ -75,12 +95,34 @@ def pack_documents(documents: Sequence[Sequence[int] | np.ndarray], eos_id: int 
     doc_ids[:total] = stream_doc
     lengths = np.full(num_chunks, chunk_len, dtype=np.int64)
     lengths[-1] = total - (num_chunks - 1) * chunk_len
+    response_mask = None
+    if stream_response is not None:
+        response_mask = np.zeros(padded, dtype=bool)
+        response_mask[:total] = stream_response
+        response_mask = torch.from_numpy(response_mask.reshape(num_chunks, chunk_len))
     return PackedChunks(
         tokens=torch.from_numpy(tokens.reshape(num_chunks, chunk_len)),
         lengths=torch.from_numpy(lengths),
         doc_ids=torch.from_numpy(doc_ids.reshape(num_chunks, chunk_len)),
         num_documents=len(documents),
+        response_mask=response_mask,
     )
+
+
+def _response_stream(response_starts: Sequence[int], doc_lengths: np.ndarray, starts: np.ndarray,
+                     stream_doc: np.ndarray) -> np.ndarray:
+    """[stream length] bool: a token is a response token when its offset in its document is at or
+    after the document's response start and before its end (which excludes the EOS after it)."""
+    first = np.asarray(response_starts, dtype=np.int64).reshape(-1)
+    if len(first) != len(doc_lengths):
+        raise DataError(f"response_starts has {len(first)} entries for {len(doc_lengths)} documents")
+    bad = np.flatnonzero((first < 0) | (first > doc_lengths))
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(f"document {i}: response start {int(first[i])} is outside 0..{int(doc_lengths[i])} "
+                        "(its token count)")
+    offset = np.arange(len(stream_doc), dtype=np.int64) - starts[stream_doc]
+    return (offset >= first[stream_doc]) & (offset < doc_lengths[stream_doc])
 
 
 def check_tokenizer_matches(tokenizer, model_vocab_size: int, where: str) -> None:
