@@ -1,0 +1,92 @@
+"""Validation cross-entropy (spec §5.1): teacher-forced next-token CE at T = 1 on the validation
+chunks, pooled per token across chunks (the reference's ``full_ce_loss``, and ``full_perplexity``
+= its exp), plus the CE on response targets only (``answer_ce_loss``) when the chunks carry a
+response mask.
+
+Targets: in a chunk with L real tokens, token k = 1..L-1 is predicted from x[:k]. Every real
+target counts (prompt, response, EOS, predictions across document boundaries), as in the
+reference; the padding of a short last chunk does not. A response target is a target k whose
+token is a response token (the reference's answer mask shifted by one).
+
+Each micro-batch is one forward through megatron's pipeline schedule; the last stage reduces its
+vocab-parallel logits to four numbers (NLL sums and target counts) with megatron's vocab-parallel
+cross entropy, so no rank ever holds the full logits and the result is the same at any TP/PP.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ebft_megatron.data.packing import PackedChunks
+from ebft_megatron.evaluation.sharding import micro_batches, model_device, replica_share, sum_over_replicas
+from ebft_megatron.objective.loss import token_logprobs
+from ebft_megatron.runtime import pipeline
+
+
+def target_masks(lengths: torch.Tensor, chunk_len: int, response_mask: Optional[torch.Tensor] = None):
+    """[B, P-1] bool masks of the targets x[:, 1:] that count: real ones, and real response ones."""
+    real = torch.arange(1, chunk_len, device=lengths.device)[None, :] < lengths[:, None]
+    response = None if response_mask is None else real & response_mask[:, 1:].to(real.device)
+    return real, response
+
+
+def nll_sums(logits: torch.Tensor, chunk: torch.Tensor, lengths: torch.Tensor,
+             response_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Vocab-parallel logits [B, P, V/TP] (consumed) -> float64 [4]: NLL sum and count over the
+    real targets, then over the response targets (zeros without a response mask)."""
+    P = chunk.shape[1]
+    # fp32 log-softmax as the reference's eval forward; the logits buffer is ours to overwrite.
+    nll = -token_logprobs(logits[:, : P - 1].float(), chunk[:, 1:].to(logits.device)).double()
+    real, response = target_masks(lengths.to(logits.device), P,
+                                  None if response_mask is None else response_mask.to(logits.device))
+    sums = torch.zeros(4, dtype=torch.float64, device=logits.device)
+    sums[0], sums[1] = (nll * real).sum(), real.sum()
+    if response is not None:
+        sums[2], sums[3] = (nll * response).sum(), response.sum()
+    return sums
+
+
+def _exp(value: float) -> float:
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return float("inf")
+
+
+def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
+                  response_mask: Optional[torch.Tensor] = None) -> dict[str, float]:
+    """Pooled next-token CE over ``chunks`` (every rank calls this; every rank gets the result).
+
+    ``response_mask`` [N, P] defaults to ``chunks.response_mask``. Returns ``eval/ce``,
+    ``eval/perplexity`` and ``eval/tokens`` (targets counted), and with a response mask
+    ``eval/response_tokens`` and, when there are any, ``eval/response_ce`` and
+    ``eval/response_perplexity``."""
+    if response_mask is None:
+        response_mask = chunks.response_mask
+    if response_mask is not None and tuple(response_mask.shape) != tuple(chunks.tokens.shape):
+        raise ValueError(f"response_mask has shape {tuple(response_mask.shape)}, the chunks {tuple(chunks.tokens.shape)}")
+    device = model_device(model)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    for batch in micro_batches(replica_share(len(chunks)), micro_batch_size):
+        index = torch.tensor(batch)
+        chunk, lengths = chunks.tokens[index].to(device), chunks.lengths[index]
+        response = None if response_mask is None else response_mask[index]
+        B, P = chunk.shape
+        positions = torch.arange(P, device=device).expand(B, P)
+        totals += pipeline.forward(
+            model, chunk, positions,
+            reduce=lambda logits: nll_sums(logits, chunk, lengths, response),
+        ).to(device)
+    nll, count, response_nll, response_count = sum_over_replicas(totals).tolist()
+    if count == 0:
+        raise ValueError("the validation chunks have no next-token targets (every chunk is shorter than 2 tokens)")
+    metrics = {"eval/ce": nll / count, "eval/perplexity": _exp(nll / count), "eval/tokens": int(count)}
+    if response_mask is not None:
+        metrics["eval/response_tokens"] = int(response_count)
+        if response_count > 0:
+            metrics["eval/response_ce"] = response_nll / response_count
+            metrics["eval/response_perplexity"] = _exp(response_nll / response_count)
+    return metrics

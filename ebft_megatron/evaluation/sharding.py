@@ -1,0 +1,51 @@
+"""How evaluation spreads validation chunks over data-parallel replicas and pools the result.
+
+Every rank of a replica (its TP and PP ranks) walks the same chunks in lockstep, because each
+forward is a collective over the replica. Replicas take interleaved shares of the chunks, and the
+per-replica sums are added over the data-parallel group at the end, so the pooled number does not
+depend on the parallel layout (up to float64 summation order).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+
+def _data_parallel() -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 0, 1
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+
+def replica_share(num_chunks: int) -> list[int]:
+    """Indices of the chunks this data-parallel replica evaluates (every dp_size-th one)."""
+    rank, size = _data_parallel()
+    return list(range(rank, num_chunks, size))
+
+
+def micro_batches(indices: list[int], micro_batch_size: int) -> Iterator[list[int]]:
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
+    for start in range(0, len(indices), micro_batch_size):
+        yield indices[start:start + micro_batch_size]
+
+
+def sum_over_replicas(tensor: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) over the data-parallel group; a no-op with one replica."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if _data_parallel()[1] > 1:
+        dist.all_reduce(tensor, group=ps.get_data_parallel_group())
+    return tensor
+
+
+def model_device(model) -> torch.device:
+    """Where the model's weights live (inputs are moved there); CPU for a stage without weights."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
