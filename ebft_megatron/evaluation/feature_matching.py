@@ -1,0 +1,152 @@
+"""Conditional feature-matching loss as a function of completion length (the paper's Figures 1-2;
+spec §5.2 and §7).
+
+For every validation chunk the policy samples n rollouts per block (the strided block layout),
+the frozen feature network embeds ground truth and rollouts in one packed forward, and
+``features.embed`` returns the Gram matrices of the pooled features of the first t tokens for
+every completion length t = 1..G. Per length, over the valid (chunk, block) groups (whose
+ground-truth window lies in real tokens), the curve reports the mean of
+- the unbiased CFM estimate  1/(n(n-1)) sum_{i!=j} phi_i.phi_j - 2/n sum_i phi_i.g + g.g,
+  an estimate of ||E phi(c:y) - phi(c:y*)||^2 (``objective.rewards.cfm_loss``);
+- the alignment 2a = 2 cos(phi_i, g) and the diversity 2d = 2/(n-1) sum_{j!=i} phi_i.phi_j,
+  averaged over the n samples (the reference's reward_pass1_gt / reward_pass1_diversity),
+all without whitening, so the numbers are the plain feature-matching quantities whatever the
+training used. With unit features (last-token pooling) 2a - d = 1 - CFM exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ebft_megatron.data.packing import PackedChunks
+from ebft_megatron.evaluation.files import atomic_write
+from ebft_megatron.evaluation.sharding import micro_batches, replica_share, sum_over_replicas
+from ebft_megatron.features.network import embed
+from ebft_megatron.objective.rewards import alignment_and_diversity, cfm_loss
+from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
+
+SERIES = ("cfm", "alignment", "diversity")
+
+
+@dataclass
+class FeatureMatchingCurve:
+    lengths: list[int]  # completion lengths 1..G
+    cfm: list[float]  # mean unbiased CFM loss per length
+    alignment: list[float]  # mean 2a per length
+    diversity: list[float]  # mean 2d per length
+    groups: int = 0  # valid (chunk, block) groups averaged at every length
+
+    def as_metrics(self) -> dict[str, float]:
+        """The values at the full rollout length G (what training optimizes)."""
+        return {"eval/cfm": self.cfm[-1], "eval/alignment": self.alignment[-1], "eval/diversity": self.diversity[-1]}
+
+    def as_dict(self) -> dict:
+        return {"lengths": list(self.lengths), "cfm": list(self.cfm), "alignment": list(self.alignment),
+                "diversity": list(self.diversity), "groups": self.groups}
+
+    def csv_text(self, other: Optional["FeatureMatchingCurve"] = None, other_label: str = "before") -> str:
+        """One row per completion length; with ``other``, its columns follow, suffixed _<other_label>."""
+        if other is not None and list(other.lengths) != list(self.lengths):
+            raise ValueError(f"curves over different lengths: {self.lengths} and {other.lengths}")
+        header = ["length", *SERIES]
+        if other is not None:
+            header += [f"{name}_{other_label}" for name in SERIES]
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(header)
+        for t, length in enumerate(self.lengths):
+            row = [length] + [repr(float(getattr(self, name)[t])) for name in SERIES]
+            if other is not None:
+                row += [repr(float(getattr(other, name)[t])) for name in SERIES]
+            writer.writerow(row)
+        return out.getvalue()
+
+    def to_csv(self, path, other: Optional["FeatureMatchingCurve"] = None, other_label: str = "before") -> Path:
+        return atomic_write(path, self.csv_text(other, other_label).encode())
+
+    def plot(self, path, label: str = "after", other: Optional["FeatureMatchingCurve"] = None,
+             other_label: str = "before") -> Path:
+        """PNG: CFM loss vs completion length (left) and alignment / diversity (right); ``other``
+        (e.g. the curve before training) is overlaid dashed."""
+        from ebft_megatron.evaluation.plotting import curve_png
+
+        return atomic_write(path, curve_png(self, label, other, other_label))
+
+
+class _CurveSums:
+    """Running sums per completion length over valid (chunk, block) groups."""
+
+    def __init__(self, rollout_len: int):
+        self.sums = torch.zeros(len(SERIES), rollout_len, dtype=torch.float64)
+        self.groups = 0
+
+    def add(self, gram_by_length: torch.Tensor, valid: torch.Tensor) -> None:
+        """gram_by_length [B, NB, G, n+1, n+1] (ground truth at 0), valid [B, NB]."""
+        gram = gram_by_length.double().cpu()
+        a, d = alignment_and_diversity(gram, whiten=False)  # [B, NB, G, n]
+        per_group = torch.stack([cfm_loss(gram), 2 * a.mean(-1), 2 * d.mean(-1)])  # [3, B, NB, G]
+        weight = valid.to(torch.float64).cpu()[None, :, :, None]
+        self.sums += (per_group * weight).sum(dim=(1, 2))
+        self.groups += int(valid.sum())
+
+    def curve(self) -> FeatureMatchingCurve:
+        """Pooled over data-parallel replicas; the same on every rank."""
+        packed = torch.cat([self.sums.reshape(-1), torch.tensor([float(self.groups)], dtype=torch.float64)])
+        packed = sum_over_replicas(packed)
+        sums, groups = packed[:-1].reshape(self.sums.shape), int(packed[-1])
+        if groups == 0:
+            raise ValueError("no valid (chunk, block) group: every block's ground-truth window reaches past the real "
+                             "tokens of its chunk; use longer validation chunks or a smaller first_anchor/rollout_len")
+        means = (sums / groups).tolist()
+        lengths = list(range(1, sums.shape[1] + 1))
+        return FeatureMatchingCurve(lengths, *means, groups=groups)
+
+
+def check_layout(layout: BlockLayout, chunks: PackedChunks) -> None:
+    if layout.chunk_len != chunks.chunk_len:
+        raise ValueError(f"the validation chunks have {chunks.chunk_len} tokens, the block layout chunk_len="
+                         f"{layout.chunk_len}; pack the validation data with the training chunk length")
+    if layout.num_samples < 2:
+        raise ValueError(f"the unbiased CFM estimate needs at least 2 samples per block, got num_samples="
+                         f"{layout.num_samples}")
+
+
+def feature_matching_curve(feature_model, layout: BlockLayout, chunks: PackedChunks,
+                           rollouts_of: Callable[[torch.Tensor], torch.Tensor], pooling: str = "last_token",
+                           micro_batch_size: int = 1) -> FeatureMatchingCurve:
+    """The curve for rollouts from any source: ``rollouts_of(chunk [B, P]) -> tokens [B, NB, n, G]``
+    (a collective call on every rank of the replica). Chunks without a valid block are skipped."""
+    check_layout(layout, chunks)
+    sums = _CurveSums(layout.rollout_len)
+    for batch in micro_batches(replica_share(len(chunks)), micro_batch_size):
+        index = torch.tensor(batch)
+        valid = layout.valid_blocks(chunks.lengths[index])
+        keep = valid.any(dim=1)  # the same on every rank: it depends on the data only
+        if not keep.any():
+            continue
+        chunk, valid = chunks.tokens[index][keep], valid[keep]
+        rollouts = rollouts_of(chunk)
+        moments = embed(feature_model, layout, layout.pack(chunk, rollouts), pooling)
+        sums.add(moments.gram_by_length, valid)
+    return sums.curve()
+
+
+def feature_matching_by_length(policy, feature_model, layout: BlockLayout, chunks: PackedChunks, vocab_size: int,
+                               sampling: SamplingSettings, generator: Optional[torch.Generator],
+                               pooling: str = "last_token", micro_batch_size: int = 1) -> FeatureMatchingCurve:
+    """CFM, alignment and diversity vs completion length for rollouts sampled from ``policy``.
+
+    Every rank calls this. ``generator`` drives the draws; it must be in the same state on the
+    ranks of one replica (``rollouts.sampler.rollout_generator(seed, dp_rank)``)."""
+    return feature_matching_curve(
+        feature_model, layout, chunks,
+        lambda chunk: sample_rollouts(policy, layout, chunk, vocab_size, sampling, generator).tokens,
+        pooling, micro_batch_size,
+    )

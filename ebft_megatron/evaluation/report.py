@@ -1,0 +1,84 @@
+"""One evaluation (validation CE + feature-matching curve) and its report files.
+
+``write_report`` is safe to call on every rank: only global rank 0 writes, each file atomically.
+Files: ``cfm_by_length.csv`` and ``cfm_by_length.png`` (the curve, overlaid with the "before"
+curve when given) and ``metrics.json`` (the scalar metrics and the curves).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+
+from ebft_megatron.data.packing import PackedChunks
+from ebft_megatron.evaluation.ce import validation_ce
+from ebft_megatron.evaluation.feature_matching import FeatureMatchingCurve, feature_matching_by_length
+from ebft_megatron.evaluation.files import atomic_write
+from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.rollouts.sampler import SamplingSettings
+from ebft_megatron.runtime import distributed
+
+CSV_NAME, PNG_NAME, METRICS_NAME = "cfm_by_length.csv", "cfm_by_length.png", "metrics.json"
+
+
+class Evaluation(NamedTuple):
+    ce: Optional[dict]  # validation_ce's result
+    curve: Optional[FeatureMatchingCurve]
+
+    def metrics(self) -> dict[str, float]:
+        return {**(self.ce or {}), **(self.curve.as_metrics() if self.curve is not None else {})}
+
+
+def evaluate(policy, feature_model, layout: BlockLayout, chunks: PackedChunks, vocab_size: int,
+             sampling: SamplingSettings, generator: Optional[torch.Generator], pooling: str = "last_token",
+             micro_batch_size: int = 1) -> Evaluation:
+    """Validation CE of ``policy`` and its feature-matching curve on the same chunks (collective)."""
+    ce = validation_ce(policy, chunks, micro_batch_size)
+    curve = feature_matching_by_length(policy, feature_model, layout, chunks, vocab_size, sampling, generator,
+                                       pooling, micro_batch_size)
+    return Evaluation(ce, curve)
+
+
+def _json_safe(value):
+    """JSON has no NaN or infinity (an overflowing perplexity): those become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _section(evaluation: Evaluation) -> dict:
+    section = {"metrics": evaluation.metrics()}
+    if evaluation.curve is not None:
+        section["cfm_by_length"] = evaluation.curve.as_dict()
+    return section
+
+
+def write_report(out_dir, ce: Optional[dict], curve: Optional[FeatureMatchingCurve],
+                 before: Optional[Evaluation | tuple] = None) -> list[Path]:
+    """Write the report on rank 0 (other ranks write nothing and get []). ``before`` is an
+    :class:`Evaluation` (or a ``(ce, curve)`` pair), e.g. of the model before training; its
+    curve is overlaid and its metrics are kept under "before". Returns the paths written."""
+    if not distributed.is_rank0():
+        return []
+    out_dir = Path(out_dir)
+    before = Evaluation(*before) if before is not None else None
+    before_curve = before.curve if before is not None else None
+    written = []
+    if curve is not None:
+        written.append(curve.to_csv(out_dir / CSV_NAME, other=before_curve))
+        written.append(curve.plot(out_dir / PNG_NAME, label="after" if before is not None else "policy",
+                                  other=before_curve))
+    report = _section(Evaluation(ce, curve))
+    if before is not None:
+        report["before"] = _section(before)
+    text = json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
+    written.append(atomic_write(out_dir / METRICS_NAME, text.encode()))
+    return written
