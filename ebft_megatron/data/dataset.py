@@ -16,7 +16,7 @@ import numpy as np
 
 from ebft_megatron.data.config import DataConfig
 from ebft_megatron.data.indexed import read_indexed
-from ebft_megatron.data.packing import PackedChunks, check_token_range, pack_documents
+from ebft_megatron.data.packing import PackedChunks, check_token_range, pack_documents, response_start
 from ebft_megatron.data.sources import (
     DataError, Document, SkipReport, is_held_out, list_code_files, read_code_folder, read_jsonl_pairs,
     read_translation_pairs, split_hash,
@@ -76,16 +76,19 @@ def batch_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
     return lambda texts: [tokenizer.encode(text) for text in texts]
 
 
-def encode_documents(documents: list[Document], encode: Callable[[list[str]], list[list[int]]]) -> list[np.ndarray]:
+def encode_documents(documents: list[Document],
+                     encode: Callable[[list[str]], list[list[int]]]) -> list[tuple[np.ndarray, int]]:
     """Each document's segments are encoded separately and their ids concatenated (the reference
-    tokenizes question and answer apart: tokens(q) + tokens(a), not tokens(q + a))."""
+    tokenizes question and answer apart: tokens(q) + tokens(a), not tokens(q + a)); with each, the
+    index where its response (last segment) begins, for response-only metrics."""
     texts = [segment for document in documents for segment in document.segments]
     encoded = encode(texts)
     out, start = [], 0
     for document in documents:
         parts = encoded[start:start + len(document.segments)]
         start += len(document.segments)
-        out.append(np.concatenate([np.asarray(part, dtype=np.int64) for part in parts]))
+        ids = np.concatenate([np.asarray(part, dtype=np.int64) for part in parts])
+        out.append((ids, response_start([len(part) for part in parts])))
     return out
 
 
@@ -145,6 +148,7 @@ def _seconds(value: float) -> str:
 class TokenizedDocument:
     token_ids: np.ndarray  # int64, without EOS
     key_hash: int  # split_hash(document.split_key)
+    response_start: int = 0  # index of the first response token (== len(token_ids) when none)
 
 
 def tokenized_documents(source: DocumentSource, tokenizer, report: SkipReport, *,
@@ -173,8 +177,8 @@ def tokenized_documents(source: DocumentSource, tokenizer, report: SkipReport, *
 
     if workers <= 1:
         for batch, hashes in batches():
-            for ids, key_hash in zip(encode_documents(batch, encode), hashes):
-                yield TokenizedDocument(ids, key_hash)
+            for (ids, start), key_hash in zip(encode_documents(batch, encode), hashes):
+                yield TokenizedDocument(ids, key_hash, start)
         return
     import multiprocessing
 
@@ -189,8 +193,8 @@ def tokenized_documents(source: DocumentSource, tokenizer, report: SkipReport, *
 
     with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(encode,)) as pool:
         for encoded in pool.imap(_worker_encode, feed()):
-            for ids, key_hash in zip(encoded, pending_hashes.pop(0)):
-                yield TokenizedDocument(ids, key_hash)
+            for (ids, start), key_hash in zip(encoded, pending_hashes.pop(0)):
+                yield TokenizedDocument(ids, key_hash, start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +235,7 @@ def load_chunks(config: DataConfig, tokenizer, chunk_len: int, split: str = "tra
                         "use a tokenizer whose tokenizer_config.json names an eos_token")
     path, keep = _split_plan(config, split)
     report = SkipReport()
+    response_starts = None  # indexed corpora keep no segment boundaries
     if config.kind == "indexed":
         corpus = read_indexed(path)
         _check_corpus_tokenizer(path, corpus.info, tokenizer)
@@ -241,9 +246,12 @@ def load_chunks(config: DataConfig, tokenizer, chunk_len: int, split: str = "tra
     else:
         source = open_documents(config, path, report, count_units=verbose)
         progress = Progress(f"[data] tokenizing {path} ({split})", source.total_units, source.unit, verbose)
-        token_lists = [doc.token_ids for doc in tokenized_documents(
+        documents = list(tokenized_documents(
             source, tokenizer, report, keep=keep, max_documents=config.max_documents, workers=workers,
-            progress=progress)]
+            progress=progress))
+        token_lists = [doc.token_ids for doc in documents]
+        if config.kind in ("jsonl", "translation"):  # prompt/response documents: mark the responses
+            response_starts = [doc.response_start for doc in documents]
         progress.close()
         if report.total:  # never silently: say what was left out and why
             print(f"[data] {path}: {report.summary()}", file=sys.stderr, flush=True)
@@ -251,7 +259,7 @@ def load_chunks(config: DataConfig, tokenizer, chunk_len: int, split: str = "tra
         detail = (f"validation_fraction={config.validation_fraction}; raise it or set data.eval_path"
                   if keep is not None else report.summary())
         raise DataError(f"{path}: no documents in the {split} split ({detail})")
-    packed = pack_documents(token_lists, tokenizer.eos_id, chunk_len)
+    packed = pack_documents(token_lists, tokenizer.eos_id, chunk_len, response_starts=response_starts)
     packed.skipped = dict(report.counts)
     return packed
 

@@ -94,6 +94,7 @@ class Trainer:
         self.generator = rollout_generator(c.train.seed, self.info.dp_rank)
         self.eval_generator_seed = c.train.seed + 17
 
+        self._first_evaluation = None
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
@@ -199,26 +200,27 @@ class Trainer:
 
     # --- evaluation and saving ----------------------------------------------------------------
     def evaluate(self, tag: str) -> dict:
+        """Validation CE and the feature-matching curve (CFM vs completion length); the report
+        (CSV, PNG, metrics.json, with the first evaluation overlaid) goes to <save>/eval/<tag>."""
         from ebft_megatron import evaluation
-        from ebft_megatron.rollouts.sampler import SamplingSettings
+        from ebft_megatron.rollouts.sampler import SamplingSettings, rollout_generator
 
         c = self.config
         val = self.val_chunks
-        ce_chunks = val.select(range(min(len(val.tokens), c.eval.ce_chunks))) if c.eval.ce_chunks else val
-        ce = evaluation.validation_ce(self.ddp, ce_chunks, micro_batch_size=c.train.micro_batch)
+        first = lambda count: val.select(range(min(len(val.tokens), count))) if count else val  # noqa: E731
+        ce = evaluation.validation_ce(self.ddp, first(c.eval.ce_chunks), micro_batch_size=c.train.micro_batch)
         curve = evaluation.feature_matching_by_length(
-            self.ddp, self.feature_model, self.layout, val.select(range(min(len(val.tokens), c.eval.cfm_chunks))),
-            self.arch.vocab_size, SamplingSettings(c.eval.temperature, c.rollout.top_p),
-            torch.Generator().manual_seed(self.eval_generator_seed), pooling=c.objective.pooling,
+            self.ddp, self.feature_model, self.layout, first(max(c.eval.cfm_chunks, 1)), self.arch.vocab_size,
+            SamplingSettings(c.eval.temperature, c.rollout.top_p),
+            rollout_generator(self.eval_generator_seed, self.info.dp_rank), pooling=c.objective.pooling,
+            micro_batch_size=c.train.micro_batch,
         )
-        metrics = {f"val/{k}": v for k, v in ce.items()}
-        metrics.update(curve.as_metrics())
+        result = evaluation.Evaluation(ce, curve)
         if c.train.save:
-            evaluation.write_report(Path(c.train.save) / "eval" / tag, ce, curve,
-                                    before=getattr(self, "_first_curve", None))
-        if not hasattr(self, "_first_curve"):
-            self._first_curve = curve
-        return metrics
+            evaluation.write_report(Path(c.train.save) / "eval" / tag, ce, curve, before=self._first_evaluation)
+        if self._first_evaluation is None:
+            self._first_evaluation = result
+        return result.metrics()
 
     def save(self) -> Optional[Path]:
         from ebft_megatron.training.checkpointing import save_training_checkpoint

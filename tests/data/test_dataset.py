@@ -112,3 +112,16 @@ def test_tokenizer_without_eos(tmp_path, tokenizer):
 
     with pytest.raises(DataError, match="the tokenizer /tok has no EOS token"):
         load_chunks(DataConfig(kind="jsonl", path=str(tmp_path / "x.jsonl")), NoEos(), 8)
+
+
+def test_prompt_response_chunks_mark_the_response_tokens(tmp_path, tokenizer):
+    records = [("def add(a, b):", " return a + b"), ("class Stack:", " pass")]
+    path = write_lines(tmp_path / "qa.jsonl", [jsonl_line(question=q, answer=a) for q, a in records])
+    chunks = load_chunks(DataConfig(kind="jsonl", path=str(path), validation_fraction=0.0), tokenizer, 64)
+    assert chunks.response_mask is not None
+    marked = tokenizer.decode(chunks.tokens[0][chunks.response_mask[0]].tolist())
+    assert marked == "".join(answer for _, answer in records)  # responses only: no prompt, EOS or padding
+    code = tmp_path / "code"
+    write_code_tree(code, 3)
+    code_chunks = load_chunks(DataConfig(kind="code", path=str(code), validation_fraction=0.0), tokenizer, 64)
+    assert code_chunks.response_mask is None or not code_chunks.response_mask.any()

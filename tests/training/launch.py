@@ -29,8 +29,9 @@ def ebft_run(checkpoint: Path, code: Path, save: Path, tp: int, pp: int) -> dict
         "parallel.tp": tp, "parallel.pp": pp, "optimizer.lr": 3e-3, "objective.ce_coef": 0.5,
         "train.save_interval": 0, "eval.ce_chunks": 8, "eval.cfm_chunks": 1})
     history = Trainer(load_config(None, overrides)).run()
-    return {"losses": history["losses"], "ce_before": history["eval_before"]["val/ce"],
-            "ce_after": history["eval_after"]["val/ce"], "cfm_after": history["eval_after"].get("eval/cfm")}
+    return {"losses": history["losses"], "ce_before": history["eval_before"]["eval/ce"],
+            "ce_after": history["eval_after"]["eval/ce"], "cfm_after": history["eval_after"]["eval/cfm"],
+            "report": sorted(p.name for p in (save / "eval").glob("*/*"))}
 
 
 def sft_steps(checkpoint: Path, code: Path, save: Path, tp: int, pp: int, steps: int, save_at: int = 0) -> dict:

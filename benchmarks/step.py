@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""One EBFT step against one SFT step on the same chunk, same run, same model and optimizer.
+
+  python benchmarks/step.py                     # SmolLM2-135M (30 layers), fp32, P=1024, C=s=G=8, n=4
+  python benchmarks/step.py --random-weights    # same shapes, no download
+  python benchmarks/step.py --chunk-len 256     # a quicker look
+
+EBFT step = rollouts (KV-cached engine) + features (truncated frozen network, one packed forward)
++ rewards + policy forward/backward over the packed sequence + optimizer step. SFT step = forward/
+backward of the chunk + optimizer step. Both use megatron's schedule, DDP and distributed Adam, with
+the same activation-recompute setting. Prints the measured ratio, the time by phase, peak RSS,
+and the FLOP-model ratio for the reference's method, ours with dense attention and ours with
+real-pair attention (ebft_megatron.training.flops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chunk-len", type=int, default=1024)
+    parser.add_argument("--first-anchor", type=int, default=8)
+    parser.add_argument("--stride", type=int, default=8)
+    parser.add_argument("--rollout-len", type=int, default=8)
+    parser.add_argument("--num-samples", type=int, default=4)
+    parser.add_argument("--random-weights", action="store_true", help="SmolLM2 shapes, random weights")
+    parser.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+
+    from ebft_megatron.cli import quiet_imports
+
+    quiet_imports()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from ebft_megatron import assets
+    from ebft_megatron.checkpoint import store
+    from ebft_megatron.data.tokenizers import Tokenizer
+    from ebft_megatron.features.network import build_feature_network, load_feature_network, truncate
+    from ebft_megatron.models.gpt import build_model
+    from ebft_megatron.objective.loss import LossSettings
+    from ebft_megatron.objective.rewards import RewardSettings
+    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.rollouts.sampler import SamplingSettings, rollout_generator
+    from ebft_megatron.runtime import distributed
+    from ebft_megatron.training import flops
+    from ebft_megatron.training.loop import _policy_config_overrides
+    from ebft_megatron.training.optimizer import OptimizerSettings, build_optimizer, wrap_ddp
+    from ebft_megatron.training.step import MicroBatch, forward_backward, make_experience
+
+    distributed.initialize(1, 1, seed=43)
+    layout = BlockLayout(args.chunk_len, args.first_anchor, args.stride, args.rollout_len, args.num_samples)
+    ckpt = assets.smollm2_checkpoint()
+    arch = store.architecture_of(ckpt)
+    policy = build_model(arch, **_policy_config_overrides(args.recompute))
+    if args.random_weights:
+        features = build_feature_network(arch, arch.default_feature_layers())
+        truncate(features)
+    else:
+        store.load_model_weights(policy, ckpt)
+        features = load_feature_network(ckpt)
+    ddp = wrap_ddp(policy)
+    optimizer = build_optimizer(ddp, OptimizerSettings(lr=1e-6))
+
+    # a real chunk of Python source (the standard library's argparse module)
+    tokens = Tokenizer(Path(ckpt) / "tokenizer").encode((assets.python_stdlib_dir() / "argparse.py").read_text())
+    chunk = torch.tensor(tokens[: args.chunk_len])[None]
+    batch = MicroBatch(chunk, torch.tensor([args.chunk_len]))
+    sampling, rewards = SamplingSettings(0.6, 1.0), RewardSettings(1.0, 0.5, True)
+    loss_settings = LossSettings(1.0, 0.03, 0.6)
+    generator = rollout_generator(43, 0)
+
+    def sft_step():
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        started = time.perf_counter()
+        forward_backward(ddp, [batch], layout, loss_settings, mode="sft")
+        optimizer.step()
+        return time.perf_counter() - started
+
+    def ebft_step():
+        phases = {}
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        started = time.perf_counter()
+        import ebft_megatron.training.step as step_module
+
+        original_embed, original_sample = step_module.embed, step_module.sample_rollouts
+
+        def timed(name, function):
+            def run(*a, **k):
+                t0 = time.perf_counter()
+                result = function(*a, **k)
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+                return result
+            return run
+
+        step_module.embed, step_module.sample_rollouts = timed("features", original_embed), timed("rollouts", original_sample)
+        try:
+            experience = make_experience(ddp, features, layout, batch, arch.vocab_size, sampling, rewards,
+                                         "last_token", generator)
+        finally:
+            step_module.embed, step_module.sample_rollouts = original_embed, original_sample
+        t0 = time.perf_counter()
+        forward_backward(ddp, [experience], layout, loss_settings, mode="ebft")
+        phases["policy_forward_backward"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        optimizer.step()
+        phases["optimizer"] = time.perf_counter() - t0
+        phases["total"] = time.perf_counter() - started
+        phases["rewards_and_other"] = phases["total"] - sum(v for k, v in phases.items() if k != "total")
+        return phases
+
+    print(f"layout: P={layout.chunk_len} C={layout.first_anchor} s={layout.stride} G={layout.rollout_len} "
+          f"n={layout.num_samples} NB={layout.num_blocks}; packed length {layout.packed_len}; "
+          f"threads {torch.get_num_threads()}; recompute {args.recompute}", flush=True)
+    sft_step()  # warm-up (allocations, first-call overheads)
+    sft_times = [sft_step(), sft_step()]
+    sft_time = min(sft_times)
+    print(f"SFT step: {sft_time:.2f} s (runs {', '.join(f'{t:.2f}' for t in sft_times)})", flush=True)
+    ebft = ebft_step()
+    sft_after = sft_step()
+    sft_time = min(sft_time, sft_after)
+    print("EBFT step: " + ", ".join(f"{k} {v:.2f} s" for k, v in ebft.items()), flush=True)
+    print(f"SFT step again after EBFT: {sft_after:.2f} s", flush=True)
+
+    cost = flops.CostModel.of(arch)
+    deepest = max(arch.default_feature_layers())
+    model = {m: flops.ebft_step(cost, layout, m, deepest) for m in ("reference", "ours_dense", "ours")}
+    sft_flops, sft_flops_ckpt = flops.sft_step(cost, layout.chunk_len), flops.sft_step(cost, layout.chunk_len, True)
+    figures = {
+        "sft_s": sft_time, "ebft_s": ebft["total"], "ebft_phases_s": ebft, "measured_ratio": ebft["total"] / sft_time,
+        "flop_ratio": {
+            "reference_vs_sft_with_checkpointing": model["reference"]["total"] / sft_flops_ckpt,
+            "reference_vs_sft": model["reference"]["total"] / sft_flops,
+            "ours_dense_vs_sft": model["ours_dense"]["total"] / sft_flops,
+            "ours_vs_sft": model["ours"]["total"] / sft_flops,
+        },
+        "flop_phases_tflop": {m: {k: v / 1e12 for k, v in p.items()} for m, p in model.items()},
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    }
+    print(f"\nmeasured: EBFT step / SFT step = {figures['measured_ratio']:.2f}x "
+          f"({ebft['total']:.1f} s vs {sft_time:.1f} s), peak RSS {figures['peak_rss_gb']:.1f} GB")
+    print("FLOP model, EBFT step / SFT step: " + ", ".join(f"{k} {v:.1f}x" for k, v in figures["flop_ratio"].items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main()
