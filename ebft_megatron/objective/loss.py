@@ -74,10 +74,11 @@ def ebft_loss(logits, layout: BlockLayout, chunk, lengths, rollout_tokens, advan
     rl = -(advantages.to(logprobs.dtype)[..., None] * logprobs).mean(dim=(1, 2, 3))  # [B]
     ce = chunk_cross_entropy(logits, chunk, lengths)
     loss = settings.rl_coef * rl.mean() + settings.ce_coef * ce.mean()
-    return loss, {"loss": loss.detach(), "loss/rl": rl.mean().detach(), "loss/ce": ce.mean().detach(),
+    # clones: megatron's schedule divides the returned loss in place by the number of micro-batches
+    return loss, {"loss": loss.detach().clone(), "loss/rl": rl.mean().detach(), "loss/ce": ce.mean().detach(),
                   "rollout_logprob": logprobs.detach().mean()}
 
 
 def sft_loss(logits, chunk, lengths):
     ce = chunk_cross_entropy(logits, chunk, lengths).mean()
-    return ce, {"loss": ce.detach(), "loss/ce": ce.detach()}
+    return ce, {"loss": ce.detach().clone(), "loss/ce": ce.detach().clone()}

@@ -189,8 +189,11 @@ class Trainer:
                     f"(limit train.max_nonfinite_steps={c.train.max_nonfinite_steps}); stopping. Lower optimizer.lr, "
                     "check the data, or resume from the last checkpoint")
         self.step += 1
-        for key in experiences[0].metrics if c.objective.mode != "sft" else []:
-            metrics[key] = sum(e.metrics[key] for e in experiences) / len(experiences)
+        if c.objective.mode != "sft":
+            from ebft_megatron.training.step import mean_over_data_parallel
+
+            local = {key: sum(e.metrics[key] for e in experiences) / len(experiences) for key in experiences[0].metrics}
+            metrics.update(mean_over_data_parallel(local))
         elapsed = time.perf_counter() - started
         chunks = c.train.chunks_per_step
         metrics.update({"lr": self.optimizer.param_groups[0]["lr"], "step_time_s": elapsed,

@@ -106,4 +106,18 @@ def forward_backward(policy, micro_batches: list[MicroBatch], layout: BlockLayou
     averaged = None
     if ps.is_pipeline_last_stage():
         averaged = {key: float(sum(t[key] for t in terms) / len(terms)) for key in terms[0]}
-    return pipeline.broadcast_from_last_stage(averaged)
+    averaged = pipeline.broadcast_from_last_stage(averaged)
+    return mean_over_data_parallel(averaged)
+
+
+def mean_over_data_parallel(values: dict[str, float]) -> dict[str, float]:
+    """Each DP rank saw its own chunks; report the mean over all of them (same keys everywhere)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_world_size() == 1:
+        return values
+    keys = sorted(values)
+    packed = torch.tensor([values[key] for key in keys], dtype=torch.float64)
+    dist.all_reduce(packed, group=ps.get_data_parallel_group())
+    return {key: float(value) / ps.get_data_parallel_world_size() for key, value in zip(keys, packed)}

@@ -45,7 +45,8 @@ def sft_steps(checkpoint: Path, code: Path, save: Path, tp: int, pp: int, steps:
     start = trainer.step
     losses = {}
     while trainer.step < steps:
-        losses[trainer.step + 1] = trainer.train_step()["loss"]
+        loss = trainer.train_step()["loss"]  # (the step counter moves inside)
+        losses[trainer.step] = loss
         if trainer.step == save_at:
             trainer.save()
     return {"start": start, "losses": losses, "dp": trainer.info.dp_size}
