@@ -9,13 +9,15 @@ The reference's method (spec §1.5): for each of the n sample copies, G full for
 plus all blocks' tokens so far, dense block mask, logits only at the rows that are sampled.
 Ours: one prefill of the chunk (LM head on NB rows), then G-1 decode steps of n*NB tokens against
 the cached prefix. Both draw from the same random numbers, so they must produce the same tokens
-(checked and printed). Prints tokens/s, the ratio, peak RSS and the FLOP-model ratio.
+(checked and printed). Prints tokens/s, the ratio, peak RSS and the FLOP-model ratio, and where
+our engine's time went (prefill / decode forwards, their core attention and LM head, sampling).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -48,6 +50,88 @@ def flop_model(arch, layout, dense_decode: bool = False) -> dict:
         else:
             ours += n * sum(a + t for a in anchors) * per_pair
     return {"recompute": recompute, "ours": ours, "ratio": recompute / ours}
+
+
+class EnginePhases:
+    """Wall time of our engine by phase, measured in the timed run itself.
+
+    Wraps ``pipeline.forward`` and ``sample_tokens`` as the sampler module sees them, and times the
+    core attention and the LM head with forward hooks. Sampling runs inside a forward's reduce, so
+    it is subtracted from that forward. The wrappers and hooks cost microseconds per call (a few
+    hundred calls per chunk), negligible against the seconds measured.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "sampling": 0.0,
+                        "prefill_attention": 0.0, "decode_attention": 0.0, "lm_head": 0.0}
+
+    def _timed_module(self, module, name_of):
+        started = []
+
+        def before(mod, args, kwargs):
+            started.append(time.perf_counter())
+
+        def after(mod, args, kwargs, output):
+            name = name_of(kwargs)
+            if name is not None:
+                self.seconds[name] += time.perf_counter() - started.pop()
+            else:
+                started.pop()
+
+        return [module.register_forward_pre_hook(before, with_kwargs=True),
+                module.register_forward_hook(after, with_kwargs=True)]
+
+    def __enter__(self):
+        from ebft_megatron.models.attention import BlockAttentionParams
+        from ebft_megatron.rollouts import sampler as sampler_module
+
+        self._module = sampler_module
+        self._forward, self._draw = sampler_module.pipeline.forward, sampler_module.sample_tokens
+        seconds = self.seconds
+
+        def timed_forward(*args, block_params=None, **kwargs):
+            start, sampled = time.perf_counter(), seconds["sampling"]
+            try:
+                return self._forward(*args, block_params=block_params, **kwargs)
+            finally:
+                spent = time.perf_counter() - start - (seconds["sampling"] - sampled)
+                seconds[block_params.mode] = seconds.get(block_params.mode, 0.0) + spent
+
+        def timed_draw(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return self._draw(*args, **kwargs)
+            finally:
+                seconds["sampling"] += time.perf_counter() - start
+
+        def attention_phase(kwargs):
+            params = kwargs.get("packed_seq_params")
+            if isinstance(params, BlockAttentionParams) and params.mode in ("prefill", "decode"):
+                return params.mode + "_attention"
+            return None
+
+        sampler_module.pipeline.forward = timed_forward
+        sampler_module.sample_tokens = timed_draw
+        self._hooks = self._timed_module(self.model.output_layer, lambda kwargs: "lm_head")
+        for layer in self.model.decoder.layers:
+            self._hooks += self._timed_module(layer.self_attention.core_attention, attention_phase)
+        return self
+
+    def __exit__(self, *exc):
+        self._module.pipeline.forward, self._module.sample_tokens = self._forward, self._draw
+        for hook in self._hooks:
+            hook.remove()
+
+    def summary(self, total: float) -> dict:
+        s = self.seconds
+        return {
+            "prefill_forward": s["prefill"], "decode_forwards": s["decode"], "sampling": s["sampling"],
+            "other": total - s["prefill"] - s["decode"] - s["sampling"],
+            "of_which_prefill_core_attention": s["prefill_attention"],
+            "of_which_decode_core_attention": s["decode_attention"],
+            "of_which_lm_head": s["lm_head"],
+        }
 
 
 def main() -> None:
@@ -109,33 +193,45 @@ def main() -> None:
     uniforms = torch.rand(args.chunks, 1, layout.num_blocks, layout.num_samples, layout.rollout_len, generator=gen)
     generated = args.chunks * layout.num_rollout_tokens
 
-    def run(sampler):
-        start = time.perf_counter()
+    # Other jobs on a shared machine stretch wall time unevenly between the two timed runs (and so
+    # the ratio); the process CPU time and the 1-minute load average around each run show how much.
+    machine = {}
+
+    def run(sampler, name):
+        load_before = os.getloadavg()[0]
+        cpu_start, start = time.process_time(), time.perf_counter()
         outs = [sampler(model, layout, chunks[c], arch.vocab_size, settings, uniforms=uniforms[c]).tokens
                 for c in range(args.chunks)]
-        return time.perf_counter() - start, outs
+        seconds = time.perf_counter() - start
+        machine[name] = {"cpu_seconds": time.process_time() - cpu_start,
+                         "load_avg_1min_before_after": [load_before, os.getloadavg()[0]]}
+        return seconds, outs
 
     sample_rollouts(model, BlockLayout(2 * layout.first_anchor + layout.rollout_len, layout.first_anchor,
                                        layout.stride, layout.rollout_len, 1),
                     chunks[0][:, : 2 * layout.first_anchor + layout.rollout_len], arch.vocab_size, settings)  # warm-up
-    ours_s, ours_tokens = run(sample_rollouts)
+    with EnginePhases(model) as phases:
+        ours_s, ours_tokens = run(sample_rollouts, "ours")
     rss_after_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
         "settings": vars(args) | {"num_blocks": layout.num_blocks, "threads": torch.get_num_threads(),
                                   "layers": arch.num_layers},
         "ours_seconds": ours_s, "ours_tokens_per_s": generated / ours_s, "peak_rss_mb_after_ours": rss_after_ours,
+        "ours_seconds_by_phase": phases.summary(ours_s),
         "flops_real_pair_decode": flop_model(arch, layout), "flops_dense_decode": flop_model(arch, layout, True),
     }
     if not args.skip_recompute:
-        ref_s, ref_tokens = run(sample_rollouts_recompute)
+        ref_s, ref_tokens = run(sample_rollouts_recompute, "recompute")
         result.update({
             "recompute_seconds": ref_s, "recompute_tokens_per_s": generated / ref_s,
             "speedup": ref_s / ours_s,
+            "cpu_time_ratio": machine["recompute"]["cpu_seconds"] / machine["ours"]["cpu_seconds"],
             # the same random numbers drive both; a token can differ only where a uniform falls
             # within fp32 rounding of a CDF step (likelier with near-flat random weights)
             "same_token_fraction": float(torch.cat([(a == b).flatten() for a, b in zip(ours_tokens, ref_tokens)]).float().mean()),
             "peak_rss_mb_total": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         })
+    result["machine"] = machine
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
