@@ -21,6 +21,13 @@ block b attends to the chunk prefix x[:a_b] and to the earlier tokens of its own
 Prefix scores are computed for tiles of consecutive blocks against keys [0, a_last) of the tile,
 so the masked-out work is only the staircase inside a tile; the prefix and own-block scores are
 concatenated and normalised by one softmax, which keeps it exact and differentiable.
+
+Decode steps under no-grad on CPU take a fused path instead (:func:`decode_attention`): torch's
+CPU flash-attention kernel returns each row's log-sum-exp next to its output, so the prefix
+attention (per tile, staircase as a cached additive mask) and the own-block attention run as two
+kernels that never write their score matrices to memory, and are merged exactly by their
+log-sum-exps. The score copies, concatenation and masking of the generic path cost more than
+its matmuls at decode shapes (a few query rows per block against up to P keys).
 """
 
 from __future__ import annotations
@@ -40,6 +47,14 @@ from ebft_megatron.rollouts.layout import BlockLayout
 # the wasted work per query is about (TILE_BLOCKS - 1) * stride / 2 keys out of an average P / 2.
 TILE_BLOCKS = 8
 
+# Decode fast path: (block, sample) query rows per prefix tile (each row carries the query heads of
+# one KV head in the kernel's batch dimension). Fewer rows waste less of the staircase; more rows
+# mean fewer kernel calls and larger matmuls inside the kernel. 64 was fastest at P=1024, n=4.
+DECODE_TILE_ROWS = 64
+
+# Returns (output, logsumexp); absent from old or non-CPU builds, where decode uses the generic path.
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
 
 @dataclass
 class RolloutKVCache:
@@ -50,6 +65,9 @@ class RolloutKVCache:
     """
 
     layers: dict = field(default_factory=dict)
+    # decode fast path: prefix tiles with their additive staircase masks, built at the first decode
+    # call and reused by every layer and step (key: layout, dtype, device)
+    decode_tiles: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -127,6 +145,76 @@ def rollout_attention(q, k_prefix, v_prefix, k_own, v_own, anchors, own_allowed,
     return torch.cat(outputs, dim=2)
 
 
+def decode_tiles(anchors, num_samples, tile_rows, dtype, device):
+    """Prefix tiles for :func:`decode_attention`: (first row, end row, key_len, additive mask).
+
+    Rows are (block, sample) pairs in block-major order; a tile of whole blocks sees keys
+    [0, a_last) and its mask [rows, key_len] is -inf where a key lies at or beyond the row's own
+    anchor (None when the tile holds a single block, which needs no mask).
+    """
+    blocks_per_tile = max(1, tile_rows // num_samples)
+    tiles = []
+    for start in range(0, len(anchors), blocks_per_tile):
+        stop = min(start + blocks_per_tile, len(anchors))
+        key_len = int(anchors[stop - 1])
+        mask = None
+        if stop - start > 1:
+            tile_anchors = torch.as_tensor(anchors[start:stop], device=device)
+            hidden = torch.arange(key_len, device=device)[None, :] >= tile_anchors[:, None]
+            mask = torch.zeros(stop - start, key_len, dtype=dtype, device=device)
+            mask = mask.masked_fill_(hidden, float("-inf")).repeat_interleave(num_samples, dim=0)
+        tiles.append((start * num_samples, stop * num_samples, key_len, mask))
+    return tiles
+
+
+def decode_attention(query, chunk_k, chunk_v, own_k, own_v, tiles, scale):
+    """One decode step of real-pair attention, no grad, on the CPU flash kernel.
+
+    query:    [R, B, H, d]          R = NB*n rows in (block, sample) order (as megatron hands them)
+    chunk_k:  [B, Hkv, P, d]        cached chunk keys/values (after RoPE)
+    own_k:    [R, B, Hkv, T, d]     each row's own rollout keys so far (the current one included)
+    tiles:    :func:`decode_tiles`
+    returns   [R, B, H*d]
+
+    The own-block attention and each prefix tile give an output and its row log-sum-exp; the
+    exact merge of two softmax-weighted averages over disjoint key sets is
+    out = out_own + sigmoid(lse_prefix - lse_own) * (out_prefix - out_own), one in-place lerp.
+    Nothing is copied on the way in: the own call takes the rows as its batch; the prefix calls
+    take the query heads of a KV head as their batch, against the same keys expanded with stride 0,
+    so the kernel's rows are the (block, sample) pairs of one query head.
+    """
+    R, B, H, d = query.shape
+    Hkv = chunk_k.shape[1]
+    rep = H // Hkv
+    T = own_k.shape[-2]
+    out, own_lse = _flash_cpu(
+        query.reshape(R * B, Hkv, rep, d),  # views for megatron's contiguous query
+        own_k.reshape(R * B, Hkv, T, d), own_v.reshape(R * B, Hkv, T, d),
+        scale=scale,
+    )  # [R*B, Hkv, rep, d] (contiguous), [R*B, Hkv, rep] (strided)
+    q_heads = query.reshape(R, B * Hkv, rep, d).permute(2, 1, 0, 3)  # [rep, B*Hkv, R, d]
+    P = chunk_k.shape[2]
+    keys = chunk_k.reshape(1, B * Hkv, P, d).expand(rep, -1, -1, -1)
+    values = chunk_v.reshape(1, B * Hkv, P, d).expand(rep, -1, -1, -1)
+    outs, lses = [], []
+    for row_start, row_stop, key_len, mask in tiles:
+        tile_out, tile_lse = _flash_cpu(
+            q_heads[:, :, row_start:row_stop], keys[:, :, :key_len], values[:, :, :key_len],
+            attn_mask=mask, scale=scale,
+        )  # [rep, B*Hkv, rows, d], [rep, B*Hkv, rows]
+        outs.append(tile_out)
+        lses.append(tile_lse)
+    # one merge for all tiles: each op is a parallel region, and on a busy machine every region
+    # can wait for a descheduled thread, so a few larger ops beat many small ones
+    prefix_out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    prefix_lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
+    prefix_out = prefix_out.permute(2, 1, 0, 3).unflatten(1, (B, Hkv))  # [R, B, Hkv, rep, d]
+    prefix_lse = prefix_lse.permute(2, 1, 0).unflatten(1, (B, Hkv))  # [R, B, Hkv, rep]
+    weight = torch.sigmoid(prefix_lse - own_lse.unflatten(0, (R, B))).unsqueeze(-1)
+    out = out.view(R, B, Hkv, rep, d).lerp_(prefix_out, weight.to(out.dtype))
+    return out.view(R, B, H * d)
+
+
 class BlockCoreAttention(MegatronModule):
     """Drop-in ``core_attention`` submodule (same constructor as megatron's DotProductAttention)."""
 
@@ -192,24 +280,39 @@ class BlockCoreAttention(MegatronModule):
             params.cache.layers[self.layer_number] = {
                 "chunk_k": k.contiguous(),
                 "chunk_v": v.contiguous(),
-                "rollout_k": k.new_zeros(B, Hkv, NB, n, G, d),
-                "rollout_v": v.new_zeros(B, Hkv, NB, n, G, d),
+                # (block, sample, batch) first: a decode step's keys are written without a
+                # permute, and each row's own keys are a view for the fused decode path. Left
+                # uninitialised: step t reads slots [0, t], all written by then (zero-filling
+                # cost 2 x 3 MB per layer per chunk at SmolLM2 size).
+                "rollout_k": k.new_empty(NB, n, B, Hkv, G, d),
+                "rollout_v": v.new_empty(NB, n, B, Hkv, G, d),
             }
             return _sbh(causal_attention(q, k, v, scale))
 
         if params.mode == "decode":
             t = params.step
             cache = params.cache.layers[self.layer_number]
-            # [NB*n, B, h, d] in (block, sample) order -> [B, h, NB, n, d]
-            new_k = key.view(NB, n, B, Hkv, d).permute(2, 3, 0, 1, 4)
-            new_v = value.view(NB, n, B, Hkv, d).permute(2, 3, 0, 1, 4)
-            cache["rollout_k"][:, :, :, :, t] = new_k
-            cache["rollout_v"][:, :, :, :, t] = new_v
+            # [NB*n, B, h, d] in (block, sample) order, as the cache's leading dims
+            cache["rollout_k"][:, :, :, :, t] = key.view(NB, n, B, Hkv, d)
+            cache["rollout_v"][:, :, :, :, t] = value.view(NB, n, B, Hkv, d)
+            own_k = cache["rollout_k"][..., : t + 1, :]  # [NB, n, B, Hkv, t+1, d]
+            own_v = cache["rollout_v"][..., : t + 1, :]
+            if _flash_cpu is not None and query.device.type == "cpu" and not torch.is_grad_enabled():
+                tiles_key = (layout, query.dtype, query.device)
+                tiles = params.cache.decode_tiles.get(tiles_key)
+                if tiles is None:
+                    tiles = decode_tiles(anchors, n, DECODE_TILE_ROWS, query.dtype, query.device)
+                    params.cache.decode_tiles[tiles_key] = tiles
+                return decode_attention(
+                    query, cache["chunk_k"], cache["chunk_v"],
+                    own_k.reshape(NB * n, B, Hkv, t + 1, d), own_v.reshape(NB * n, B, Hkv, t + 1, d),
+                    tiles, scale,
+                )
             q = query.view(NB, n, B, Hkv, rep, 1, d).permute(2, 3, 0, 4, 1, 5, 6)
             own_allowed = torch.ones(1, t + 1, dtype=torch.bool, device=query.device)
             out = rollout_attention(
                 q, cache["chunk_k"], cache["chunk_v"],
-                cache["rollout_k"][..., : t + 1, :], cache["rollout_v"][..., : t + 1, :],
+                own_k.permute(2, 3, 0, 1, 4, 5), own_v.permute(2, 3, 0, 1, 4, 5),
                 anchors, own_allowed, scale,
             )  # [B, Hkv, NB, rep, n, 1, d]
             return out.permute(2, 4, 5, 0, 1, 3, 6).reshape(NB * n, B, H * d)

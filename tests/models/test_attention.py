@@ -103,23 +103,61 @@ def test_packed_equals_dense_forward_and_backward(core, settings):
     assert packed[2][: layout.chunk_len].abs().sum() > 0
 
 
+# Decode paths: the fused no-grad path (CPU flash kernel + log-sum-exp merge) with prefix tiles of
+# one block, of a few blocks (several tiles and a partial last one) and of the production size
+# (usually one tile here); and the generic path, which decode takes when grad is enabled.
+DECODE_PATHS = {"fused-rows1": 1, "fused-rows5": 5, "fused-default": None, "generic": "generic"}
+
+
+@pytest.mark.parametrize("path", DECODE_PATHS, ids=list(DECODE_PATHS))
 @pytest.mark.parametrize("settings", LAYOUTS, ids=IDS)
-def test_prefill_then_decode_reproduces_packed(core, settings):
+def test_prefill_then_decode_reproduces_packed(core, settings, path, monkeypatch):
     layout = BlockLayout(*settings)
     P, NB, n, G = layout.chunk_len, layout.num_blocks, layout.num_samples, layout.rollout_len
     q, k, v = _qkv(layout.packed_len, seed=4)
+    tile_rows = DECODE_PATHS[path]
+    fused_calls = []
+    if tile_rows != "generic":
+        assert attention_module._flash_cpu is not None, "this torch build lacks the CPU flash kernel"
+        if tile_rows is not None:
+            monkeypatch.setattr(attention_module, "DECODE_TILE_ROWS", tile_rows)
+        fused = attention_module.decode_attention
+        monkeypatch.setattr(attention_module, "decode_attention",
+                            lambda *a, **kw: fused_calls.append(1) or fused(*a, **kw))
     with torch.no_grad():
         packed = _packed(core, q, k, v, layout)
         cache = RolloutKVCache()
         prefill = core(q[:P], k[:P], v[:P], None,
                        packed_seq_params=BlockAttentionParams(layout=layout, mode="prefill", cache=cache))
         torch.testing.assert_close(prefill, packed[:P], **TOL)
-        for t in range(G):
-            rows = torch.tensor([layout.rollout_index(b, i, t) for b in range(NB) for i in range(n)])
-            params = BlockAttentionParams(layout=layout, mode="decode", cache=cache, step=t)
+        # the rollout slots are allocated uninitialised: a step must read only slots written so far
+        for layer in cache.layers.values():
+            layer["rollout_k"].fill_(float("nan"))
+            layer["rollout_v"].fill_(float("nan"))
+    for t in range(G):
+        rows = torch.tensor([layout.rollout_index(b, i, t) for b in range(NB) for i in range(n)])
+        params = BlockAttentionParams(layout=layout, mode="decode", cache=cache, step=t)
+        with torch.set_grad_enabled(tile_rows == "generic"):
             out = core(q[rows], k[rows], v[rows], None, packed_seq_params=params)
-            assert tuple(out.shape) == (NB * n, B, H * D)
-            torch.testing.assert_close(out, packed[rows], **TOL, msg=lambda m, t=t: f"step {t}: {m}")
+        assert tuple(out.shape) == (NB * n, B, H * D)
+        torch.testing.assert_close(out, packed[rows], **TOL, msg=lambda m, t=t: f"step {t}: {m}")
+    # the intended path ran: fused on every step, or never
+    assert len(fused_calls) == (0 if tile_rows == "generic" else G)
+
+
+def test_decode_tiles_cover_rows_and_mask_the_staircase():
+    anchors = [2, 5, 8, 11, 14]
+    n = 3
+    tiles = attention_module.decode_tiles(anchors, n, 7, torch.float32, torch.device("cpu"))
+    # 7 rows -> 2 whole blocks (6 rows) per tile; the last tile holds one block and needs no mask
+    assert [(a, b, L) for a, b, L, _ in tiles] == [(0, 6, 5), (6, 12, 11), (12, 15, 14)]
+    assert tiles[-1][3] is None
+    for row_start, row_stop, key_len, mask in tiles[:-1]:
+        assert tuple(mask.shape) == (row_stop - row_start, key_len)
+        for row in range(row_start, row_stop):
+            visible = torch.arange(key_len) < anchors[row // n]
+            expected = torch.where(visible, 0.0, float("-inf"))
+            assert torch.equal(mask[row - row_start], expected)
 
 
 def test_decode_does_not_see_other_samples_or_later_steps(core):
