@@ -14,6 +14,9 @@ def quiet_imports() -> None:
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(megatron|torch\.distributed)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # megatron's distributed optimizer zeroes the grads of its fp32 shard views, which are not leaves
+    warnings.filterwarnings("ignore", message=".*grad attribute of a Tensor that is not a leaf.*")
+    os.environ.setdefault("WANDB_SILENT", "true")  # keep the console to our progress lines
 
 
 class UsageError(ValueError):

@@ -267,8 +267,21 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
                               f"{', '.join(SECTIONS)} (e.g. train.steps=10)")
         raw.setdefault(section, {})[name] = value
     config = Config(**{name: _build_section(name, raw.get(name, {}), where) for name in SECTIONS})
+    _expand_user_paths(config)
     validate(config, where)
     return config
+
+
+def _expand_user_paths(config: Config) -> None:
+    """``~`` in path settings means the home folder, as in a shell."""
+    import os
+
+    for section, name in (("model", "load"), ("model", "feature_load"), ("train", "save"), ("data", "path"),
+                          ("data", "eval_path")):
+        holder = getattr(config, section)
+        value = getattr(holder, name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(holder, name, os.path.expanduser(value))
 
 
 def validate(config: Config, where: str = "config") -> None:

