@@ -1,0 +1,80 @@
+"""Evaluate a checkpoint: validation CE (whole chunk, and response-only for prompt/response data)
+and the conditional feature-matching loss as a function of completion length (CSV + PNG).
+
+  python -m ebft_megatron.evaluate --load runs/ebft_smollm2_stdlib/step_000004 --out eval_out
+  torchrun --nproc_per_node=2 -m ebft_megatron.evaluate --load CKPT --config examples/X.yaml parallel.pp=2
+
+The data, rollout and eval settings come from --config and overrides (the trainer's sections;
+see `python -m ebft_megatron.train --help`); --load replaces model.load. The feature network is
+model.feature_load, or else the evaluated checkpoint itself: pass the base model's checkpoint as
+model.feature_load to measure a trained policy against the original features, as in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m ebft_megatron.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="checkpoint folder to evaluate")
+    parser.add_argument("--out", required=True, help="folder for metrics.json, cfm_by_length.csv and .png")
+    parser.add_argument("--config", help="YAML with the trainer's sections (data, rollout, eval, parallel)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="settings that replace the file's")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ebft_megatron.cli import run_cli
+
+    def job():
+        import torch
+
+        from ebft_megatron import evaluation
+        from ebft_megatron.checkpoint import store
+        from ebft_megatron.config import layout_of, load_config
+        from ebft_megatron.data.dataset import load_chunks
+        from ebft_megatron.data.packing import check_tokenizer_matches
+        from ebft_megatron.data.tokenizers import Tokenizer
+        from ebft_megatron.features.network import load_feature_network
+        from ebft_megatron.models.gpt import build_model
+        from ebft_megatron.rollouts.sampler import SamplingSettings, rollout_generator
+        from ebft_megatron.runtime import distributed
+
+        config = load_config(args.config, [*args.overrides, f"model.load={args.load}"])
+        arch = store.architecture_of(config.model.load)
+        arch.check_parallel(config.parallel.tp, config.parallel.pp)
+        distributed.initialize(config.parallel.tp, config.parallel.pp, seed=config.train.seed)
+        try:
+            info = distributed.parallel_info()
+            dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
+            tokenizer = Tokenizer(f"{config.model.load}/tokenizer")
+            check_tokenizer_matches(tokenizer, arch.vocab_size, f"{config.model.load}/tokenizer")
+            chunks = load_chunks(config.data, tokenizer, config.rollout.chunk_len, "validation",
+                                 verbose=distributed.is_rank0())
+            policy = build_model(arch, params_dtype=dtype)
+            store.load_model_weights(policy, config.model.load)
+            features = load_feature_network(config.model.feature_load or config.model.load,
+                                             config.model.feature_layers or None, dtype)
+            first = lambda count: chunks.select(range(min(len(chunks.tokens), count))) if count else chunks  # noqa: E731
+            ce = evaluation.validation_ce(policy, first(config.eval.ce_chunks), micro_batch_size=config.train.micro_batch)
+            curve = evaluation.feature_matching_by_length(
+                policy, features, layout_of(config), first(max(config.eval.cfm_chunks, 1)), arch.vocab_size,
+                SamplingSettings(config.eval.temperature, config.rollout.top_p),
+                rollout_generator(config.train.seed + 17, info.dp_rank), pooling=config.objective.pooling,
+                micro_batch_size=config.train.micro_batch)
+            evaluation.write_report(args.out, ce, curve)
+            if distributed.is_rank0():
+                print(json.dumps(evaluation.Evaluation(ce, curve).metrics(), indent=1))
+        finally:
+            distributed.destroy()
+
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
