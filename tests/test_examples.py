@@ -1,0 +1,102 @@
+"""Every config in examples/ loads, and the parallel layouts the GPU configs state fit their models.
+
+The configs point model.load at checkpoints that do not exist here (load_config does not open it),
+so the model side is checked against the public architecture numbers of the named models below,
+through the same ModelArchitecture.check_parallel the trainer runs before building anything.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from ebft_megatron.config import load_config
+from ebft_megatron.models.architecture import ModelConfigError, from_hf_config
+from ebft_megatron.rollouts.layout import BlockLayout
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
+
+
+def hf_config(arch, hidden, heads, kv_heads, ffn, layers, vocab, tied):
+    return {"architectures": [arch], "hidden_size": hidden, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "intermediate_size": ffn, "num_hidden_layers": layers,
+            "vocab_size": vocab, "tie_word_embeddings": tied}
+
+
+# config file -> (the model's config.json essentials, the GPUs the config is written for, the
+# parameter count its comments reason with, in billions)
+NAMED = {
+    "ebft_qwen2.5_1.5b.yaml": (hf_config("Qwen2ForCausalLM", 1536, 12, 2, 8960, 28, 151936, True), 8, 1.54),
+    "ebft_qwen2.5_7b.yaml": (hf_config("Qwen2ForCausalLM", 3584, 28, 4, 18944, 28, 152064, False), 8, 7.6),
+    "ebft_70b_tp8pp4.yaml": (hf_config("LlamaForCausalLM", 8192, 64, 8, 28672, 80, 128256, False), 32, 70.6),
+    "ebft_translation_llama3.2_1b.yaml": (hf_config("LlamaForCausalLM", 2048, 32, 8, 8192, 16, 128256, True), 8, 1.24),
+    "ebft_smollm2_stdlib.yaml": (hf_config("LlamaForCausalLM", 576, 9, 3, 1536, 30, 49152, True), 2, 0.135),
+}
+GPU_CONFIGS = [name for name in NAMED if name != "ebft_smollm2_stdlib.yaml"]
+
+
+def parameters(arch) -> float:
+    """Parameters in billions (the memory estimates in the configs' comments start from these)."""
+    h, q, kv = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
+    layer = 2 * h * q + 2 * h * kv + 3 * h * arch.ffn_hidden_size + 2 * h + ((q + 2 * kv) if arch.qkv_bias else 0)
+    embeddings = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
+    return (arch.num_layers * layer + embeddings + h) / 1e9
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_with_a_valid_rollout_layout(path):
+    config = load_config(path)
+    r = config.rollout
+    layout = BlockLayout(r.chunk_len, r.first_anchor, r.stride, r.rollout_len, r.num_samples)
+    assert layout.num_blocks >= 1
+    assert config.model.load
+
+
+def test_every_named_config_exists():
+    assert set(NAMED) <= {p.name for p in CONFIGS}
+
+
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_layout_fits_the_named_model(name):
+    model, gpus, billions = NAMED[name]
+    config = load_config(EXAMPLES / name)
+    arch = from_hf_config(model, source=name)
+    tp, pp = config.parallel.tp, config.parallel.pp
+    arch.check_parallel(tp, pp)  # heads, KV heads, FFN and padded vocabulary divide by TP; layers by PP
+    assert gpus % (tp * pp) == 0
+    dp = gpus // (tp * pp)
+    # the trainer refuses a step that does not split evenly over data-parallel ranks and micro-batches
+    assert config.train.chunks_per_step % (dp * config.train.micro_batch) == 0
+    assert abs(parameters(arch) - billions) / billions < 0.01
+
+
+def test_stated_tensor_parallel_limits():
+    """What the comments claim: Qwen2.5-7B allows TP 1, 2 or 4 (4 KV heads), the 70B layout TP <= 8."""
+    qwen7b = from_hf_config(NAMED["ebft_qwen2.5_7b.yaml"][0])
+    for tp in (1, 2, 4):
+        qwen7b.check_parallel(tp, 1)
+    with pytest.raises(ModelConfigError, match="num_key_value_heads=4"):
+        qwen7b.check_parallel(8, 1)
+    llama70b = from_hf_config(NAMED["ebft_70b_tp8pp4.yaml"][0])
+    with pytest.raises(ModelConfigError, match="num_key_value_heads=8"):
+        llama70b.check_parallel(16, 4)
+    assert llama70b.num_layers // 4 == 20
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_gpu_configs_use_the_paper_settings(name):
+    c = load_config(EXAMPLES / name)
+    translation = "translation" in name
+    assert c.model.dtype == "bfloat16"
+    assert c.model.load.startswith("checkpoints/")
+    assert "convert_checkpoint.py hf-to-mcore" in (EXAMPLES / name).read_text()
+    r = c.rollout
+    assert (r.chunk_len, r.num_samples, r.temperature, r.top_p) == (1024, 4, 0.6, 1.0)
+    assert (r.first_anchor, r.stride, r.rollout_len) == ((4, 2, 4) if translation else (8, 8, 8))
+    o = c.objective
+    assert (o.mode, o.alignment_coef, o.diversity_coef, o.ce_coef, o.rl_coef, o.whiten) == ("ebft", 1.0, 0.5, 0.03, 1.0, True)
+    assert o.pooling == ("mean" if translation else "last_token")
+    opt = c.optimizer
+    assert (opt.lr, opt.schedule, opt.warmup_fraction, opt.adam_beta1, opt.adam_beta2, opt.weight_decay,
+            opt.clip_grad) == (1e-6, "constant", 0.03, 0.9, 0.95, 0.0, 1.0)
+    assert (c.train.chunks_per_step, c.train.seed) == (16, 43)
