@@ -57,7 +57,8 @@ def main() -> None:
     from ebft_megatron.runtime import distributed
     from ebft_megatron.training import flops
     from ebft_megatron.training.loop import _policy_config_overrides
-    from ebft_megatron.training.optimizer import OptimizerSettings, build_optimizer, wrap_ddp
+    from ebft_megatron.config import OptimizerSettings
+    from ebft_megatron.training.optimizer import build_optimizer, wrap_ddp
     from ebft_megatron.training.step import MicroBatch, forward_backward, make_experience
 
     distributed.initialize(1, 1, seed=43)

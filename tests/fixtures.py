@@ -74,3 +74,16 @@ def hf_logits(hf_dir: str | Path, tokens, position_ids=None, attention_mask=None
 
 def write_json(path: str | Path, data) -> None:
     Path(path).write_text(json.dumps(data, indent=2))
+
+
+def load_megatron_model(ckpt):
+    """(model, architecture) of a converted checkpoint, single process (TP1, PP1)."""
+    from ebft_megatron.checkpoint import store
+    from ebft_megatron.models.gpt import build_model
+    from ebft_megatron.runtime import distributed
+
+    distributed.initialize(1, 1)
+    arch = store.architecture_of(ckpt)
+    model = build_model(arch)
+    store.load_model_weights(model, ckpt)
+    return model, arch

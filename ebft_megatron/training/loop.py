@@ -46,7 +46,7 @@ class Trainer:
         from ebft_megatron.models.gpt import build_model
         from ebft_megatron.rollouts.sampler import rollout_generator
         from ebft_megatron.training.logging import MetricsLogger
-        from ebft_megatron.training.optimizer import OptimizerSettings, build_optimizer, wrap_ddp
+        from ebft_megatron.training.optimizer import build_optimizer, wrap_ddp
 
         self.config = c = config
         distributed.initialize(c.parallel.tp, c.parallel.pp, seed=c.train.seed)
@@ -84,10 +84,7 @@ class Trainer:
         store.load_model_weights(self.policy, self.source)
         self.ddp = wrap_ddp(self.policy, c.optimizer.distributed)
         o = c.optimizer
-        self.optimizer = build_optimizer(self.ddp, OptimizerSettings(
-            lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-            use_distributed_optimizer=o.distributed), self.params_dtype)
+        self.optimizer = build_optimizer(self.ddp, o, self.params_dtype)
         self.scheduler = self._scheduler()
         feature_source = c.model.feature_load or c.model.load
         self.feature_model = load_feature_network(feature_source, c.model.feature_layers or None, self.params_dtype)

@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class OptimizerSettings:
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True
+from ebft_megatron.config import OptimizerSettings
 
 
 def wrap_ddp(model, use_distributed_optimizer: bool = True):
@@ -36,12 +24,13 @@ def wrap_ddp(model, use_distributed_optimizer: bool = True):
 
 
 def build_optimizer(ddp_model, settings: OptimizerSettings, params_dtype=torch.float32):
+    """megatron's Adam over the DDP model; ``settings.distributed`` shards its state over DP."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(
         optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
         adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
-        clip_grad=settings.clip_grad, use_distributed_optimizer=settings.use_distributed_optimizer,
+        clip_grad=settings.clip_grad, use_distributed_optimizer=settings.distributed,
         bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
     )
     return get_megatron_optimizer(config, [ddp_model])

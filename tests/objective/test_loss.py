@@ -13,16 +13,9 @@ from ebft_megatron.rollouts.layout import BlockLayout
 
 @pytest.fixture(scope="module")
 def policy(tiny_models):
-    from ebft_megatron.checkpoint import store
-    from ebft_megatron.models.gpt import build_model
-    from ebft_megatron.runtime import distributed
+    from tests.fixtures import load_megatron_model
 
-    distributed.initialize(1, 1)
-    ckpt = tiny_models["qwen2"][1]
-    arch = store.architecture_of(ckpt)
-    model = build_model(arch)
-    store.load_model_weights(model, ckpt)
-    return model, arch
+    return load_megatron_model(tiny_models["qwen2"][1])
 
 
 def grads_of(model):

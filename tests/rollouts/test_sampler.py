@@ -20,16 +20,9 @@ EDGE_LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def model(tiny_models):
-    from ebft_megatron.checkpoint import store
-    from ebft_megatron.models.gpt import build_model
-    from ebft_megatron.runtime import distributed
+    from tests.fixtures import load_megatron_model
 
-    distributed.initialize(1, 1)
-    ckpt = tiny_models["qwen2"][1]
-    arch = store.architecture_of(ckpt)
-    net = build_model(arch)
-    store.load_model_weights(net, ckpt)
-    return net, arch
+    return load_megatron_model(tiny_models["qwen2"][1])
 
 
 def _logits(net, arch):
