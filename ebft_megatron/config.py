@@ -131,6 +131,8 @@ class TrainSettings:
     # wandb: disabled, offline (files under train.save/wandb) or online.
     wandb: str = "offline"
     wandb_project: str = "ebft_megatron"
+    # Peak dense TFLOP/s of one GPU in the training dtype, for the logged MFU (989 = H100 SXM bf16).
+    peak_tflops: float = 989.0
 
 
 @dataclass
@@ -325,6 +327,9 @@ def validate(config: Config, where: str = "config") -> None:
         fail(f"rollout.temperature must be > 0 for mode {o.mode} (rollout log-probs use logits / T), got {r.temperature}")
     if o.mode != "sft" and r.num_samples < 2:
         fail(f"rollout.num_samples must be at least 2 for mode {o.mode} (the leave-one-out baseline needs a sibling)")
+    if config.data.document_masking:
+        fail("data.document_masking=true is not supported yet: attention crosses document boundaries inside a "
+             "chunk, as in the paper's configs; set it to false")
     try:
         BlockLayout(r.chunk_len, r.first_anchor, r.stride, r.rollout_len, r.num_samples)
     except LayoutError as err:

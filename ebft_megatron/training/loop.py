@@ -196,7 +196,20 @@ class Trainer:
         metrics.update({"lr": self.optimizer.param_groups[0]["lr"], "step_time_s": elapsed,
                         "rollout_time_s": rollout_time, "skipped_steps": self.skipped_steps,
                         "tokens_per_s": chunks * c.rollout.chunk_len / elapsed})
+        if torch.cuda.is_available():  # MFU: model FLOPs of the step over what the GPUs could do
+            import torch.distributed as dist
+
+            metrics["mfu"] = chunks * self._flops_per_chunk() / elapsed / (dist.get_world_size() * c.train.peak_tflops * 1e12)
         return metrics
+
+    def _flops_per_chunk(self) -> float:
+        from ebft_megatron.training import flops
+
+        cost = flops.CostModel.of(self.arch)
+        if self.config.objective.mode == "sft":
+            return flops.sft_step(cost, self.config.rollout.chunk_len)
+        deepest = max(self.feature_model.feature_layers)
+        return flops.ebft_step(cost, self.layout, "ours", deepest)["total"]
 
     # --- evaluation and saving ----------------------------------------------------------------
     def evaluate(self, tag: str) -> dict:
