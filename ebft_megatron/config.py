@@ -36,6 +36,11 @@ class ModelSettings:
     dtype: str = "float32"
     # Activation recompute for the policy's backward: none, selective (core attention) or full.
     recompute: str = "selective"
+    # FP8 training of the policy through Transformer Engine (GPU): none, delayed, tensorwise, blockwise
+    # or mxfp8 (the last two need hardware that supports them). Needs model.dtype=bfloat16.
+    fp8: str = "none"
+    # Run the frozen feature network in FP8 too (with model.fp8's recipe); otherwise bf16/fp32.
+    feature_fp8: bool = False
 
 
 @dataclass
@@ -298,6 +303,7 @@ def validate(config: Config, where: str = "config") -> None:
         fail("model.load is required: a checkpoint folder (tools/convert_checkpoint.py converts a Hugging Face model)")
     choices = {"model.dtype": (m.dtype, ("float32", "bfloat16")),
                "model.recompute": (m.recompute, ("none", "selective", "full")),
+               "model.fp8": (m.fp8, ("none", "delayed", "tensorwise", "blockwise", "mxfp8")),
                "objective.mode": (o.mode, ("ebft", "sft", "rlvr")),
                "objective.pooling": (o.pooling, ("last_token", "mean")),
                "optimizer.schedule": (opt.schedule, ("constant", "cosine")),
@@ -327,6 +333,10 @@ def validate(config: Config, where: str = "config") -> None:
         fail(f"rollout.temperature must be > 0 for mode {o.mode} (rollout log-probs use logits / T), got {r.temperature}")
     if o.mode != "sft" and r.num_samples < 2:
         fail(f"rollout.num_samples must be at least 2 for mode {o.mode} (the leave-one-out baseline needs a sibling)")
+    if m.fp8 != "none" and m.dtype != "bfloat16":
+        fail(f"model.fp8={m.fp8} needs model.dtype=bfloat16 (FP8 GEMMs keep bf16 weights and activations)")
+    if m.feature_fp8 and m.fp8 == "none":
+        fail("model.feature_fp8=true needs an FP8 recipe in model.fp8")
     if config.data.document_masking:
         fail("data.document_masking=true is not supported yet: attention crosses document boundaries inside a "
              "chunk, as in the paper's configs; set it to false")

@@ -70,3 +70,21 @@ def test_train_cli_help_lists_every_setting_and_errors_are_one_line(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == ["error: command line: train.steps: expected an integer, got 'x'"]
+
+
+def test_fp8_settings_are_checked_and_need_transformer_engine(tiny_models, tmp_path):
+    import torch
+
+    from ebft_megatron.models.architecture import ModelConfigError
+    from ebft_megatron.models.gpt import fp8_overrides
+
+    with pytest.raises(ConfigError, match="model.fp8=delayed needs model.dtype=bfloat16"):
+        load_config(None, ["model.load=/ckpt", "model.fp8=delayed"])
+    with pytest.raises(ConfigError, match="model.fp8: 'e5m2' is not one of"):
+        load_config(None, ["model.load=/ckpt", "model.fp8=e5m2", "model.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="feature_fp8=true needs an FP8 recipe"):
+        load_config(None, ["model.load=/ckpt", "model.feature_fp8=true"])
+    assert fp8_overrides("none") == {}
+    if not torch.cuda.is_available():  # CPU (CI): the error says what to install
+        with pytest.raises(ModelConfigError, match=r"needs Transformer Engine and a GPU.*pip install -e '\.\[gpu\]'"):
+            fp8_overrides("tensorwise")

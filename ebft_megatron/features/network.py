@@ -55,13 +55,14 @@ def check_feature_layers(feature_layers: Sequence[int], num_layers: int) -> tupl
     return tuple(sorted(layers))
 
 
-def build_feature_network(arch, feature_layers: Sequence[int], params_dtype=torch.float32, use_te=None):
+def build_feature_network(arch, feature_layers: Sequence[int], params_dtype=torch.float32, use_te=None,
+                          **config_overrides):
     """This rank's stage of the frozen feature network, full depth (weights still to be loaded;
     call :func:`truncate` after loading)."""
     from ebft_megatron.models.gpt import build_model
 
     layers = check_feature_layers(feature_layers, arch.num_layers)
-    model = build_model(arch, params_dtype=params_dtype, use_te=use_te, post_process=False)
+    model = build_model(arch, params_dtype=params_dtype, use_te=use_te, post_process=False, **config_overrides)
     for param in model.parameters():
         param.requires_grad_(False)
     model.eval()
@@ -82,13 +83,14 @@ def truncate(model) -> None:
     model.decoder.num_layers_per_pipeline_rank = len(kept)
 
 
-def load_feature_network(checkpoint, feature_layers: Optional[Sequence[int]] = None, params_dtype=torch.float32):
+def load_feature_network(checkpoint, feature_layers: Optional[Sequence[int]] = None, params_dtype=torch.float32,
+                         **config_overrides):
     """Build, load (from a checkpoint folder, ``checkpoint.store``) and truncate the feature network."""
     from ebft_megatron.checkpoint import store
 
     arch = store.architecture_of(checkpoint)
     layers = feature_layers or arch.default_feature_layers()
-    model = build_feature_network(arch, layers, params_dtype)
+    model = build_feature_network(arch, layers, params_dtype, **config_overrides)
     store.load_model_weights(model, checkpoint)
     truncate(model)
     return model

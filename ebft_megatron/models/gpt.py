@@ -76,6 +76,23 @@ def transformer_config(arch: ModelArchitecture, tp: int, pp: int, params_dtype=t
     return TransformerConfig(**kwargs)
 
 
+FP8_INSTALL_HINT = ("install Transformer Engine on a CUDA machine: pip install -e '.[gpu]' "
+                    "(transformer-engine[pytorch], built against your CUDA torch)")
+
+
+def fp8_overrides(recipe: str) -> dict:
+    """TransformerConfig settings for an FP8 recipe; a clear error where TE or CUDA is missing."""
+    if recipe == "none":
+        return {}
+    if not transformer_engine_available():
+        from ebft_megatron.models.architecture import ModelConfigError
+
+        where = "no CUDA device is visible" if not torch.cuda.is_available() else "transformer_engine does not import"
+        raise ModelConfigError(f"model.fp8={recipe} needs Transformer Engine and a GPU, but {where}; {FP8_INSTALL_HINT}")
+    # e4m3 forward and backward for the block-scaled recipes, hybrid (e5m2 gradients) otherwise
+    return {"fp8": "e4m3" if recipe in ("blockwise", "mxfp8") else "hybrid", "fp8_recipe": recipe}
+
+
 def layer_spec(use_te: bool):
     """The layer spec with our core attention plugged in."""
     from megatron.core.models.gpt import gpt_layer_specs

@@ -79,7 +79,9 @@ class Trainer:
                  f"chunks of {P} tokens; {self.loader.steps_per_epoch} steps per epoch")
 
         # models
-        self.policy = build_model(self.arch, params_dtype=self.params_dtype,
+        from ebft_megatron.models.gpt import fp8_overrides
+
+        self.policy = build_model(self.arch, params_dtype=self.params_dtype, **fp8_overrides(c.model.fp8),
                                   **_policy_config_overrides(c.model.recompute))
         store.load_model_weights(self.policy, self.source)
         self.ddp = wrap_ddp(self.policy, c.optimizer.distributed)
@@ -87,7 +89,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.ddp, o, self.params_dtype)
         self.scheduler = self._scheduler()
         feature_source = c.model.feature_load or c.model.load
-        self.feature_model = load_feature_network(feature_source, c.model.feature_layers or None, self.params_dtype)
+        self.feature_model = load_feature_network(feature_source, c.model.feature_layers or None, self.params_dtype,
+                                                  **(fp8_overrides(c.model.fp8) if c.model.feature_fp8 else {}))
         self.generator = rollout_generator(c.train.seed, self.info.dp_rank)
         self.eval_generator_seed = c.train.seed + 17
 
