@@ -33,15 +33,18 @@ Protection layers, from the kernel's up to Python's (each catches what the one a
 5. Python guards (``python_guards``), installed in the child before the program's first line: an
    audit hook (PEP 578), which the program cannot remove, refuses process creation and signals
    (``os.fork``/``forkpty``/``exec*``/``posix_spawn``/``system``, ``subprocess.Popen``, importing
-   ``_posixsubprocess`` (multiprocessing's spawn path), ``os.kill``/``killpg``), every socket
-   event, every ``ctypes`` event, changing resource limits, links and symlinks, and writing,
+   ``_posixsubprocess`` (multiprocessing's spawn path), ``os.killpg``, ``os.kill`` of any other
+   process), every socket event, every ``ctypes`` event (loading a library, calling a foreign
+   function), changing resource limits, links and symlinks, and writing,
    creating, renaming, removing or re-permissioning any path outside the work folder (``open``
    for writing, ``os.remove``/``unlink``/``rmdir``/``rename``/``replace``/``truncate``/
    ``chmod``/``chown``/``utime``/``mkdir``/``setxattr``, ``shutil.rmtree``; fd and dir_fd
    arguments are resolved through ``/proc/self/fd``; device files are never opened for
    writing). On top, ``socket.socket``/``create_connection`` and ``os.mknod`` are replaced by
    functions that raise, for a plain error message at the call site. So ``import subprocess``
-   and ``import ctypes`` fail in the sandbox; HumanEval programs need neither.
+   and ``import ctypes`` fail in the sandbox; HumanEval programs need neither. numpy, scipy and
+   pandas use ctypes when imported, so a program that imports them gets them imported before
+   the guards (installed, trusted code); their ctypes calls are refused after that too.
 
 What holds where (``probe_sandbox`` says which case the current process is in):
 
@@ -63,6 +66,10 @@ What holds where (``probe_sandbox`` says which case the current process is in):
 - Network: with the network namespace nothing is reachable, not even the evaluator's loopback;
   without it (``unshare`` refused, as in some containers) only the guards and the empty proxy
   settings block it.
+- Side effect of the PID namespace: the program is PID 1, and the kernel does not deliver to
+  PID 1 the signals it sends itself without a handler (``os.kill(os.getpid(), SIGTERM)`` does
+  nothing; ``os.abort()`` ends in SIGSEGV), nor SIGXCPU at the soft CPU limit (the hard limit's
+  SIGKILL ends it a second later, and the CPU time tells the evaluator it was the limit).
 - On the development machine (root; the venv's interpreter under a 0700 ``/root``, so no drop;
   all three namespaces available): read-only filesystem, no network and no leftover processes
   at the kernel level; fork bombs stopped by the guards.
@@ -560,12 +567,16 @@ def _signal_name(number: int) -> str:
 
 _PROCESS_EVENTS = frozenset({
     "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
-    "subprocess.Popen", "os.kill", "os.killpg", "pty.spawn",
-})
+    "subprocess.Popen", "os.killpg", "pty.spawn",
+})  # and os.kill, but for the program's own pid
 _REFUSED_EVENTS = frozenset({"resource.setrlimit", "resource.prlimit", "os.link", "os.symlink"})
 # _posixsubprocess.fork_exec raises no audit event; subprocess and multiprocessing's spawn and
 # forkserver start methods create processes through it.
 _REFUSED_IMPORTS = frozenset({"_posixsubprocess"})
+# Installed libraries that load native code through ctypes when imported (numpy does), which the
+# guards refuse: imported before the guards when the program imports them. Trusted code, as in
+# the usual HumanEval harness, which runs everything in the evaluator's own environment.
+_IMPORTED_BEFORE_THE_GUARDS = ("numpy", "scipy", "pandas")
 # event -> ((index of a path argument, index of its dir_fd argument or None), ...)
 _PATH_EVENTS = {
     "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),),
@@ -616,13 +627,14 @@ def _install_guards(work: str) -> None:
         if not inside(resolved):
             _refuse(f"writing {resolved}")
         try:
-            if not stat.S_ISREG(os.stat(resolved).st_mode):
-                _refuse(f"writing the non-regular file {resolved}")
+            mode_bits = os.stat(resolved).st_mode
         except FileNotFoundError:
-            pass  # a new file in the work folder
+            return  # a new file in the work folder
+        if stat.S_ISBLK(mode_bits) or stat.S_ISCHR(mode_bits):  # a disk, a terminal, ...
+            _refuse(f"writing the device {resolved}")
 
     def hook(event, args):
-        if event in _PROCESS_EVENTS:
+        if event in _PROCESS_EVENTS or event == "os.kill" and args[0] != os.getpid():
             _refuse(f"{event} (no new processes or signals)")
         if event in _REFUSED_EVENTS or event.startswith(("socket.", "ctypes.")):
             _refuse(event)
@@ -671,6 +683,7 @@ def _child_run(program: str, verdict_fd: int, guards: bool) -> int:
         sys.modules["__main__"] = main  # pickling and `import __main__` see the program
         sys.argv = [program]
         if guards:
+            _import_allowed_libraries(source)
             _install_guards(os.getcwd())
     except BaseException:
         traceback.print_exc()
@@ -692,6 +705,27 @@ def _child_run(program: str, verdict_fd: int, guards: bool) -> int:
     _flush_standard_streams()
     os.write(verdict_fd, _PASSED_TOKEN)
     os._exit(0)  # no atexit handlers or non-daemon threads of the program get to run after
+
+
+def _import_allowed_libraries(source: str) -> None:
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return  # the program fails anyway, with this error, when it runs
+    wanted = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            wanted.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            wanted.add(node.module.split(".")[0])
+    for name in _IMPORTED_BEFORE_THE_GUARDS:
+        if name in wanted:
+            try:
+                __import__(name)
+            except Exception:  # not installed, or broken: the program's own import will say
+                pass
 
 
 def _flush_standard_streams() -> None:

@@ -254,6 +254,22 @@ def test_process_creation_and_signals_are_refused_by_the_guards(sandbox_root):
     assert json.loads(result.output) == {name: True for name in attempts}
 
 
+def test_numpy_works_but_its_ctypes_does_not_open_a_way_out(sandbox_root):
+    program = (
+        "import json, ctypes\nimport numpy as np\nrefused = {}\n"
+        "for name, attempt in {'dlopen': lambda: ctypes.CDLL(None),\n"
+        "                      'foreign call': lambda: ctypes.memmove(ctypes.create_string_buffer(4), b'abcd', 4),\n"
+        "                      'pythonapi': lambda: ctypes.pythonapi.Py_IsInitialized()}.items():\n"
+        "    try:\n        attempt()\n        refused[name] = False\n"
+        "    except PermissionError:\n        refused[name] = True\n"
+        "print(json.dumps(refused))\n"
+        "assert float(np.mean([1.0, 3.0])) == 2.0\n"
+    )
+    result = run_python(program, limits())
+    assert result.passed, result
+    assert json.loads(result.output) == {"dlopen": True, "foreign call": True, "pythonapi": True}
+
+
 def test_an_output_flood_is_cut_at_the_file_size_limit(sandbox_root):
     result = run_python("while True:\n    print('x' * 1000)\n", limits(file_size_mb=1, max_output_bytes=4096))
     assert (result.passed, result.status) == (False, "failed")
