@@ -15,7 +15,7 @@ Protection layers, from the kernel's up to Python's (each catches what the one a
    by the PID namespace of layer 4). stdin is ``/dev/null``;
    stdout and stderr go to a file outside the work folder, of which at most
    ``max_output_bytes`` come back.
-2. Resource limits, set with ``resource.setrlimit`` in a ``preexec_fn`` (between fork and exec):
+2. Resource limits, set with ``resource.setrlimit`` in a ``preexec_fn`` (right before exec):
    RLIMIT_AS (memory), RLIMIT_CPU (soft: SIGXCPU, hard one second later: SIGKILL),
    RLIMIT_FSIZE (no file, the captured output included, grows past it), RLIMIT_CORE = 0,
    RLIMIT_NOFILE, and RLIMIT_NPROC = the tasks the sandbox user already has + ``max_processes``.
@@ -83,9 +83,10 @@ itself in a throwaway container or VM.
 
 ``preexec_fn`` runs Python between fork and exec, which can deadlock in a threaded program if it
 takes a lock another thread held at the fork. Ours takes none: it only makes system calls
-(``setrlimit``, then ``unshare``/``mount``/``mount_setattr``/``fork`` through libc handles loaded
-before the fork, then ``setgroups``/``setgid``/``setuid``), and any failure makes ``Popen`` fail
-instead of running the program with less protection than probed.
+(``unshare``/``mount``/``mount_setattr``/``fork`` through libc handles loaded before the fork,
+then ``setgroups``/``setgid``/``setuid``, then ``setrlimit``, last because the evaluator may be
+far larger than RLIMIT_AS until the exec), and any failure makes ``Popen`` fail instead of
+running the program with less protection than probed.
 
 This file is also the child's bootstrap: the child runs ``python -I -B <this file> --run ...``,
 which is why it imports only the standard library at the top and imports ``subprocess`` only in
@@ -268,14 +269,15 @@ def _run_in(base, source, limits, capabilities, drop, started) -> SandboxResult:
     # for the waiting parent of a PID namespace)
     nproc = _tasks_of_user(capabilities.child_uid) + limits.max_processes + 1
     cpu = limits.cpu_limit_s()
-    rlimits = [
-        (resource.RLIMIT_AS, limits.memory_mb * mb, limits.memory_mb * mb),
+    rlimits = _within_current_limits([
         (resource.RLIMIT_CPU, cpu, cpu + 1),  # SIGXCPU first, SIGKILL if it is ignored
         (resource.RLIMIT_FSIZE, limits.file_size_mb * mb, limits.file_size_mb * mb),
         (resource.RLIMIT_CORE, 0, 0),
         (resource.RLIMIT_NOFILE, limits.open_files, limits.open_files),
         (resource.RLIMIT_NPROC, nproc, nproc),
-    ]
+        # last: the child is a copy of the evaluator until exec, maybe far bigger than this
+        (resource.RLIMIT_AS, limits.memory_mb * mb, limits.memory_mb * mb),
+    ])
     output_path = os.path.join(base, "output")  # outside the work folder: the program cannot
     verdict_path = os.path.join(base, "verdict")  # reach them by path, only through its fds
     with open(output_path, "wb") as output, open(verdict_path, "wb") as verdict:
@@ -300,6 +302,18 @@ def _run_in(base, source, limits, capabilities, drop, started) -> SandboxResult:
     with open(verdict_path, "rb") as handle:
         ran_to_end = handle.read(len(_PASSED_TOKEN) + 1) == _PASSED_TOKEN
     return _classify(child.returncode, cpu_s, ran_to_end, output_full, text, limits, started)
+
+
+def _within_current_limits(rlimits):
+    """Never ask for more than the evaluator's own hard limits: a child that is not root (or
+    has dropped root) may only lower them."""
+    bounded = []
+    for which, soft, hard in rlimits:
+        current_hard = resource.getrlimit(which)[1]
+        if current_hard != resource.RLIM_INFINITY:
+            soft, hard = min(soft, current_hard), min(hard, current_hard)
+        bounded.append((which, soft, hard))
+    return bounded
 
 
 def _wait_with_timeout(child, timeout_s: float) -> Optional[float]:
@@ -368,14 +382,17 @@ def _preexec(rlimits, isolation, drop, work):
     namespaces = _Namespaces(isolation, user_namespace=os.geteuid() != 0, work=work) if isolation else None
 
     def preexec():
-        for which, soft, hard in rlimits:
-            resource.setrlimit(which, (soft, hard))
-        if namespaces is not None:
+        if namespaces is not None:  # first: it needs root, and allocates a little
             namespaces.enter()
-        if drop is not None:  # last: namespaces need root, the limits do not
+        if drop is not None:
             os.setgroups([])
             os.setgid(drop[1])
             os.setuid(drop[0])
+        # Limits last, right before exec: until then this process is a copy of the evaluator,
+        # which may already be past RLIMIT_AS (a trainer with torch loaded), and Python may
+        # allocate. Lowering limits needs no privilege, so the drop can come before.
+        for which, soft, hard in rlimits:
+            resource.setrlimit(which, (soft, hard))
 
     return preexec
 
