@@ -26,7 +26,8 @@ Protection layers, from the kernel's up to Python's (each catches what the one a
 4. Identity and namespaces, when the system allows them (probed once per interpreter): as root,
    the child drops to ``run_as_user`` ("nobody") if that user can run the interpreter; the child
    gets a new network namespace (nothing but a loopback that is down), a new mount namespace
-   in which every mount is read-only except a bind mount of the work folder, and a new PID
+   in which every mount is read-only and the work folder is a fresh tmpfs of ``disk_mb`` (the
+   program reaches it through an inherited descriptor), and a new PID
    namespace in which the program is PID 1 (when it ends or is killed, the kernel kills every
    process it started; the evaluator's processes cannot even be named from inside). Without
    root, a user namespace is what makes the others possible.
@@ -58,6 +59,9 @@ What holds where (``probe_sandbox`` says which case the current process is in):
   ``mount`` process, which the guards refuse). A dropped child also meets ordinary file
   permissions. Without the mount namespace, a child running as the evaluator's user (non-root,
   or root that cannot drop) is kept off the evaluator's files only by the guards.
+- Disk space: with the mount namespace the program can write ``disk_mb`` in all; without it,
+  RLIMIT_FSIZE bounds each file but not their number, so a program could fill the disk that
+  holds the temp folder within its timeout.
 - Resource limits: a child that stays root could raise them (CAP_SYS_RESOURCE); the guards
   refuse ``resource.setrlimit``/``prlimit``.
 - Leftover processes: with the PID namespace none survive the program, whatever they did;
@@ -122,6 +126,7 @@ class SandboxLimits:
     memory_mb: int = 1024  # RLIMIT_AS (address space, so a little above the real peak)
     max_processes: int = 8  # RLIMIT_NPROC headroom over the sandbox user's current task count
     file_size_mb: int = 16  # RLIMIT_FSIZE; also bounds the captured output on disk
+    disk_mb: int = 64  # size of the work folder (a tmpfs) when the mount namespace is available
     open_files: int = 256  # RLIMIT_NOFILE
     max_output_bytes: int = 64 * 1024  # stdout+stderr kept in the result (head and tail)
     python_guards: bool = True  # the in-child audit hook; turn off only to test the OS layers
@@ -239,7 +244,7 @@ def _probe_child(python, drop, isolation):
         completed = subprocess.run(
             [python, "-I", "-B", os.path.abspath(__file__), "--probe"],
             cwd=work, env=_child_env(work), stdin=subprocess.DEVNULL, capture_output=True,
-            start_new_session=True, preexec_fn=_preexec([], isolation, drop, work), timeout=60,
+            start_new_session=True, preexec_fn=_preexec([], isolation, drop, work, 1), timeout=60,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -259,10 +264,11 @@ def _run_in(base, source, limits, capabilities, drop, started) -> SandboxResult:
     if drop is not None:
         os.chmod(base, 0o711)  # the dropped child must pass through base to its cwd, not list it
         os.chown(work, drop[0], drop[1])
-    with open(os.path.join(work, _PROGRAM_NAME), "w", encoding="utf-8") as handle:
+    # The program reaches the child as an inherited descriptor: with a mount namespace its
+    # work folder is a fresh tmpfs, where the bootstrap writes it out again.
+    program_path = os.path.join(base, "program")
+    with open(program_path, "w", encoding="utf-8") as handle:
         handle.write(source)
-    if drop is not None:
-        os.chown(os.path.join(work, _PROGRAM_NAME), drop[0], drop[1])
 
     mb = 1024 * 1024
     # RLIMIT_NPROC counts every task (thread) of the user, so leave room for what it has (and
@@ -280,14 +286,16 @@ def _run_in(base, source, limits, capabilities, drop, started) -> SandboxResult:
     ])
     output_path = os.path.join(base, "output")  # outside the work folder: the program cannot
     verdict_path = os.path.join(base, "verdict")  # reach them by path, only through its fds
-    with open(output_path, "wb") as output, open(verdict_path, "wb") as verdict:
+    with open(output_path, "wb") as output, open(verdict_path, "wb") as verdict, \
+            open(program_path, "rb") as program:
         command = [limits.python or sys.executable, "-I", "-B", os.path.abspath(__file__), "--run",
-                   _PROGRAM_NAME, str(verdict.fileno()), "1" if limits.python_guards else "0"]
+                   str(program.fileno()), str(verdict.fileno()), "1" if limits.python_guards else "0"]
+        preexec = _preexec(rlimits, capabilities.isolation(), drop, work, limits.disk_mb)
         try:
             child = subprocess.Popen(
                 command, cwd=work, env=_child_env(work), stdin=subprocess.DEVNULL, stdout=output,
-                stderr=subprocess.STDOUT, pass_fds=(verdict.fileno(),), start_new_session=True,
-                umask=0o077, preexec_fn=_preexec(rlimits, capabilities.isolation(), drop, work),
+                stderr=subprocess.STDOUT, pass_fds=(program.fileno(), verdict.fileno()),
+                start_new_session=True, umask=0o077, preexec_fn=preexec,
             )
         except (OSError, subprocess.SubprocessError) as err:
             return _error(f"could not start the sandboxed interpreter: {err}", started)
@@ -375,11 +383,12 @@ def _child_env(work: str) -> dict:
     }
 
 
-def _preexec(rlimits, isolation, drop, work):
+def _preexec(rlimits, isolation, drop, work, disk_mb):
     """The function run in the child between fork and exec. Everything it needs (limits, libc
     entry points, paths) is prepared here, in the evaluator, so the child only makes system
     calls; any failure raises, which makes Popen fail rather than run the program unprotected."""
-    namespaces = _Namespaces(isolation, user_namespace=os.geteuid() != 0, work=work) if isolation else None
+    namespaces = (_Namespaces(isolation, user_namespace=os.geteuid() != 0, work=work, disk_mb=disk_mb,
+                              owner=drop) if isolation else None)
 
     def preexec():
         if namespaces is not None:  # first: it needs root, and allocates a little
@@ -399,15 +408,16 @@ def _preexec(rlimits, isolation, drop, work):
 
 class _Namespaces:
     """A new network namespace (only loopback, down); with "filesystem", a new mount namespace
-    in which every mount is read-only except a bind mount of the work folder; with "processes",
+    in which every mount is read-only and the work folder is a fresh tmpfs of ``disk_mb`` (so the
+    program cannot fill the evaluator's disk either); with "processes",
     a new PID namespace whose PID 1 is the program, so that when it ends (or is killed) the
     kernel kills every process it left, even one that escaped its session."""
 
     CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWUSER, CLONE_NEWPID = 0x00020000, 0x40000000, 0x10000000, 0x20000000
-    MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
+    MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
     SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 0x1
 
-    def __init__(self, isolation: str, user_namespace: bool, work: str):
+    def __init__(self, isolation: str, user_namespace: bool, work: str, disk_mb: int, owner=None):
         import ctypes
 
         class MountAttr(ctypes.Structure):
@@ -426,13 +436,31 @@ class _Namespaces:
         self.processes = "processes" in isolation
         self.flags = (self.CLONE_NEWNET | (self.CLONE_NEWNS if self.filesystem else 0)
                       | (self.CLONE_NEWPID if self.processes else 0))
-        if user_namespace:  # without root, a user namespace is what allows the other two
+        self.user_namespace = user_namespace
+        if user_namespace:  # without root, a user namespace is what allows the others
             self.flags |= self.CLONE_NEWUSER
+            # our own ids map to themselves: files can be created on the new tmpfs (unmapped
+            # ids cannot own inodes there), and the program, not being uid 0 inside, loses
+            # the namespace's capabilities at exec (so it cannot remount anything writable)
+            self.id_maps = ((b"/proc/self/setgroups", b"deny"),
+                            (b"/proc/self/uid_map", f"{os.getuid()} {os.getuid()} 1".encode()),
+                            (b"/proc/self/gid_map", f"{os.getgid()} {os.getgid()} 1".encode()))
         self.work = os.fsencode(work)
+        options = f"size={int(disk_mb)}m,mode=0700"
+        if owner is not None:  # the user the child drops to must own its work folder
+            options += f",uid={owner[0]},gid={owner[1]}"
+        self.tmpfs_options = options.encode()
 
     def enter(self) -> None:
         if self.unshare(self.flags) != 0:
             raise OSError("unshare refused")
+        if self.user_namespace:
+            for path, content in self.id_maps:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.write(fd, content)
+                finally:
+                    os.close(fd)
         if self.filesystem:
             self.make_filesystem_read_only()
         if self.processes:
@@ -466,14 +494,14 @@ class _Namespaces:
         # private first, so that nothing below propagates back to the evaluator's mounts
         if self.mount(None, b"/", None, self.MS_REC | self.MS_PRIVATE, None) != 0:
             raise OSError("making the mounts private failed")
-        # the work folder becomes a mount of its own, then everything turns read-only, then the
-        # work folder alone writable again (a bind mount copies its source's flags, so the
-        # other order would leave it read-only)
-        if self.mount(self.work, self.work, None, self.MS_BIND, None) != 0:
-            raise OSError("bind-mounting the work folder failed")
+        # the work folder becomes a tmpfs of its own, then everything turns read-only, then the
+        # work folder alone writable again
+        if self.mount(b"ebft-sandbox", self.work, b"tmpfs", self.MS_NOSUID | self.MS_NODEV,
+                      self.tmpfs_options) != 0:
+            raise OSError("mounting a tmpfs on the work folder failed")
         self.set_read_only(b"/", True, self.AT_RECURSIVE)
         self.set_read_only(self.work, False, 0)
-        os.chdir(self.work)  # the old cwd is the directory under the new bind mount
+        os.chdir(self.work)  # the old cwd is the directory under the new mount
 
     def set_read_only(self, path: bytes, read_only: bool, flags: int) -> None:
         if self.syscall(self.c_long(self.SYS_MOUNT_SETATTR), self.c_int(self.AT_FDCWD), path,
@@ -579,7 +607,7 @@ def _signal_name(number: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Child side: the bootstrap (`python -I -B sandbox.py --run PROGRAM VERDICT_FD GUARDS`)
+# Child side: the bootstrap (`python -I -B sandbox.py --run PROGRAM_FD VERDICT_FD GUARDS`)
 # ---------------------------------------------------------------------------------------------
 
 _PROCESS_EVENTS = frozenset({
@@ -686,14 +714,17 @@ def _install_guards(work: str) -> None:
     os.mknod = no_device_nodes  # no audit event: a root program could make a disk device
 
 
-def _child_run(program: str, verdict_fd: int, guards: bool) -> int:
+def _child_run(program_fd: int, verdict_fd: int, guards: bool) -> int:
     import builtins
     import traceback
     import types
 
     try:
-        with open(program, encoding="utf-8") as handle:
+        with open(program_fd, encoding="utf-8") as handle:
             source = handle.read()
+        with open(_PROGRAM_NAME, "w", encoding="utf-8") as handle:  # for the tracebacks' lines
+            handle.write(source)
+        program = _PROGRAM_NAME
         main = types.ModuleType("__main__")
         main.__file__ = os.path.abspath(program)
         main.__builtins__ = builtins
@@ -714,9 +745,10 @@ def _child_run(program: str, verdict_fd: int, guards: bool) -> int:
               file=sys.stderr)
         _flush_standard_streams()
         os._exit(_EXIT_FAILED)
-    except BaseException:
+    except BaseException as error:
         _flush_standard_streams()  # what it printed first, so the traceback ends the output
-        traceback.print_exc()
+        # from the program's frames on: the bootstrap's own frame is noise
+        traceback.print_exception(type(error), error, error.__traceback__.tb_next)
         _flush_standard_streams()
         os._exit(_EXIT_FAILED)
     _flush_standard_streams()
@@ -761,8 +793,8 @@ def _child_main(argv: list) -> int:
         print(netns, int(root_read_only), int(work_read_only), int(os.getpid() == 1))
         return 0
     if len(argv) == 4 and argv[0] == "--run":
-        return _child_run(argv[1], int(argv[2]), argv[3] == "1")
-    print(f"usage: {os.path.basename(__file__)} --run PROGRAM VERDICT_FD GUARDS | --probe",
+        return _child_run(int(argv[1]), int(argv[2]), argv[3] == "1")
+    print(f"usage: {os.path.basename(__file__)} --run PROGRAM_FD VERDICT_FD GUARDS | --probe",
           file=sys.stderr)
     return _EXIT_SANDBOX_BROKEN
 

@@ -270,6 +270,15 @@ def test_numpy_works_but_its_ctypes_does_not_open_a_way_out(sandbox_root):
     assert json.loads(result.output) == {"dlopen": True, "foreign call": True, "pythonapi": True}
 
 
+def test_filling_the_disk_stops_at_the_work_folder_size(sandbox_root):
+    if not probe_sandbox(limits()).read_only_filesystem:
+        pytest.skip("no mount namespace here: RLIMIT_FSIZE bounds each file, not the folder")
+    program = "for i in range(100):\n    open(f'fill{i}', 'wb').write(bytes(2 * 1024 ** 2))\n"
+    result = run_python(program, limits(disk_mb=8, file_size_mb=4))
+    assert (result.passed, result.status) == (False, "failed")
+    assert "No space left on device" in result.details
+
+
 def test_an_output_flood_is_cut_at_the_file_size_limit(sandbox_root):
     result = run_python("while True:\n    print('x' * 1000)\n", limits(file_size_mb=1, max_output_bytes=4096))
     assert (result.passed, result.status) == (False, "failed")
