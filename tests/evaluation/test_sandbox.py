@@ -1,5 +1,5 @@
 """The sandbox for generated code: correct programs pass, wrong ones fail with the reason, and
-hostile ones (infinite loop, fork bomb, file deletion, huge allocation, network, output flood,
+hostile ones (infinite loop, fork bomb, file deletion, huge allocation, network, output flood, disk filling,
 escaping background process) neither hurt the evaluator nor leave processes behind.
 
 Every test runs its sandboxes under a temporary root of its own (``tempfile.tempdir``), so a
