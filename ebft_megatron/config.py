@@ -337,9 +337,6 @@ def validate(config: Config, where: str = "config") -> None:
         fail(f"model.fp8={m.fp8} needs model.dtype=bfloat16 (FP8 GEMMs keep bf16 weights and activations)")
     if m.feature_fp8 and m.fp8 == "none":
         fail("model.feature_fp8=true needs an FP8 recipe in model.fp8")
-    if config.data.document_masking:
-        fail("data.document_masking=true is not supported yet: attention crosses document boundaries inside a "
-             "chunk, as in the paper's configs; set it to false")
     try:
         BlockLayout(r.chunk_len, r.first_anchor, r.stride, r.rollout_len, r.num_samples)
     except LayoutError as err:

@@ -32,7 +32,6 @@ def test_yaml_and_overrides_are_typed(tmp_path):
     (["train.chunks_per_step=3", "train.micro_batch=2"], r"not a multiple of train.micro_batch=2"),
     (["steps=3"], r"write section.key=value"),
     (["data.validation_fraction=1.5"], r"data.validation_fraction: expected a number in \[0, 1\)"),
-    (["data.document_masking=true"], r"data.document_masking=true is not supported yet"),
 ])
 def test_bad_settings_name_the_setting(overrides, message):
     with pytest.raises(ConfigError, match=message):

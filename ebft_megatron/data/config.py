@@ -40,7 +40,8 @@ class DataConfig:
     max_documents: int | None = None
     # Skip (and count) malformed inputs instead of stopping at the first one.
     skip_bad: bool = False
-    # Restrict attention to the same document inside a chunk (the paper runs without it).
+    # Restrict attention to the same document inside a chunk (the paper runs without it). Applies to
+    # the training forwards (rollouts take the exact dense path, slower); validation CE stays causal.
     document_masking: bool = False
     # A separate validation input of the same kind; the whole of path is then used for training.
     eval_path: str | None = None

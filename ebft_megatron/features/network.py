@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ebft_megatron.models.attention import BlockAttentionParams
+from ebft_megatron.models.attention import packed_attention
 from ebft_megatron.rollouts.layout import BlockLayout
 from ebft_megatron.runtime import pipeline
 
@@ -196,19 +196,20 @@ def moments_from_hidden(hidden_by_layer: Sequence[torch.Tensor], layout: BlockLa
     return FeatureMoments(gram_by_length=gram)
 
 
-def embed(feature_model, layout: BlockLayout, packed_tokens: torch.Tensor, pooling: str = "last_token") -> FeatureMoments:
+def embed(feature_model, layout: BlockLayout, packed_tokens: torch.Tensor, pooling: str = "last_token",
+          doc_ids: Optional[torch.Tensor] = None) -> FeatureMoments:
     """One no-grad forward of the packed chunk + rollouts [B, packed_len] through the feature
-    network's stages; returns the feature moments on every rank."""
+    network's stages; returns the feature moments on every rank. ``doc_ids`` [B, P]: document
+    masking (a dense mask from the layout)."""
     B, S = packed_tokens.shape
     if S != layout.packed_len:
         raise ValueError(f"packed sequence has {S} tokens, the layout needs {layout.packed_len}")
     rows = completion_rows(layout).reshape(-1)
     taps = _LayerTaps(feature_model, feature_model.feature_layers, rows, S)
     try:
-        pipeline.forward(
-            feature_model, packed_tokens, layout.position_ids.expand(B, -1),
-            reduce=lambda output: None, block_params=BlockAttentionParams(layout=layout, mode="packed"),
-        )
+        params, mask = packed_attention(layout, doc_ids)
+        pipeline.forward(feature_model, packed_tokens, layout.position_ids.expand(B, -1),
+                         reduce=lambda output: None, block_params=params, attention_mask=mask)
     finally:
         taps.remove()
     hidden = [taps.outputs[layer] for layer in sorted(taps.outputs)]

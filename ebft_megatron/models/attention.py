@@ -89,6 +89,15 @@ class BlockAttentionParams(PackedSeqParams):
             raise ValueError(f"mode {self.mode!r} needs a RolloutKVCache")
 
 
+def packed_attention(layout: BlockLayout, doc_ids: Optional[torch.Tensor] = None):
+    """(block params, attention mask) for a forward of the packed chunk + rollouts: real-pair block
+    attention, or with ``doc_ids`` (document masking) the layout's dense mask, per chunk, in
+    megatron's convention (True = masked out)."""
+    if doc_ids is None:
+        return BlockAttentionParams(layout=layout, mode="packed"), None
+    return BlockAttentionParams(layout=layout, mode="dense"), ~layout.dense_attention_mask(doc_ids)[:, None]
+
+
 def _bhsd(x: torch.Tensor) -> torch.Tensor:
     """[s, b, h, d] -> [b, h, s, d]."""
     return x.permute(1, 2, 0, 3)

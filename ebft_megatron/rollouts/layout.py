@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Optional
 
 import torch
 
@@ -122,12 +123,30 @@ class BlockLayout:
         return window_end[None, :] <= lengths[:, None]
 
     # --- the dense reference mask -----------------------------------------------------------
-    def dense_attention_mask(self) -> torch.Tensor:
+    def dense_attention_mask(self, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[packed_len, packed_len] bool, True where query may attend key (torch SDPA convention).
 
-        Used only as the reference that the real-pair attention is tested against, and by the
-        dense fallback path; its size is quadratic in the packed length.
+        Used as the reference that the real-pair attention is tested against, and by the dense
+        path; its size is quadratic in the packed length.
+
+        With ``doc_ids`` [B, P] (document masking) the result is [B, packed_len, packed_len]: a chunk
+        token also needs the key in its own document, and block b's rollout tokens see only the
+        prefix keys in the document of x[a_b - 1], the token they continue (plus their own block).
         """
+        allowed = self._dense_block_mask()
+        if doc_ids is None:
+            return allowed
+        P = self.chunk_len
+        # the document each packed query continues: its own for chunk rows, x[a_b - 1]'s for rollouts
+        continued = doc_ids[:, self.anchor_positions - 1]  # [B, NB]
+        rollout_docs = continued[:, :, None].expand(-1, -1, self.num_samples * self.rollout_len).reshape(len(doc_ids), -1)
+        query_docs = torch.cat([doc_ids, rollout_docs], dim=1)  # [B, S]
+        same = query_docs[:, :, None] == doc_ids[:, None, :]  # [B, S, P]: keys in the chunk
+        masked = allowed.expand(len(doc_ids), -1, -1).clone()
+        masked[:, :, :P] &= same
+        return masked
+
+    def _dense_block_mask(self) -> torch.Tensor:
         S, P = self.packed_len, self.chunk_len
         allowed = torch.zeros(S, S, dtype=torch.bool)
         allowed[:P, :P] = torch.ones(P, P, dtype=torch.bool).tril()

@@ -71,8 +71,15 @@ def sample_rollouts(
     generator: Optional[torch.Generator] = None,
     uniforms: Optional[torch.Tensor] = None,
     return_logits: bool = False,
+    doc_ids: Optional[torch.Tensor] = None,
 ) -> Rollouts:
-    """KV-cached rollouts for ``chunk`` [B, P]. ``uniforms`` [B, NB, n, G] fixes the draws."""
+    """KV-cached rollouts for ``chunk`` [B, P]. ``uniforms`` [B, NB, n, G] fixes the draws.
+
+    With ``doc_ids`` [B, P] (document masking) attention stays inside documents; the cache path
+    does not model that yet, so the exact dense recompute path runs instead (slower)."""
+    if doc_ids is not None:
+        return sample_rollouts_recompute(model, layout, chunk, vocab_size, settings, generator, uniforms,
+                                         return_logits, doc_ids=doc_ids)
     B, P = chunk.shape
     if P != layout.chunk_len:
         raise ValueError(f"chunk length {P} does not match the layout's chunk_len={layout.chunk_len}")
@@ -113,13 +120,17 @@ def sample_rollouts_recompute(
     generator: Optional[torch.Generator] = None,
     uniforms: Optional[torch.Tensor] = None,
     return_logits: bool = False,
+    doc_ids: Optional[torch.Tensor] = None,
 ) -> Rollouts:
     """The reference's method: for each of the n sample copies, G full forwards of the chunk plus
-    all blocks' tokens so far, with a dense block mask; logits taken only where needed."""
+    all blocks' tokens so far, with a dense block mask (per chunk with ``doc_ids``); logits taken
+    only where needed."""
     B, P = chunk.shape
     NB, n, G = layout.num_blocks, layout.num_samples, layout.rollout_len
     single = BlockLayout(P, layout.first_anchor, layout.stride, G, 1)
-    allowed = single.dense_attention_mask()
+    allowed = single.dense_attention_mask(doc_ids)
+    if allowed.dim() == 2:
+        allowed = allowed[None]  # [1 or B, S, S]
     positions_full = single.position_ids
     predictors = single.rollout_predictor_index[:, 0, :]  # [NB, G]
     tokens = torch.zeros(B, NB, n, G, dtype=torch.long)
@@ -129,7 +140,7 @@ def sample_rollouts_recompute(
             rollout_idx = single.rollout_index(torch.arange(NB)[:, None], 0, torch.arange(t)[None, :]).reshape(-1)
             index = torch.cat([torch.arange(P), rollout_idx])
             seq = torch.cat([chunk, tokens[:, :, i, :t].reshape(B, -1)], dim=1)
-            mask = ~allowed[index][:, index]  # megatron convention: True = masked out
+            mask = ~allowed[:, index][:, :, index]  # megatron convention: True = masked out
             # where in `index` each block's predictor sits; the LM head runs on those rows only
             where = torch.searchsorted(index, predictors[:, t])
             params = BlockAttentionParams(layout=single, mode="dense", logit_rows=where)
@@ -141,7 +152,7 @@ def sample_rollouts_recompute(
 
             full, step_tokens = pipeline.forward(
                 model, seq, positions_full[index].expand(B, -1), reduce=draw,
-                attention_mask=mask[None, None], block_params=params,
+                attention_mask=mask[:, None], block_params=params,
             )
             tokens[:, :, i, t] = step_tokens
             if return_logits:

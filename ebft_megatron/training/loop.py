@@ -135,7 +135,8 @@ class Trainer:
         chunks = self.train_chunks
         for start in range(0, len(indices), size):
             picked = torch.as_tensor(indices[start:start + size], dtype=torch.long)
-            yield MicroBatch(chunks.tokens[picked], chunks.lengths[picked])
+            doc_ids = chunks.doc_ids[picked] if self.config.data.document_masking else None
+            yield MicroBatch(chunks.tokens[picked], chunks.lengths[picked], doc_ids=doc_ids)
 
     def _experience(self, batch):
         from ebft_megatron.objective.rewards import RewardSettings

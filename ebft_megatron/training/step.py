@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ebft_megatron.features.network import embed
-from ebft_megatron.models.attention import BlockAttentionParams
+from ebft_megatron.models.attention import packed_attention
 from ebft_megatron.models.gpt import model_forward
 from ebft_megatron.objective import loss as objective_loss
 from ebft_megatron.objective.rewards import RewardSettings, block_rewards, reward_metrics
@@ -36,6 +36,7 @@ class MicroBatch:
     rollout_tokens: Optional[torch.Tensor] = None  # [B, NB, n, G]
     advantages: Optional[torch.Tensor] = None  # [B, NB, n]
     metrics: dict = field(default_factory=dict)
+    doc_ids: Optional[torch.Tensor] = None  # [B, P], only with document masking
 
 
 def make_experience(policy, feature_model, layout: BlockLayout, batch: MicroBatch, vocab_size: int,
@@ -43,31 +44,37 @@ def make_experience(policy, feature_model, layout: BlockLayout, batch: MicroBatc
                     generator: Optional[torch.Generator] = None) -> MicroBatch:
     """EBFT: sample rollouts, embed ground truth and rollouts in one packed feature forward,
     and turn the Gram matrices into per-block advantages."""
-    rollouts = sample_rollouts(policy, layout, batch.chunk, vocab_size, sampling, generator)
-    moments = embed(feature_model, layout, layout.pack(batch.chunk, rollouts.tokens), pooling)
+    rollouts = sample_rollouts(policy, layout, batch.chunk, vocab_size, sampling, generator, doc_ids=batch.doc_ids)
+    moments = embed(feature_model, layout, layout.pack(batch.chunk, rollouts.tokens), pooling, doc_ids=batch.doc_ids)
     valid = layout.valid_blocks(batch.lengths)
     scored = block_rewards(moments.gram, rewards, valid)
     return MicroBatch(batch.chunk, batch.lengths, rollouts.tokens, scored.advantage,
-                      reward_metrics(scored, moments.gram, rewards))
+                      reward_metrics(scored, moments.gram, rewards), batch.doc_ids)
 
 
 def make_rlvr_experience(policy, layout: BlockLayout, batch: MicroBatch, vocab_size: int, sampling: SamplingSettings,
                          reward: VerifiableReward, generator: Optional[torch.Generator] = None) -> MicroBatch:
-    rollouts = sample_rollouts(policy, layout, batch.chunk, vocab_size, sampling, generator)
+    rollouts = sample_rollouts(policy, layout, batch.chunk, vocab_size, sampling, generator, doc_ids=batch.doc_ids)
     valid = layout.valid_blocks(batch.lengths)
     scores = reward(batch.chunk, rollouts.tokens, layout).double()
     count = valid.sum().clamp_min(1)
     metrics = {"reward/verifiable": float((scores.mean(-1) * valid).sum() / count)}
-    return MicroBatch(batch.chunk, batch.lengths, rollouts.tokens, verifiable_advantages(scores, valid), metrics)
+    return MicroBatch(batch.chunk, batch.lengths, rollouts.tokens, verifiable_advantages(scores, valid), metrics,
+                      batch.doc_ids)
 
 
 def _inputs(batch: MicroBatch, layout: BlockLayout, mode: str):
-    """Token ids, positions and block params of the policy forward for this mode."""
+    """Token ids, positions, block params and attention mask of the policy forward for this mode."""
     if mode == "sft":
         B, P = batch.chunk.shape
-        return batch.chunk, torch.arange(P).expand(B, P), None
+        mask = None
+        if batch.doc_ids is not None:  # causal inside each document (megatron: True = masked out)
+            causal = torch.ones(P, P, dtype=torch.bool).tril()
+            mask = ~(causal & (batch.doc_ids[:, :, None] == batch.doc_ids[:, None, :]))[:, None]
+        return batch.chunk, torch.arange(P).expand(B, P), None, mask
     tokens = layout.pack(batch.chunk, batch.rollout_tokens)
-    return tokens, layout.position_ids.expand(tokens.shape[0], -1), BlockAttentionParams(layout=layout, mode="packed")
+    params, mask = packed_attention(layout, batch.doc_ids)
+    return tokens, layout.position_ids.expand(tokens.shape[0], -1), params, mask
 
 
 def forward_backward(policy, micro_batches: list[MicroBatch], layout: BlockLayout, settings: objective_loss.LossSettings,
@@ -83,8 +90,8 @@ def forward_backward(policy, micro_batches: list[MicroBatch], layout: BlockLayou
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        tokens, positions, params = _inputs(batch, layout, mode)
-        output = model_forward(model, tokens, positions, block_params=params)
+        tokens, positions, params, mask = _inputs(batch, layout, mode)
+        output = model_forward(model, tokens, positions, attention_mask=mask, block_params=params)
 
         def loss_func(logits):
             if mode == "sft":
