@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import add_layout_arguments, layout_from  # noqa: E402
 
 
 def flop_model(arch, layout, dense_decode: bool = False) -> dict:
@@ -136,14 +139,9 @@ class EnginePhases:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chunk-len", type=int, default=1024)
-    parser.add_argument("--first-anchor", type=int, default=8)
-    parser.add_argument("--stride", type=int, default=8)
-    parser.add_argument("--rollout-len", type=int, default=8)
-    parser.add_argument("--num-samples", type=int, default=4)
+    add_layout_arguments(parser)
     parser.add_argument("--chunks", type=int, default=1, help="chunks timed (batch 1 each)")
     parser.add_argument("--layers", type=int, default=None, help="truncate the model to this many layers")
-    parser.add_argument("--random-weights", action="store_true", help="SmolLM2 shapes, random weights")
     parser.add_argument("--skip-recompute", action="store_true", help="time only our engine")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
@@ -179,7 +177,7 @@ def main() -> None:
     model = build_model(arch)
     if ckpt is not None and not args.layers:
         store.load_model_weights(model, ckpt)
-    layout = BlockLayout(args.chunk_len, args.first_anchor, args.stride, args.rollout_len, args.num_samples)
+    layout = layout_from(args)
     settings = SamplingSettings(temperature=0.6, top_p=1.0)
     gen = torch.Generator().manual_seed(0)
     chunks = torch.randint(0, arch.vocab_size, (args.chunks, 1, layout.chunk_len), generator=gen)

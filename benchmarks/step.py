@@ -23,16 +23,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import add_layout_arguments, layout_from  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chunk-len", type=int, default=1024)
-    parser.add_argument("--first-anchor", type=int, default=8)
-    parser.add_argument("--stride", type=int, default=8)
-    parser.add_argument("--rollout-len", type=int, default=8)
-    parser.add_argument("--num-samples", type=int, default=4)
-    parser.add_argument("--random-weights", action="store_true", help="SmolLM2 shapes, random weights")
+    add_layout_arguments(parser)
     parser.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
@@ -52,7 +50,6 @@ def main() -> None:
     from ebft_megatron.models.gpt import build_model
     from ebft_megatron.objective.loss import LossSettings
     from ebft_megatron.objective.rewards import RewardSettings
-    from ebft_megatron.rollouts.layout import BlockLayout
     from ebft_megatron.rollouts.sampler import SamplingSettings, rollout_generator
     from ebft_megatron.runtime import distributed
     from ebft_megatron.training import flops
@@ -62,7 +59,7 @@ def main() -> None:
     from ebft_megatron.training.step import MicroBatch, forward_backward, make_experience
 
     distributed.initialize(1, 1, seed=43)
-    layout = BlockLayout(args.chunk_len, args.first_anchor, args.stride, args.rollout_len, args.num_samples)
+    layout = layout_from(args)
     ckpt = assets.smollm2_checkpoint()
     arch = store.architecture_of(ckpt)
     policy = build_model(arch, **_policy_config_overrides(args.recompute))
