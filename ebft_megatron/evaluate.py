@@ -2,6 +2,8 @@
 and the conditional feature-matching loss as a function of completion length (CSV + PNG).
 
   python -m ebft_megatron.evaluate --load runs/ebft_smollm2_stdlib/step_000004 --out eval_out
+  python -m ebft_megatron.evaluate --load CKPT --out eval_out --humaneval 164 --humaneval-samples 4 \
+      --humaneval-temperature 0.6            # + HumanEval pass@1 and pass@4 (unbiased), sandboxed
   torchrun --nproc_per_node=2 -m ebft_megatron.evaluate --load CKPT --config examples/X.yaml parallel.pp=2
 
 The data, rollout and eval settings come from --config and overrides (the trainer's sections;
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def parse_args(argv=None):
@@ -23,8 +26,38 @@ def parse_args(argv=None):
     parser.add_argument("--load", required=True, help="checkpoint folder to evaluate")
     parser.add_argument("--out", required=True, help="folder for metrics.json, cfm_by_length.csv and .png")
     parser.add_argument("--config", help="YAML with the trainer's sections (data, rollout, eval, parallel)")
+    parser.add_argument("--humaneval", type=int, default=0, metavar="N",
+                        help="also run the first N HumanEval problems (164 = all; 0 = off, the default); "
+                             "generated code runs in the sandbox (ebft_megatron.evaluation.sandbox)")
+    parser.add_argument("--humaneval-samples", type=int, default=1, help="completions per problem (default 1)")
+    parser.add_argument("--humaneval-max-new-tokens", type=int, default=256, help="default 256")
+    parser.add_argument("--humaneval-temperature", type=float, default=0.0,
+                        help="0 = greedy (default); the reference samples at 0.6 with top-p 0.95")
+    parser.add_argument("--humaneval-top-p", type=float, default=0.95, help="default 0.95")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="settings that replace the file's")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.humaneval <= 164:
+        parser.error("--humaneval must be between 0 and 164")
+    if args.humaneval_samples < 1 or args.humaneval_max_new_tokens < 1:
+        parser.error("--humaneval-samples and --humaneval-max-new-tokens must be >= 1")
+    return args
+
+
+def run_humaneval(args, model, arch, tokenizer) -> dict:
+    """pass@k over the first --humaneval problems; generation is collective (every rank)."""
+    from ebft_megatron.evaluation.humaneval import evaluate_humaneval, load_problems
+    from ebft_megatron.generate import generate_ids
+
+    def generate(prompt: str, num_samples: int) -> list[str]:
+        ids = tokenizer.encode(prompt)
+        return [tokenizer.decode(generate_ids(model, arch, ids, args.humaneval_max_new_tokens,
+                                              temperature=args.humaneval_temperature, top_p=args.humaneval_top_p,
+                                              seed=1234 + sample, eos_id=tokenizer.eos_id))
+                for sample in range(num_samples)]
+
+    ks = tuple(k for k in (1, 4, 16, 64) if k <= args.humaneval_samples)
+    report = evaluate_humaneval(generate, load_problems()[: args.humaneval], args.humaneval_samples, ks)
+    return report.metrics()
 
 
 def main(argv=None) -> int:
@@ -68,8 +101,14 @@ def main(argv=None) -> int:
                 rollout_generator(config.train.seed + 17, info.dp_rank), pooling=config.objective.pooling,
                 micro_batch_size=config.train.micro_batch)
             evaluation.write_report(args.out, ce, curve)
+            metrics = evaluation.Evaluation(ce, curve).metrics()
+            if args.humaneval:
+                humaneval = run_humaneval(args, policy, arch, tokenizer)
+                metrics.update(humaneval)
+                if distributed.is_rank0():
+                    (Path(args.out) / "humaneval.json").write_text(json.dumps(humaneval, indent=1))
             if distributed.is_rank0():
-                print(json.dumps(evaluation.Evaluation(ce, curve).metrics(), indent=1))
+                print(json.dumps(metrics, indent=1))
         finally:
             distributed.destroy()
 

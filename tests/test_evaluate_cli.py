@@ -16,11 +16,14 @@ def test_evaluate_writes_the_report(tiny_models, tmp_path):
     overrides = [f"data.path={code}", "data.validation_fraction=0.3", "rollout.chunk_len=32", "rollout.first_anchor=4",
                  "rollout.stride=4", "rollout.rollout_len=4", "rollout.num_samples=3", "eval.cfm_chunks=1"]
     run = subprocess.run([sys.executable, "-m", "ebft_megatron.evaluate", "--load", str(tiny_models["qwen2"][1]),
-                          "--out", str(out), *overrides], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          "--out", str(out), "--humaneval", "2", "--humaneval-max-new-tokens", "4", *overrides],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     printed = json.loads(run.stdout[run.stdout.index("{"):])
-    assert printed["eval/ce"] > 0 and printed == metrics["metrics"]
+    humaneval = json.loads((out / "humaneval.json").read_text())
+    assert humaneval["humaneval/pass@1"] == 0.0  # 4 random tokens of a tiny random model solve nothing
+    assert printed["eval/ce"] > 0 and printed == {**metrics["metrics"], **humaneval}
     assert metrics["cfm_by_length"]["lengths"] == [1, 2, 3, 4]
     lines = (out / "cfm_by_length.csv").read_text().splitlines()
     assert lines[0].startswith("length,cfm") and len(lines) == 1 + 4
