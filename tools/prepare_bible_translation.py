@@ -165,17 +165,10 @@ def main(argv=None) -> int:
         if not args.quiet:
             print(f"[bible] {message}", file=sys.stderr, flush=True)
 
-    # The same one-line contract as ebft_megatron.cli.run_cli, handled here because run_cli's list of
-    # error types imports megatron (seconds) and this tool never touches it.
-    try:
-        prepare(args, log)
-    except (bible.BibleError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    # run_cli's default list of error types imports megatron (seconds); this tool never needs it
+    from ebft_megatron.cli import run_cli
+
+    return run_cli(lambda: prepare(args, log), error_types=(bible.BibleError, OSError))
 
 
 if __name__ == "__main__":
