@@ -15,10 +15,6 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
+from ebft_megatron.lazy import lazy_exports  # noqa: E402
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'ebft_megatron.data' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
