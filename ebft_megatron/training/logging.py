@@ -46,12 +46,17 @@ class MetricsLogger:
                     self._tb = SummaryWriter(str(folder / "tensorboard"))
                 except Exception as err:  # tensorboard missing or broken: say so, keep training
                     self.note(f"warning: tensorboard logging disabled ({err})")
+        if wandb_mode == "offline" and not save_dir:
+            wandb_mode = "disabled"  # offline runs live under train.save; without it they would litter the cwd
         if wandb_mode != "disabled":
             try:
+                import tempfile
+
                 import wandb
 
-                self._wandb = wandb.init(project=wandb_project, mode=wandb_mode, config=config,
-                                         dir=str(save_dir) if save_dir else None, reinit=True)
+                folder = str(save_dir) if save_dir else tempfile.mkdtemp(prefix="ebft_wandb_")
+                self._wandb = wandb.init(project=wandb_project, mode=wandb_mode, config=config, dir=folder,
+                                         reinit=True)
             except Exception as err:
                 self.note(f"warning: wandb logging disabled ({err})")
 
