@@ -42,6 +42,12 @@ class ModelSettings:
     # Run the frozen feature network in FP8 too (with model.fp8's recipe); otherwise bf16/fp32.
     feature_fp8: bool = False
 
+    @property
+    def params_dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+
 
 @dataclass
 class ParallelSettings:

@@ -65,17 +65,14 @@ def main(argv=None) -> int:
     from ebft_megatron.cli import run_cli
 
     def job():
-        import torch
-
         from ebft_megatron import evaluation
         from ebft_megatron.checkpoint import store
-        from ebft_megatron.config import layout_of, load_config
+        from ebft_megatron.config import load_config
         from ebft_megatron.data.dataset import load_chunks
         from ebft_megatron.data.packing import check_tokenizer_matches
         from ebft_megatron.data.tokenizers import Tokenizer
         from ebft_megatron.features.network import load_feature_network
         from ebft_megatron.models.gpt import build_model
-        from ebft_megatron.rollouts.sampler import SamplingSettings, rollout_generator
         from ebft_megatron.runtime import distributed
 
         config = load_config(args.config, [*args.overrides, f"model.load={args.load}"])
@@ -84,7 +81,7 @@ def main(argv=None) -> int:
         distributed.initialize(config.parallel.tp, config.parallel.pp, seed=config.train.seed)
         try:
             info = distributed.parallel_info()
-            dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
+            dtype = config.model.params_dtype
             tokenizer = Tokenizer(f"{config.model.load}/tokenizer")
             check_tokenizer_matches(tokenizer, arch.vocab_size, f"{config.model.load}/tokenizer")
             chunks = load_chunks(config.data, tokenizer, config.rollout.chunk_len, "validation",
@@ -93,15 +90,9 @@ def main(argv=None) -> int:
             store.load_model_weights(policy, config.model.load)
             features = load_feature_network(config.model.feature_load or config.model.load,
                                              config.model.feature_layers or None, dtype)
-            first = lambda count: chunks.select(range(min(len(chunks.tokens), count))) if count else chunks  # noqa: E731
-            ce = evaluation.validation_ce(policy, first(config.eval.ce_chunks), micro_batch_size=config.train.micro_batch)
-            curve = evaluation.feature_matching_by_length(
-                policy, features, layout_of(config), first(max(config.eval.cfm_chunks, 1)), arch.vocab_size,
-                SamplingSettings(config.eval.temperature, config.rollout.top_p),
-                rollout_generator(config.train.seed + 17, info.dp_rank), pooling=config.objective.pooling,
-                micro_batch_size=config.train.micro_batch)
-            evaluation.write_report(args.out, ce, curve)
-            metrics = evaluation.Evaluation(ce, curve).metrics()
+            result = evaluation.evaluate_run(config, policy, features, chunks, arch.vocab_size, info.dp_rank)
+            evaluation.write_report(args.out, *result)
+            metrics = result.metrics()
             if args.humaneval:
                 humaneval = run_humaneval(args, policy, arch, tokenizer)
                 metrics.update(humaneval)

@@ -15,6 +15,7 @@ _EXPORTS = {
     "feature_matching_curve": "ebft_megatron.evaluation.feature_matching",
     "Evaluation": "ebft_megatron.evaluation.report",
     "evaluate": "ebft_megatron.evaluation.report",
+    "evaluate_run": "ebft_megatron.evaluation.report",
     "write_report": "ebft_megatron.evaluation.report",
 }
 __all__ = sorted(_EXPORTS)

@@ -33,14 +33,37 @@ class Evaluation(NamedTuple):
         return {**(self.ce or {}), **(self.curve.as_metrics() if self.curve is not None else {})}
 
 
+# The evaluation's rollouts draw from their own stream, apart from training's (seed + this).
+EVAL_SEED_OFFSET = 17
+
+
+def first_chunks(chunks: PackedChunks, count: int) -> PackedChunks:
+    """The first ``count`` chunks (0 = all)."""
+    return chunks.select(range(min(len(chunks.tokens), count))) if count else chunks
+
+
 def evaluate(policy, feature_model, layout: BlockLayout, chunks: PackedChunks, vocab_size: int,
              sampling: SamplingSettings, generator: Optional[torch.Generator], pooling: str = "last_token",
-             micro_batch_size: int = 1) -> Evaluation:
-    """Validation CE of ``policy`` and its feature-matching curve on the same chunks (collective)."""
-    ce = validation_ce(policy, chunks, micro_batch_size)
-    curve = feature_matching_by_length(policy, feature_model, layout, chunks, vocab_size, sampling, generator,
-                                       pooling, micro_batch_size)
+             micro_batch_size: int = 1, ce_chunks: int = 0, cfm_chunks: int = 0) -> Evaluation:
+    """Validation CE of ``policy`` on the first ``ce_chunks`` chunks and its feature-matching
+    curve on the first ``cfm_chunks`` (0 = all) (collective)."""
+    ce = validation_ce(policy, first_chunks(chunks, ce_chunks), micro_batch_size)
+    curve = feature_matching_by_length(policy, feature_model, layout, first_chunks(chunks, cfm_chunks), vocab_size,
+                                       sampling, generator, pooling, micro_batch_size)
     return Evaluation(ce, curve)
+
+
+def evaluate_run(config, policy, feature_model, chunks: PackedChunks, vocab_size: int, dp_rank: int) -> Evaluation:
+    """:func:`evaluate` with a run's settings (``ebft_megatron.config.Config``): what the trainer
+    and ``python -m ebft_megatron.evaluate`` both report."""
+    from ebft_megatron.config import layout_of
+    from ebft_megatron.rollouts.sampler import rollout_generator
+
+    return evaluate(policy, feature_model, layout_of(config), chunks, vocab_size,
+                    SamplingSettings(config.eval.temperature, config.rollout.top_p),
+                    rollout_generator(config.train.seed + EVAL_SEED_OFFSET, dp_rank), pooling=config.objective.pooling,
+                    micro_batch_size=config.train.micro_batch, ce_chunks=config.eval.ce_chunks,
+                    cfm_chunks=max(config.eval.cfm_chunks, 1))
 
 
 def _json_safe(value):

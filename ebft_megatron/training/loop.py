@@ -65,7 +65,7 @@ class Trainer:
 
             raise UsageError(f"train.chunks_per_step={c.train.chunks_per_step} must be a multiple of data-parallel "
                              f"size {self.info.dp_size} x train.micro_batch {c.train.micro_batch}")
-        self.params_dtype = torch.bfloat16 if c.model.dtype == "bfloat16" else torch.float32
+        self.params_dtype = c.model.params_dtype
 
         # data
         tokenizer = Tokenizer(self.source / "tokenizer")
@@ -92,7 +92,6 @@ class Trainer:
         self.feature_model = load_feature_network(feature_source, c.model.feature_layers or None, self.params_dtype,
                                                   **(fp8_overrides(c.model.fp8) if c.model.feature_fp8 else {}))
         self.generator = rollout_generator(c.train.seed, self.info.dp_rank)
-        self.eval_generator_seed = c.train.seed + 17
 
         self._first_evaluation = None
         self.step = 0
@@ -220,21 +219,12 @@ class Trainer:
         """Validation CE and the feature-matching curve (CFM vs completion length); the report
         (CSV, PNG, metrics.json, with the first evaluation overlaid) goes to <save>/eval/<tag>."""
         from ebft_megatron import evaluation
-        from ebft_megatron.rollouts.sampler import SamplingSettings, rollout_generator
 
         c = self.config
-        val = self.val_chunks
-        first = lambda count: val.select(range(min(len(val.tokens), count))) if count else val  # noqa: E731
-        ce = evaluation.validation_ce(self.ddp, first(c.eval.ce_chunks), micro_batch_size=c.train.micro_batch)
-        curve = evaluation.feature_matching_by_length(
-            self.ddp, self.feature_model, self.layout, first(max(c.eval.cfm_chunks, 1)), self.arch.vocab_size,
-            SamplingSettings(c.eval.temperature, c.rollout.top_p),
-            rollout_generator(self.eval_generator_seed, self.info.dp_rank), pooling=c.objective.pooling,
-            micro_batch_size=c.train.micro_batch,
-        )
-        result = evaluation.Evaluation(ce, curve)
+        result = evaluation.evaluate_run(c, self.ddp, self.feature_model, self.val_chunks, self.arch.vocab_size,
+                                         self.info.dp_rank)
         if c.train.save:
-            evaluation.write_report(Path(c.train.save) / "eval" / tag, ce, curve, before=self._first_evaluation)
+            evaluation.write_report(Path(c.train.save) / "eval" / tag, *result, before=self._first_evaluation)
         if self._first_evaluation is None:
             self._first_evaluation = result
         return result.metrics()
