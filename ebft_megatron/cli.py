@@ -29,16 +29,17 @@ def user_error_types() -> tuple:
     from ebft_megatron.checkpoint.store import CheckpointError
     from ebft_megatron.config import ConfigError
     from ebft_megatron.data.sources import DataError
-    from ebft_megatron.features.network import FeatureConfigError
-    from ebft_megatron.objective.rlvr import RewardFunctionError
-    from ebft_megatron.training.loop import TrainingAborted
     from ebft_megatron.data.tokenizers import TokenizerError
+    from ebft_megatron.features.network import FeatureConfigError
     from ebft_megatron.models.architecture import ModelConfigError
+    from ebft_megatron.objective.rlvr import RewardFunctionError
     from ebft_megatron.rollouts.layout import LayoutError
     from ebft_megatron.runtime.distributed import ParallelLayoutError
+    from ebft_megatron.training.loop import TrainingAborted
 
-    return (UsageError, ConfigError, FeatureConfigError, RewardFunctionError, TrainingAborted, DataError, TokenizerError, ConversionError, MappingError, CheckpointError, ModelConfigError,
-            LayoutError, ParallelLayoutError, FileNotFoundError, FileExistsError)
+    return (UsageError, ConfigError, DataError, TokenizerError, ConversionError, MappingError, CheckpointError,
+            ModelConfigError, FeatureConfigError, LayoutError, ParallelLayoutError, RewardFunctionError,
+            TrainingAborted, FileNotFoundError, FileExistsError)
 
 
 def run_cli(job, error_types: tuple = ()) -> int:
