@@ -44,7 +44,9 @@ class Trainer:
         from ebft_megatron.data.tokenizers import Tokenizer
         from ebft_megatron.features.network import load_feature_network
         from ebft_megatron.models.gpt import build_model
-        from ebft_megatron.rollouts.sampler import rollout_generator
+        from ebft_megatron.objective.rewards import RewardSettings
+        from ebft_megatron.objective.rlvr import resolve_reward
+        from ebft_megatron.rollouts.sampler import SamplingSettings, rollout_generator
         from ebft_megatron.training.logging import MetricsLogger
         from ebft_megatron.training.optimizer import build_optimizer, wrap_ddp
 
@@ -92,6 +94,10 @@ class Trainer:
         self.feature_model = load_feature_network(feature_source, c.model.feature_layers or None, self.params_dtype,
                                                   **(fp8_overrides(c.model.fp8) if c.model.feature_fp8 else {}))
         self.generator = rollout_generator(c.train.seed, self.info.dp_rank)
+        self.sampling = SamplingSettings(c.rollout.temperature, c.rollout.top_p)
+        self.reward_settings = RewardSettings(c.objective.alignment_coef, c.objective.diversity_coef, c.objective.whiten)
+        # resolved here so that a bad objective.reward stops the run before any compute
+        self.verifiable_reward = resolve_reward(c.objective.reward) if c.objective.mode == "rlvr" else None
 
         self._first_evaluation = None
         self.step = 0
@@ -138,21 +144,16 @@ class Trainer:
             yield MicroBatch(chunks.tokens[picked], chunks.lengths[picked], doc_ids=doc_ids)
 
     def _experience(self, batch):
-        from ebft_megatron.objective.rewards import RewardSettings
-        from ebft_megatron.objective.rlvr import resolve_reward
-        from ebft_megatron.rollouts.sampler import SamplingSettings
         from ebft_megatron.training.step import make_experience, make_rlvr_experience
 
         c = self.config
-        sampling = SamplingSettings(c.rollout.temperature, c.rollout.top_p)
         if c.objective.mode == "sft":
             return batch
         if c.objective.mode == "rlvr":
-            return make_rlvr_experience(self.ddp, self.layout, batch, self.arch.vocab_size, sampling,
-                                        resolve_reward(c.objective.reward), self.generator)
-        rewards = RewardSettings(c.objective.alignment_coef, c.objective.diversity_coef, c.objective.whiten)
-        return make_experience(self.ddp, self.feature_model, self.layout, batch, self.arch.vocab_size, sampling,
-                               rewards, c.objective.pooling, self.generator)
+            return make_rlvr_experience(self.ddp, self.layout, batch, self.arch.vocab_size, self.sampling,
+                                        self.verifiable_reward, self.generator)
+        return make_experience(self.ddp, self.feature_model, self.layout, batch, self.arch.vocab_size, self.sampling,
+                               self.reward_settings, c.objective.pooling, self.generator)
 
     def _grads_finite(self) -> bool:
         local = all(bool(torch.isfinite(buffer.grad_data).all()) for buffer in self.ddp.buffers)
