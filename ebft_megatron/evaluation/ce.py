@@ -22,13 +22,13 @@ import torch
 
 from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation.sharding import micro_batches, model_device, replica_share, sum_over_replicas
-from ebft_megatron.objective.loss import token_logprobs
+from ebft_megatron.objective.loss import next_token_nll, real_targets
 from ebft_megatron.runtime import pipeline
 
 
 def target_masks(lengths: torch.Tensor, chunk_len: int, response_mask: Optional[torch.Tensor] = None):
     """[B, P-1] bool masks of the targets x[:, 1:] that count: real ones, and real response ones."""
-    real = torch.arange(1, chunk_len, device=lengths.device)[None, :] < lengths[:, None]
+    real = real_targets(lengths, chunk_len)
     response = None if response_mask is None else real & response_mask[:, 1:].to(real.device)
     return real, response
 
@@ -39,7 +39,7 @@ def nll_sums(logits: torch.Tensor, chunk: torch.Tensor, lengths: torch.Tensor,
     real targets, then over the response targets (zeros without a response mask)."""
     P = chunk.shape[1]
     # fp32 log-softmax as the reference's eval forward; the logits buffer is ours to overwrite.
-    nll = -token_logprobs(logits[:, : P - 1].float(), chunk[:, 1:].to(logits.device)).double()
+    nll = next_token_nll(logits.float(), chunk).double()
     real, response = target_masks(lengths.to(logits.device), P,
                                   None if response_mask is None else response_mask.to(logits.device))
     sums = torch.zeros(4, dtype=torch.float64, device=logits.device)

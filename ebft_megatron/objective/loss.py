@@ -39,12 +39,22 @@ def token_logprobs(owned_logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return -vocab_parallel_cross_entropy(owned_logits.contiguous(), targets)
 
 
-def chunk_cross_entropy(logits: torch.Tensor, chunk: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Per-chunk mean next-token CE [B] over the real tokens; ``logits`` [B, >=P, V/TP] rows 0..P-2
-    are consumed (overwritten), so call this after every other use of those rows."""
+def next_token_nll(logits: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """[B, P-1] -log p(x_{k+1} | x_<=k) at T = 1; ``logits`` [B, >=P, V/TP] rows 0..P-2 are
+    consumed (overwritten), so call this after every other use of those rows."""
     P = chunk.shape[1]
-    nll = -token_logprobs(logits[:, : P - 1], chunk[:, 1:])  # [B, P-1]
-    targets = torch.arange(1, P, device=chunk.device)[None, :] < lengths[:, None]
+    return -token_logprobs(logits[:, : P - 1], chunk[:, 1:].to(logits.device))
+
+
+def real_targets(lengths: torch.Tensor, chunk_len: int) -> torch.Tensor:
+    """[B, P-1] bool: the target x[k+1] is a real token, not padding of a short last chunk."""
+    return torch.arange(1, chunk_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def chunk_cross_entropy(logits: torch.Tensor, chunk: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-chunk mean next-token CE [B] over the real tokens (consumes logits rows 0..P-2)."""
+    nll = next_token_nll(logits, chunk)
+    targets = real_targets(lengths.to(nll.device), chunk.shape[1])
     return (nll * targets).sum(-1) / targets.sum(-1).clamp_min(1)
 
 
