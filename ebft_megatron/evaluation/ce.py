@@ -21,9 +21,10 @@ from typing import Optional
 import torch
 
 from ebft_megatron.data.packing import PackedChunks
-from ebft_megatron.evaluation.sharding import micro_batches, model_device, replica_share, sum_over_replicas
+from ebft_megatron.evaluation.sharding import micro_batches, model_device, replica_share
 from ebft_megatron.objective.loss import next_token_nll, real_targets
 from ebft_megatron.runtime import pipeline
+from ebft_megatron.runtime.distributed import sum_over_data_parallel
 
 
 def target_masks(lengths: torch.Tensor, chunk_len: int, response_mask: Optional[torch.Tensor] = None):
@@ -80,7 +81,7 @@ def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
             model, chunk, positions,
             reduce=lambda logits: nll_sums(logits, chunk, lengths, response),
         ).to(device)
-    nll, count, response_nll, response_count = sum_over_replicas(totals).tolist()
+    nll, count, response_nll, response_count = sum_over_data_parallel(totals).tolist()
     if count == 0:
         raise ValueError("the validation chunks have no next-token targets (every chunk is shorter than 2 tokens)")
     metrics = {"eval/ce": nll / count, "eval/perplexity": _exp(nll / count), "eval/tokens": int(count)}

@@ -26,11 +26,12 @@ import torch
 
 from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation.files import atomic_write
-from ebft_megatron.evaluation.sharding import micro_batches, replica_share, sum_over_replicas
+from ebft_megatron.evaluation.sharding import micro_batches, replica_share
 from ebft_megatron.features.network import embed
 from ebft_megatron.objective.rewards import alignment_and_diversity, cfm_loss
 from ebft_megatron.rollouts.layout import BlockLayout
 from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
+from ebft_megatron.runtime.distributed import sum_over_data_parallel
 
 SERIES = ("cfm", "alignment", "diversity")
 
@@ -99,7 +100,7 @@ class _CurveSums:
     def curve(self) -> FeatureMatchingCurve:
         """Pooled over data-parallel replicas; the same on every rank."""
         packed = torch.cat([self.sums.reshape(-1), torch.tensor([float(self.groups)], dtype=torch.float64)])
-        packed = sum_over_replicas(packed)
+        packed = sum_over_data_parallel(packed)
         sums, groups = packed[:-1].reshape(self.sums.shape), int(packed[-1])
         if groups == 0:
             raise ValueError("no valid (chunk, block) group: every block's ground-truth window reaches past the real "

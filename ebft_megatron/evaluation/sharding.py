@@ -34,16 +34,6 @@ def micro_batches(indices: list[int], micro_batch_size: int) -> Iterator[list[in
         yield indices[start:start + micro_batch_size]
 
 
-def sum_over_replicas(tensor: torch.Tensor) -> torch.Tensor:
-    """All-reduce (sum) over the data-parallel group; a no-op with one replica."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    if _data_parallel()[1] > 1:
-        dist.all_reduce(tensor, group=ps.get_data_parallel_group())
-    return tensor
-
-
 def model_device(model) -> torch.device:
     """Where the model's weights live (inputs are moved there); CPU for a stage without weights."""
     for param in model.parameters():

@@ -32,6 +32,7 @@ import torch
 from ebft_megatron.models.attention import packed_attention
 from ebft_megatron.rollouts.layout import BlockLayout
 from ebft_megatron.runtime import pipeline
+from ebft_megatron.runtime.distributed import sum_over_pipeline
 
 POOLINGS = ("last_token", "mean")
 
@@ -163,15 +164,6 @@ class _LayerTaps:
             handle.remove()
 
 
-def _sum_over_pipeline(tensor: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(tensor, group=ps.get_pipeline_model_parallel_group())
-    return tensor
-
-
 def moments_from_hidden(hidden_by_layer: Sequence[torch.Tensor], layout: BlockLayout, pooling: str,
                         batch_size: int, device=None) -> FeatureMoments:
     """This stage's feature layers' completion rows ([NB*(n+1)*G, B, H] each, possibly none)
@@ -183,7 +175,7 @@ def moments_from_hidden(hidden_by_layer: Sequence[torch.Tensor], layout: BlockLa
     squared_norm = torch.zeros(R, B, dtype=torch.float64, device=device)
     for hidden in hidden_by_layer:
         squared_norm += hidden.double().square().sum(-1)
-    _sum_over_pipeline(squared_norm)
+    sum_over_pipeline(squared_norm)
     inverse_norm = squared_norm.clamp_min(1e-24).rsqrt()
     gram = torch.zeros(B, NB, G, n + 1, n + 1, dtype=torch.float64, device=device)
     for hidden in hidden_by_layer:
@@ -192,7 +184,7 @@ def moments_from_hidden(hidden_by_layer: Sequence[torch.Tensor], layout: BlockLa
             steps = torch.arange(1, G + 1, dtype=unit.dtype, device=unit.device)
             unit = unit.cumsum(dim=2) / steps[None, None, :, None, None]
         gram += unit @ unit.transpose(-1, -2)  # [B, NB, G, n+1, n+1]
-    _sum_over_pipeline(gram)
+    sum_over_pipeline(gram)
     return FeatureMoments(gram_by_length=gram)
 
 

@@ -146,3 +146,24 @@ def is_rank0() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def sum_over_data_parallel(tensor):
+    """All-reduce (sum, in place) over the data-parallel group; a no-op with one replica or before
+    the parallel groups exist."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(tensor, group=ps.get_data_parallel_group())
+    return tensor
+
+
+def sum_over_pipeline(tensor):
+    """All-reduce (sum, in place) over the pipeline group; a no-op without pipeline parallelism."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(tensor, group=ps.get_pipeline_model_parallel_group())
+    return tensor

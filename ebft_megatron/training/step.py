@@ -25,6 +25,7 @@ from ebft_megatron.objective.rlvr import VerifiableReward, verifiable_advantages
 from ebft_megatron.rollouts.layout import BlockLayout
 from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
 from ebft_megatron.runtime import pipeline
+from ebft_megatron.runtime.distributed import sum_over_data_parallel
 
 MODES = ("ebft", "sft", "rlvr")
 
@@ -119,12 +120,11 @@ def forward_backward(policy, micro_batches: list[MicroBatch], layout: BlockLayou
 
 def mean_over_data_parallel(values: dict[str, float]) -> dict[str, float]:
     """Each DP rank saw its own chunks; report the mean over all of them (same keys everywhere)."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    if ps.get_data_parallel_world_size() == 1:
+    dp_size = ps.get_data_parallel_world_size()
+    if dp_size == 1:
         return values
     keys = sorted(values)
-    packed = torch.tensor([values[key] for key in keys], dtype=torch.float64)
-    dist.all_reduce(packed, group=ps.get_data_parallel_group())
-    return {key: float(value) / ps.get_data_parallel_world_size() for key, value in zip(keys, packed)}
+    summed = sum_over_data_parallel(torch.tensor([values[key] for key in keys], dtype=torch.float64))
+    return {key: float(value) / dp_size for key, value in zip(keys, summed)}
