@@ -156,6 +156,8 @@ class EvalSettings:
     cfm_chunks: int = 4
     # Sampling temperature for the CFM curve (the reference evaluates at the training temperature).
     temperature: float = 0.6
+    # Evaluate before the first step and after the last (off: another job evaluates the checkpoints).
+    before_and_after: bool = True
 
 
 @dataclass

@@ -45,6 +45,10 @@ class DataConfig:
     document_masking: bool = False
     # A separate validation input of the same kind; the whole of path is then used for training.
     eval_path: str | None = None
+    # jsonl/translation: one chunk per document with its response starting at this token index
+    # (prompt right before it, neighbouring documents around it) instead of back-to-back packing.
+    # Prompt-completion RLVR sets rollout.first_anchor to the same index; null = ordinary packing.
+    response_anchor: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -74,6 +78,12 @@ class DataConfig:
         if self.max_documents is not None and (
                 isinstance(self.max_documents, bool) or not isinstance(self.max_documents, int) or self.max_documents < 1):
             raise DataError(f"data.max_documents: expected a positive integer or null, got {self.max_documents!r}")
+        if self.response_anchor is not None:
+            if isinstance(self.response_anchor, bool) or not isinstance(self.response_anchor, int) or self.response_anchor < 1:
+                raise DataError(f"data.response_anchor: expected a positive integer or null, got {self.response_anchor!r}")
+            if self.kind not in ("jsonl", "translation"):
+                raise DataError(f"data.response_anchor: needs prompt/response documents (kind jsonl or translation), "
+                                f"not kind={self.kind}")
         for name in ("skip_bad", "document_masking"):
             if not isinstance(getattr(self, name), bool):
                 raise DataError(f"data.{name}: expected true or false, got {getattr(self, name)!r}")

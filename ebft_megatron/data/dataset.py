@@ -16,7 +16,9 @@ import numpy as np
 
 from ebft_megatron.data.config import DataConfig
 from ebft_megatron.data.indexed import read_indexed
-from ebft_megatron.data.packing import PackedChunks, check_token_range, pack_documents, response_start
+from ebft_megatron.data.packing import (
+    PackedChunks, check_token_range, pack_aligned, pack_documents, response_start,
+)
 from ebft_megatron.data.sources import (
     DataError, Document, SkipReport, is_held_out, list_code_files, read_code_folder, read_jsonl_pairs,
     read_translation_pairs, split_hash,
@@ -259,7 +261,12 @@ def load_chunks(config: DataConfig, tokenizer, chunk_len: int, split: str = "tra
         detail = (f"validation_fraction={config.validation_fraction}; raise it or set data.eval_path"
                   if keep is not None else report.summary())
         raise DataError(f"{path}: no documents in the {split} split ({detail})")
-    packed = pack_documents(token_lists, tokenizer.eos_id, chunk_len, response_starts=response_starts)
+    if config.response_anchor is not None:
+        if config.response_anchor >= chunk_len:
+            raise DataError(f"data.response_anchor={config.response_anchor} must be below the chunk length {chunk_len}")
+        packed = pack_aligned(token_lists, tokenizer.eos_id, chunk_len, response_starts, config.response_anchor)
+    else:
+        packed = pack_documents(token_lists, tokenizer.eos_id, chunk_len, response_starts=response_starts)
     packed.skipped = dict(report.counts)
     return packed
 

@@ -109,6 +109,34 @@ def pack_documents(documents: Sequence[Sequence[int] | np.ndarray], eos_id: int 
     )
 
 
+def pack_aligned(documents: Sequence[Sequence[int] | np.ndarray], eos_id: int | None, chunk_len: int,
+                 response_starts: Sequence[int], response_anchor: int) -> PackedChunks:
+    """One chunk per document, cut from the same stream as :func:`pack_documents` so that the
+    document's response starts at index ``response_anchor`` of its chunk: its prompt just before,
+    the end of earlier documents before that, and after the response its EOS and the next
+    documents. The stream wraps around, so the first documents' chunks begin with the end of the
+    last ones and every chunk is ``chunk_len`` real tokens.
+
+    Prompt-completion training (a verifiable reward on whole completions) puts its single rollout
+    anchor at ``response_anchor``; SFT and EBFT can train on the very same chunks."""
+    if not 0 < response_anchor < chunk_len:
+        raise DataError(f"response anchor {response_anchor} must be inside the chunk (1..{chunk_len - 1})")
+    packed = pack_documents(documents, eos_id, chunk_len, response_starts=response_starts)
+    lengths = np.fromiter((len(doc) for doc in documents), dtype=np.int64, count=len(documents))
+    span = lengths + 1
+    span[-1] -= 1
+    doc_starts = np.cumsum(span) - span
+    total = int(span.sum())
+    # the stream before padding, plus the EOS that separates its end from its start when it wraps
+    stream = torch.cat([packed.tokens.reshape(-1)[:total], torch.tensor([eos_id])])
+    stream_doc = torch.cat([packed.doc_ids.reshape(-1)[:total], torch.tensor([-1])])
+    stream_response = torch.cat([packed.response_mask.reshape(-1)[:total], torch.tensor([False])])
+    first = doc_starts + np.asarray(response_starts, dtype=np.int64) - response_anchor
+    index = torch.from_numpy((first[:, None] + np.arange(chunk_len)[None, :]) % (total + 1))
+    return PackedChunks(tokens=stream[index], lengths=torch.full((len(documents),), chunk_len, dtype=torch.long),
+                        doc_ids=stream_doc[index], num_documents=len(documents), response_mask=stream_response[index])
+
+
 def _response_stream(response_starts: Sequence[int], doc_lengths: np.ndarray, starts: np.ndarray,
                      stream_doc: np.ndarray) -> np.ndarray:
     """[stream length] bool: a token is a response token when its offset in its document is at or

@@ -6,7 +6,9 @@ leave-one-out form as EBFT's alignment term, and the policy loss is the same REI
 so SFT, RLVR and EBFT run in one trainer and differ only in where advantages come from.
 
 Rewards are named in the config as ``module.path:function``; a few built-ins are listed in
-``BUILTIN_REWARDS``.
+``BUILTIN_REWARDS``. A reward that needs to read text names a class instead, which the trainer
+builds once with the run's tokenizer, ``Class(tokenizer)``, and then calls like a function (for
+example ``ebft_megatron.evaluation.unit_tests:UnitTestReward``, which runs unit tests).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ def ground_truth_token_match(chunk: torch.Tensor, rollout_tokens: torch.Tensor, 
 BUILTIN_REWARDS = {"ground_truth_token_match": ground_truth_token_match}
 
 
-def resolve_reward(name: str) -> VerifiableReward:
-    """A built-in name or ``module.path:function``."""
+def resolve_reward(name: str, tokenizer=None) -> VerifiableReward:
+    """A built-in name or ``module.path:function``; ``module.path:Class`` is built with ``tokenizer``."""
     if name in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[name]
     module_name, _, attr = name.partition(":")
@@ -49,6 +51,8 @@ def resolve_reward(name: str) -> VerifiableReward:
         function = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise RewardFunctionError(f"reward {name!r} cannot be imported: {err}") from None
+    if isinstance(function, type):
+        function = function(tokenizer)
     if not callable(function):
         raise RewardFunctionError(f"reward {name!r} is not callable")
     return function

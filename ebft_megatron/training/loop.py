@@ -97,7 +97,7 @@ class Trainer:
         self.sampling = SamplingSettings(c.rollout.temperature, c.rollout.top_p)
         self.reward_settings = RewardSettings(c.objective.alignment_coef, c.objective.diversity_coef, c.objective.whiten)
         # resolved here so that a bad objective.reward stops the run before any compute
-        self.verifiable_reward = resolve_reward(c.objective.reward) if c.objective.mode == "rlvr" else None
+        self.verifiable_reward = resolve_reward(c.objective.reward, tokenizer) if c.objective.mode == "rlvr" else None
 
         self._first_evaluation = None
         self.step = 0
@@ -247,7 +247,7 @@ class Trainer:
     def run(self) -> dict:
         c = self.config
         history = {"losses": []}
-        if self.step == 0 or c.eval.interval:
+        if c.eval.before_and_after and (self.step == 0 or c.eval.interval):
             before = self.evaluate(f"step_{self.step:06d}")
             self.logger.log(self.step, before, console=False)
             self.log("eval before: " + json.dumps({k: round(v, 4) for k, v in before.items()}))
@@ -261,10 +261,11 @@ class Trainer:
                 self.save()
             if c.eval.interval and self.step % c.eval.interval == 0 and self.step < c.train.steps:
                 self.logger.log(self.step, self.evaluate(f"step_{self.step:06d}"), console=False)
-        after = self.evaluate(f"step_{self.step:06d}")
-        self.logger.log(self.step, after, console=False)
-        self.log("eval after: " + json.dumps({k: round(v, 4) for k, v in after.items()}))
-        history["eval_after"] = after
+        if c.eval.before_and_after:
+            after = self.evaluate(f"step_{self.step:06d}")
+            self.logger.log(self.step, after, console=False)
+            self.log("eval after: " + json.dumps({k: round(v, 4) for k, v in after.items()}))
+            history["eval_after"] = after
         self.save()
         self.logger.close()
         return history

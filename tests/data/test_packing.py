@@ -91,3 +91,23 @@ def test_tokenizer_must_fit_the_model_vocabulary(tokenizer, tokenizer_dir):
                                      "vocabulary has 256")
     with pytest.raises(DataError, match="EOS id 500, outside the model's vocabulary of 400 tokens"):
         check_tokenizer_matches(FakeTokenizer(300, 500), 400, "model")
+
+
+def test_aligned_chunks_put_every_response_at_the_anchor():
+    from ebft_megatron.data.packing import pack_aligned
+
+    EOS = 0
+    documents = [[11, 12, 13, 14], [21, 22, 23], [31, 32, 33, 34, 35]]
+    starts = [2, 1, 3]  # first response token: 13, 22, 34
+    packed = pack_aligned(documents, EOS, chunk_len=6, response_starts=starts, response_anchor=3)
+    assert packed.tokens[:, 3].tolist() == [13, 22, 34]
+    # the same stream as ordinary packing, wrapping around through one EOS
+    assert packed.tokens.tolist() == [[EOS, 11, 12, 13, 14, EOS], [14, EOS, 21, 22, 23, EOS],
+                                      [31, 32, 33, 34, 35, EOS]]
+    assert packed.lengths.tolist() == [6, 6, 6]
+    assert packed.doc_ids[:, 3].tolist() == [0, 1, 2] and packed.doc_ids[0, 0] == -1
+    assert packed.response_mask.tolist() == [[False, False, False, True, True, False],
+                                             [True, False, False, True, True, False],
+                                             [False, False, False, True, True, False]]
+    with pytest.raises(DataError, match="response anchor 6 must be inside the chunk"):
+        pack_aligned(documents, EOS, 6, starts, 6)

@@ -51,3 +51,17 @@ def test_a_trainer_step_in_rlvr_mode(tiny_models, tmp_path):
     metrics = trainer.train_step()
     assert 0.0 <= metrics["reward/verifiable"] <= 1.0 and "loss/rl" in metrics
     assert any(not torch.equal(p, before[k]) for k, p in trainer.policy.named_parameters())
+
+
+class TokenizerAwareReward:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, chunk, rollout_tokens, layout):
+        return torch.zeros(rollout_tokens.shape[:3])
+
+
+def test_a_reward_class_is_built_with_the_run_tokenizer():
+    tokenizer = object()
+    reward = resolve_reward("tests.objective.test_rlvr:TokenizerAwareReward", tokenizer)
+    assert isinstance(reward, TokenizerAwareReward) and reward.tokenizer is tokenizer

@@ -1,0 +1,69 @@
+"""Downstream accuracy of a policy: unit-test tasks and HumanEval, from batched in-context
+completions (``completions.complete_in_context``), scored in the sandbox.
+
+Both evaluations place each prompt after the documents before it in its list (earlier tasks'
+prompt + original body; earlier HumanEval problems' prompt + canonical solution), so that many
+prompts decode together. That is a few-shot protocol, not HumanEval's usual zero-shot one: the
+numbers compare checkpoints with each other, not with published zero-shot scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ebft_megatron.evaluation.completions import complete_in_context
+from ebft_megatron.rollouts.sampler import SamplingSettings
+
+
+@dataclass(frozen=True)
+class DownstreamSettings:
+    anchor: int = 384  # prompts longer than this many tokens are left out
+    max_new_tokens: int = 128
+    samples: int = 4  # completions per prompt; pass@k for k = 1 and samples
+    temperature: float = 0.6
+    top_p: float = 0.95
+    batch_size: int = 16  # prompts decoded together
+    seed: int = 1234
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        return tuple(sorted({1, self.samples}))
+
+
+def _fitting(tokenizer, prompts: Sequence[str], anchor: int) -> list[int]:
+    return [i for i, prompt in enumerate(prompts) if len(tokenizer.encode(prompt)) <= anchor]
+
+
+def _complete(model, tokenizer, documents, which, settings: DownstreamSettings, vocab_size: int):
+    generator = torch.Generator().manual_seed(settings.seed)
+    return complete_in_context(model, tokenizer, documents, which, settings.anchor, settings.samples,
+                               settings.max_new_tokens, vocab_size,
+                               SamplingSettings(settings.temperature, settings.top_p), generator, settings.batch_size)
+
+
+def unit_test_accuracy(model, tokenizer, tasks, settings: DownstreamSettings, vocab_size: int,
+                       limit: Optional[int] = None) -> dict:
+    """pass@k over the (first ``limit``) tasks whose prompt fits the anchor."""
+    from ebft_megatron.evaluation.unit_tests import evaluate_tasks
+
+    which = _fitting(tokenizer, [task.prompt for task in tasks], settings.anchor)[:limit]
+    completions = _complete(model, tokenizer, [(t.prompt, t.response) for t in tasks], which, settings, vocab_size)
+    return evaluate_tasks([tasks[i] for i in which], completions, settings.ks)
+
+
+def humaneval_accuracy(model, tokenizer, settings: DownstreamSettings, vocab_size: int,
+                       limit: Optional[int] = None) -> dict:
+    """pass@k over the first ``limit`` HumanEval problems whose prompt fits the anchor."""
+    from ebft_megatron.evaluation.humaneval import evaluate_humaneval, load_problems
+
+    problems = load_problems()
+    which = _fitting(tokenizer, [p.prompt for p in problems], settings.anchor)[:limit]
+    completions = _complete(model, tokenizer, [(p.prompt, p.canonical_solution) for p in problems], which,
+                            settings, vocab_size)
+    by_prompt = {problems[i].prompt: texts for i, texts in zip(which, completions)}
+    report = evaluate_humaneval(lambda prompt, n: by_prompt[prompt], [problems[i] for i in which],
+                                settings.samples, settings.ks)
+    return report.metrics()
