@@ -4,6 +4,8 @@ and the conditional feature-matching loss as a function of completion length (CS
   python -m ebft_megatron.evaluate --load runs/ebft_smollm2_stdlib/step_000004 --out eval_out
   python -m ebft_megatron.evaluate --load CKPT --out eval_out --humaneval 164 --humaneval-samples 4 \
       --humaneval-temperature 0.6            # + HumanEval pass@1 and pass@4 (unbiased), sandboxed
+  python -m ebft_megatron.evaluate --load CKPT --out eval_out --config X.yaml --unit-tests data/test.jsonl \
+      --humaneval 16 --in-context --humaneval-samples 4 --humaneval-temperature 0.6   # batched, few-shot
   torchrun --nproc_per_node=2 -m ebft_megatron.evaluate --load CKPT --config examples/X.yaml parallel.pp=2
 
 The data, rollout and eval settings come from --config and overrides (the trainer's sections;

@@ -100,3 +100,26 @@ def test_gpu_configs_use_the_paper_settings(name):
     assert (opt.lr, opt.schedule, opt.warmup_fraction, opt.adam_beta1, opt.adam_beta2, opt.weight_decay,
             opt.clip_grad) == (1e-6, "constant", 0.03, 0.9, 0.95, 0.0, 1.0)
     assert (c.train.chunks_per_step, c.train.seed) == (16, 43)
+
+
+@pytest.mark.parametrize("method", ["sft", "rlvr", "ebft"])
+def test_replication_methods_share_the_chunks_and_rlvr_samples_at_the_response_anchor(method, tmp_path):
+    """examples/replication: every method loads with the same data and budget; RLVR's single
+    rollout anchor is where the aligned chunks put each function's body."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("replicate", EXAMPLES / "replication" / "replicate.py")
+    replicate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replicate)
+    data = [f"data.path={tmp_path / 'train.jsonl'}", f"data.eval_path={tmp_path / 'validation.jsonl'}"]
+    config = load_config(replicate.CONFIG, [*data, *replicate.METHOD_OVERRIDES[method]])
+    base = load_config(replicate.CONFIG, data)
+    assert config.objective.mode == method
+    assert (config.data, config.train, config.optimizer) == (base.data, base.train, base.optimizer)
+    r = config.rollout
+    layout = BlockLayout(r.chunk_len, r.first_anchor, r.stride, r.rollout_len, r.num_samples)
+    if method == "rlvr":
+        assert layout.num_blocks == 1 and layout.anchor_positions.tolist() == [config.data.response_anchor]
+        assert config.objective.reward.endswith("unit_tests:UnitTestReward")
+    else:
+        assert layout.num_blocks > 1
