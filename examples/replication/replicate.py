@@ -78,14 +78,16 @@ class Runner:
         self.out = Path(args.out).resolve()
         self.started = time.monotonic()
         self.jobs_done = 0
+        self.jobs_run = 0  # done here (skipped ones took no time, so they do not count in the rate)
+        self.time_running = 0.0
         self.jobs_total = 1 + len(args.seeds) * len(args.methods) * 2
 
     def run(self, label: str, command: list[str], log: Path) -> None:
         """One job, its output to ``log``; stops everything with the log's tail when it fails."""
         elapsed = time.monotonic() - self.started
         eta = ""
-        if self.jobs_done:
-            eta = f", ETA {(elapsed / self.jobs_done) * (self.jobs_total - self.jobs_done) / 60:.0f} min"
+        if self.jobs_run:
+            eta = f", ETA {(self.time_running / self.jobs_run) * (self.jobs_total - self.jobs_done) / 60:.0f} min"
         print(f"[replicate] {self.jobs_done + 1}/{self.jobs_total} {label} ({elapsed / 60:.1f} min so far{eta})",
               flush=True)
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -96,8 +98,11 @@ class Runner:
         if result.returncode:
             tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
             sys.exit(f"[replicate] {label} failed (exit {result.returncode}); last lines of {log}:\n{tail}")
-        print(f"[replicate]    done in {(time.monotonic() - began) / 60:.1f} min", flush=True)
+        took = time.monotonic() - began
+        print(f"[replicate]    done in {took / 60:.1f} min", flush=True)
         self.jobs_done += 1
+        self.jobs_run += 1
+        self.time_running += took
 
     def skip(self) -> None:
         """A job whose output exists counts as done."""
