@@ -55,6 +55,9 @@ class ParallelSettings:
     tp: int = 1
     # Pipeline parallel size (must divide the number of layers). DP = world size / (tp * pp).
     pp: int = 1
+    # Megatron sequence parallelism: norms and dropouts split over the TP ranks along the sequence
+    # (needs tp > 1 and a GPU with Transformer Engine; megatron's CPU norm refuses it).
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -333,6 +336,8 @@ def validate(config: Config, where: str = "config") -> None:
             fail(f"{name} must be >= 0, got {value}")
     if not 0 <= opt.warmup_fraction < 1:
         fail(f"optimizer.warmup_fraction must be in [0, 1), got {opt.warmup_fraction}")
+    if config.parallel.sequence_parallel and config.parallel.tp < 2:
+        fail("parallel.sequence_parallel needs parallel.tp >= 2 (it splits the sequence over the tensor-parallel ranks)")
     if t.chunks_per_step % t.micro_batch:
         fail(f"train.chunks_per_step={t.chunks_per_step} is not a multiple of train.micro_batch={t.micro_batch}")
     if not 0 < r.top_p <= 1:

@@ -87,3 +87,18 @@ def test_fp8_settings_are_checked_and_need_transformer_engine(tiny_models, tmp_p
     if not torch.cuda.is_available():  # CPU (CI): the error says what to install
         with pytest.raises(ModelConfigError, match=r"needs Transformer Engine and a GPU.*pip install -e '\.\[gpu\]'"):
             fp8_overrides("tensorwise")
+
+
+def test_sequence_parallel_needs_tensor_parallelism_and_transformer_engine():
+    import torch
+
+    from ebft_megatron.models.architecture import ModelConfigError
+    from ebft_megatron.models.gpt import sequence_parallel_overrides
+
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel needs parallel.tp >= 2"):
+        load_config(None, ["model.load=/ckpt", "parallel.sequence_parallel=true"])
+    assert load_config(None, ["model.load=/ckpt", "parallel.sequence_parallel=true", "parallel.tp=2"]).parallel.tp == 2
+    assert sequence_parallel_overrides(False) == {}
+    if not torch.cuda.is_available():  # CPU (CI): refused with what to install, before any model is built
+        with pytest.raises(ModelConfigError, match="sequence_parallel=true needs a GPU with Transformer Engine"):
+            sequence_parallel_overrides(True)

@@ -93,6 +93,18 @@ def fp8_overrides(recipe: str) -> dict:
     return {"fp8": "e4m3" if recipe in ("blockwise", "mxfp8") else "hybrid", "fp8_recipe": recipe}
 
 
+def sequence_parallel_overrides(enabled: bool) -> dict:
+    """TransformerConfig settings for sequence parallelism; a clear error where it cannot run."""
+    if not enabled:
+        return {}
+    if not transformer_engine_available():
+        from ebft_megatron.models.architecture import ModelConfigError
+
+        raise ModelConfigError("parallel.sequence_parallel=true needs a GPU with Transformer Engine (megatron's "
+                               f"CPU/torch norm refuses sequence parallelism); {FP8_INSTALL_HINT}")
+    return {"sequence_parallel": True}
+
+
 def layer_spec(use_te: bool):
     """The layer spec with our core attention plugged in."""
     from megatron.core.models.gpt import gpt_layer_specs
