@@ -56,7 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="runs/replication", help="output folder (default runs/replication)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="training seeds (default 1 2)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run (default 4)")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default 8)")
     parser.add_argument("--load", default=str(Path.home() / ".cache/ebft_megatron/smollm2/mcore"),
                         help="the starting checkpoint (default: tools/prepare_smollm2.py's)")
     parser.add_argument("--unit-test-tasks", type=int, default=16, help="test-split tasks evaluated (default 16)")
