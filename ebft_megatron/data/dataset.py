@@ -275,6 +275,14 @@ def load_chunks(config: DataConfig, tokenizer, chunk_len: int, split: str = "tra
 # Order of chunks
 
 
+def micro_batches(indices: list[int], micro_batch_size: int) -> Iterator[list[int]]:
+    """Consecutive groups of ``micro_batch_size`` chunk indices (the last one may be shorter)."""
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
+    for start in range(0, len(indices), micro_batch_size):
+        yield indices[start:start + micro_batch_size]
+
+
 class ChunkLoader:
     """Which chunks each data-parallel rank trains on at each step.
 

@@ -20,8 +20,9 @@ from typing import Optional
 
 import torch
 
+from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.data.packing import PackedChunks
-from ebft_megatron.evaluation.sharding import micro_batches, model_device, replica_share
+from ebft_megatron.evaluation.sharding import model_device, replica_share
 from ebft_megatron.objective.loss import next_token_nll, real_targets
 from ebft_megatron.runtime import pipeline
 from ebft_megatron.runtime.distributed import sum_over_data_parallel

@@ -24,9 +24,10 @@ from typing import Callable, Optional
 
 import torch
 
+from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation.files import atomic_write
-from ebft_megatron.evaluation.sharding import micro_batches, replica_share
+from ebft_megatron.evaluation.sharding import replica_share
 from ebft_megatron.features.network import embed
 from ebft_megatron.objective.rewards import alignment_and_diversity, cfm_loss
 from ebft_megatron.rollouts.layout import BlockLayout

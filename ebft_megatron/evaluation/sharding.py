@@ -8,8 +8,6 @@ depend on the parallel layout (up to float64 summation order).
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 
 
@@ -25,13 +23,6 @@ def replica_share(num_chunks: int) -> list[int]:
     """Indices of the chunks this data-parallel replica evaluates (every dp_size-th one)."""
     rank, size = _data_parallel()
     return list(range(rank, num_chunks, size))
-
-
-def micro_batches(indices: list[int], micro_batch_size: int) -> Iterator[list[int]]:
-    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
-    for start in range(0, len(indices), micro_batch_size):
-        yield indices[start:start + micro_batch_size]
 
 
 def model_device(model) -> torch.device:

@@ -136,12 +136,12 @@ class Trainer:
 
     # --- one step -----------------------------------------------------------------------------
     def _micro_batches(self, indices: list[int]):
+        from ebft_megatron.data.dataset import micro_batches
         from ebft_megatron.training.step import MicroBatch
 
-        size = self.config.train.micro_batch
         chunks = self.train_chunks
-        for start in range(0, len(indices), size):
-            picked = torch.as_tensor(indices[start:start + size], dtype=torch.long)
+        for group in micro_batches(indices, self.config.train.micro_batch):
+            picked = torch.as_tensor(group, dtype=torch.long)
             doc_ids = chunks.doc_ids[picked] if self.config.data.document_masking else None
             yield MicroBatch(chunks.tokens[picked], chunks.lengths[picked], doc_ids=doc_ids)
 
