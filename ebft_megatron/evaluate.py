@@ -6,6 +6,8 @@ and the conditional feature-matching loss as a function of completion length (CS
       --humaneval-temperature 0.6            # + HumanEval pass@1 and pass@4 (unbiased), sandboxed
   python -m ebft_megatron.evaluate --load CKPT --out eval_out --config X.yaml --unit-tests data/test.jsonl \
       --humaneval 16 --in-context --humaneval-samples 4 --humaneval-temperature 0.6   # batched, few-shot
+  python -m ebft_megatron.evaluate --load CKPT --out eval_out --config examples/ebft_translation_llama3.2_1b.yaml \
+      --translation ~/data/bible/test.jsonl --translation-limit 200   # BLEU and chrF, greedy, in context
   torchrun --nproc_per_node=2 -m ebft_megatron.evaluate --load CKPT --config examples/X.yaml parallel.pp=2
 
 The data, rollout and eval settings come from --config and overrides (the trainer's sections;
@@ -45,6 +47,11 @@ def parse_args(argv=None):
                              "in context like --in-context, with --humaneval-samples/-temperature/-top-p/"
                              "-max-new-tokens")
     parser.add_argument("--unit-tests-limit", type=int, default=0, metavar="N", help="first N tasks (0 = all)")
+    parser.add_argument("--translation", metavar="FILE",
+                        help="also score translations (BLEU, chrF) of held-out pairs (JSONL or TSV, e.g. test.jsonl "
+                             "from tools/prepare_bible_translation.py), prompted with the config's data.template, "
+                             "data.source_lang and data.target_lang; in context, one completion each")
+    parser.add_argument("--translation-limit", type=int, default=0, metavar="N", help="first N pairs (0 = all)")
     parser.add_argument("--prompt-tokens", type=int, default=384,
                         help="in context: prompts longer than this are left out (default 384)")
     parser.add_argument("--batch-size", type=int, default=16, help="in context: prompts decoded together (default 16)")
@@ -54,8 +61,10 @@ def parse_args(argv=None):
         parser.error("--humaneval must be between 0 and 164")
     if min(args.humaneval_samples, args.humaneval_max_new_tokens, args.prompt_tokens, args.batch_size) < 1:
         parser.error("--humaneval-samples, --humaneval-max-new-tokens, --prompt-tokens and --batch-size must be >= 1")
-    if (args.in_context or args.unit_tests) and args.humaneval_temperature <= 0:
-        parser.error("in-context completions are sampled: give --humaneval-temperature > 0 (e.g. 0.6)")
+    if args.humaneval_temperature < 0:
+        parser.error("--humaneval-temperature must be >= 0 (0 = greedy)")
+    if args.translation and not Path(args.translation).is_file():
+        parser.error(f"--translation {args.translation}: no such file")
     if args.unit_tests and not Path(args.unit_tests).is_file():
         parser.error(f"--unit-tests {args.unit_tests}: no such file; write it with "
                      "tools/prepare_stdlib_functions.py --unit-tests")
@@ -79,8 +88,9 @@ def run_humaneval(args, model, arch, tokenizer) -> dict:
     return report.metrics()
 
 
-def run_in_context(args, model, arch, tokenizer) -> dict:
-    """HumanEval (--in-context) and unit-test pass@k from batched in-context completions."""
+def run_in_context(args, model, arch, tokenizer, data) -> dict:
+    """HumanEval (--in-context), unit-test pass@k and translation scores from batched in-context
+    completions."""
     from ebft_megatron.evaluation import downstream
     from ebft_megatron.evaluation.unit_tests import read_tasks
 
@@ -93,7 +103,23 @@ def run_in_context(args, model, arch, tokenizer) -> dict:
                                                      arch.vocab_size, limit=args.unit_tests_limit or None))
     if args.humaneval and args.in_context:
         metrics.update(downstream.humaneval_accuracy(model, tokenizer, settings, arch.vocab_size, limit=args.humaneval))
+    if args.translation:
+        metrics.update(downstream.translation_quality(model, tokenizer, translation_documents(args.translation, data),
+                                                      settings, arch.vocab_size, limit=args.translation_limit or None))
     return metrics
+
+
+def translation_documents(path, data) -> list[tuple[str, str]]:
+    """(prompt, target) pairs of a translation file, rendered with the config's template."""
+    from ebft_megatron.data.sources import SkipReport, read_translation_pairs
+
+    if not (data.source_lang.strip() and data.target_lang.strip()):
+        from ebft_megatron.cli import UsageError
+
+        raise UsageError("--translation needs data.source_lang and data.target_lang (e.g. data.source_lang=English "
+                         "data.target_lang=Spanish), the languages the prompt template names")
+    return [tuple(document.segments) for document in
+            read_translation_pairs(path, data.translation_format(), False, SkipReport())]
 
 
 def main(argv=None) -> int:
@@ -129,8 +155,8 @@ def main(argv=None) -> int:
             result = evaluation.evaluate_run(config, policy, features, chunks, arch.vocab_size, info.dp_rank)
             evaluation.write_report(args.out, *result)
             metrics = result.metrics()
-            if args.unit_tests or (args.humaneval and args.in_context):
-                downstream = run_in_context(args, policy, arch, tokenizer)
+            if args.unit_tests or args.translation or (args.humaneval and args.in_context):
+                downstream = run_in_context(args, policy, arch, tokenizer, config.data)
                 metrics.update(downstream)
                 if distributed.is_rank0():
                     (Path(args.out) / "downstream.json").write_text(json.dumps(downstream, indent=1))

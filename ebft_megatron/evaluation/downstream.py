@@ -67,3 +67,21 @@ def humaneval_accuracy(model, tokenizer, settings: DownstreamSettings, vocab_siz
     report = evaluate_humaneval(lambda prompt, n: by_prompt[prompt], [problems[i] for i in which],
                                 settings.samples, settings.ks)
     return report.metrics()
+
+
+def translation_quality(model, tokenizer, documents: Sequence[tuple[str, str]], settings: DownstreamSettings,
+                        vocab_size: int, limit: Optional[int] = None) -> dict:
+    """Corpus BLEU and chrF of one completion per held-out (prompt, target) document (the prompt
+    rendered with the training template, as ``data.sources.read_translation_pairs`` gives it); the
+    documents before each prompt, with their targets, are its in-context examples. The translation
+    is the completion's first non-empty line."""
+    from ebft_megatron.evaluation.translation import clean_translation, translation_scores
+
+    which = _fitting(tokenizer, [prompt for prompt, _ in documents], settings.anchor)[:limit]
+    single = DownstreamSettings(**{**settings.__dict__, "samples": 1})
+    completions = _complete(model, tokenizer, [(prompt, target + "\n") for prompt, target in documents], which,
+                            single, vocab_size)
+    scores = translation_scores([clean_translation(texts[0]) for texts in completions],
+                                [documents[i][1] for i in which])
+    scores["translation/pairs"] = len(which)
+    return scores

@@ -1,8 +1,9 @@
 """Translation quality: corpus BLEU and chrF (sacrebleu, 0-100, its default settings), and a loop
 that asks a model to translate held-out pairs with the prompt the training data was built with.
 
-Not wired into the trainer: any ``translate_fn(prompts) -> texts`` (a generate call, an API, a
-lookup table in a test) can be scored.
+Any ``translate_fn(prompts) -> texts`` (a generate call, an API, a lookup table in a test) can be
+scored; ``python -m ebft_megatron.evaluate --translation FILE`` scores a checkpoint
+(``evaluation.downstream.translation_quality``).
 """
 
 from __future__ import annotations
