@@ -40,8 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--humaneval-top-p", type=float, default=0.95, help="default 0.95")
     parser.add_argument("--in-context", action="store_true",
                         help="HumanEval prompts follow the problems before them with their canonical solutions, so "
-                             "that --batch-size prompts decode together (about 20x faster on a CPU; a few-shot "
-                             "protocol, so compare checkpoints with each other, not with zero-shot scores)")
+                             "that --batch-size prompts decode together (faster: benchmarks/completions.py; a "
+                             "few-shot protocol, so compare checkpoints with each other, not with zero-shot scores)")
     parser.add_argument("--unit-tests", metavar="FILE",
                         help="also run unit-test tasks (JSONL from tools/prepare_stdlib_functions.py --unit-tests); "
                              "in context like --in-context, with --humaneval-samples/-temperature/-top-p/"

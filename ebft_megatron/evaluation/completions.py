@@ -58,8 +58,8 @@ def complete_in_context(model, tokenizer, documents: list[tuple[str, str]], whic
     it ends at token ``anchor``, and the tokens before it are the end of the documents before it
     in ``documents`` (prompt + response: in-context examples). All prompts then share one anchor,
     so ``batch_size`` of them decode together, and a decode step reads the weights once for
-    ``batch_size * num_samples`` rows instead of ``num_samples`` (on a CPU, where decoding a few
-    rows is bound by memory bandwidth, about 20x fewer weight reads per completion).
+    ``batch_size * num_samples`` rows instead of ``num_samples`` (decoding a few rows is bound by
+    memory bandwidth; ``benchmarks/completions.py`` measures the gain).
 
     Raises ValueError when one of the prompts is longer than ``anchor`` tokens."""
     from ebft_megatron.data.packing import pack_aligned
