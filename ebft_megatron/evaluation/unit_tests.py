@@ -195,12 +195,16 @@ class UnitTestReward:
 
     Built by the trainer with the run's tokenizer (``objective.reward:
     ebft_megatron.evaluation.unit_tests:UnitTestReward``). For block b the prompt is the decoded
-    prefix x[:a_b] (its last header onwards) and the body is the decoded rollout, cut where the
-    function ends. A prefix with no header scores 0."""
+    prefix x[:a_b] after its last EOS (its last header onwards) and the body is the decoded rollout,
+    cut where the function ends. A prefix with no header (a prompt longer than the window before
+    the anchor) scores 0."""
 
     def __init__(self, tokenizer, workers: int = 2, limits: SandboxLimits = UNIT_TEST_LIMITS,
                  prompt_tokens: int = 2048):
         self.tokenizer, self.workers, self.limits, self.prompt_tokens = tokenizer, workers, limits, prompt_tokens
+        # Decoding the EOS before a document may render it as text on the header's line
+        # ("<|endoftext|># module:name"), so the prompt is decoded from after the last EOS.
+        self.eos_id = getattr(tokenizer, "eos_id", None)
 
     def __call__(self, chunk, rollout_tokens, layout):
         import torch
@@ -210,6 +214,8 @@ class UnitTestReward:
         for row in range(B):
             for block, anchor in enumerate(layout.anchor_positions.tolist()):
                 prefix = chunk[row, max(0, anchor - self.prompt_tokens):anchor].tolist()
+                if self.eos_id in prefix:  # the prompt is the document after the last EOS (its header first)
+                    prefix = prefix[len(prefix) - prefix[::-1].index(self.eos_id):]
                 task = task_from_prompt(self.tokenizer.decode(prefix))
                 if task is None:
                     continue

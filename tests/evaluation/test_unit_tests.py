@@ -66,10 +66,13 @@ def test_a_crashing_or_hostile_body_scores_zero(median_low):
 
 
 class CharTokenizer:
-    """One token per character (ids = code points), enough to carry a prompt through a chunk."""
+    """One token per character (ids = code points), enough to carry a prompt through a chunk; id 0
+    is EOS and decodes to text, as byte-level BPE tokenizers render their special tokens."""
+
+    eos_id = 0
 
     def decode(self, ids):
-        return "".join(chr(i) for i in ids)
+        return "".join("<|endoftext|>" if i == self.eos_id else chr(i) for i in ids)
 
     def encode(self, text):
         return [ord(c) for c in text]
@@ -77,7 +80,7 @@ class CharTokenizer:
 
 def test_reward_scores_each_rollout_from_the_chunk_alone(median_low):
     tokenizer = CharTokenizer()
-    prompt = tokenizer.encode("filler text\n" + median_low.prompt)
+    prompt = tokenizer.encode("filler text") + [tokenizer.eos_id] + tokenizer.encode(median_low.prompt)
     good = tokenizer.encode(median_low.response)
     bad = tokenizer.encode("    return 0\n")
     G = max(len(good), len(bad)) + 1
