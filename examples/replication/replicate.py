@@ -14,7 +14,7 @@ What it does, each step skipped when its output already exists (so a stopped run
      validation CE (whole chunk and body tokens only), CFM at the training layout, pass@1 and
      pass@k on unit-test tasks of the test split and on HumanEval (in context, sampled);
   4. a table (mean and spread over seeds) in OUT/results.md and OUT/results.json, and plots
-     OUT/metrics.png (final metrics) and OUT/training.png (loss per step).
+     OUT/metrics.png (final metrics) and OUT/training.png (training-chunk CE per step).
 
 The machine's 2 cores are used by one job at a time (OMP_NUM_THREADS=2).
 """
@@ -210,9 +210,9 @@ def plot(args, base: dict, results: dict, out: Path) -> None:
             if not log.is_file():
                 continue
             rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-            rows = [row for row in rows if "loss" in row]
-            axes.plot([row["step"] for row in rows], [row["loss"] for row in rows], marker="o", label=f"seed {seed}")
-        axes.set_title(f"{method}: training loss")
+            rows = [row for row in rows if "loss/ce" in row]  # every method logs the CE of its step's chunks
+            axes.plot([row["step"] for row in rows], [row["loss/ce"] for row in rows], marker="o", label=f"seed {seed}")
+        axes.set_title(f"{method}: CE of the step's training chunks")
         axes.set_xlabel("step")
         axes.legend(fontsize="small")
     figure.tight_layout()
@@ -234,9 +234,10 @@ def main(argv=None) -> int:
     (runner.out / "results.json").write_text(json.dumps({"base": base, "runs": results, "settings": vars(args)},
                                                         indent=1))
     minutes = (time.monotonic() - runner.started) / 60
+    skipped = runner.jobs_done - runner.jobs_run
+    took = f"{minutes:.0f} min" + (f" ({skipped} jobs done earlier were skipped)" if skipped else "")
     (runner.out / "results.md").write_text(
-        f"{table}\n\nmean ± half the range over seeds {args.seeds}; {args.steps} steps per run; "
-        f"{minutes:.0f} min in all\n")
+        f"{table}\n\nmean ± half the range over seeds {args.seeds}; {args.steps} steps per run; {took}\n")
     plot(args, base, results, runner.out)
     print(table)
     print(f"[replicate] done in {minutes:.0f} min: {runner.out}/results.md, metrics.png, training.png", flush=True)
