@@ -52,7 +52,7 @@ def unit_test_records(pairs) -> list[tuple[dict, str]]:
     started = time.monotonic()
     print(f"running the examples of {len(candidates)} functions against their own bodies in the sandbox "
           f"(about {0.2 * len(candidates):.0f} s)...", file=sys.stderr, flush=True)
-    kept, outcomes = verified_tasks(candidates)
+    kept = verified_tasks(candidates)
     failed = len(candidates) - len(kept)
     print(f"{len(kept)} kept; {failed} left out (their own body fails: they need the network, a subprocess, files "
           f"or other state; or a docstring-only body passes too) "

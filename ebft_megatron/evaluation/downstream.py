@@ -9,7 +9,7 @@ numbers compare checkpoints with each other, not with published zero-shot scores
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -78,7 +78,7 @@ def translation_quality(model, tokenizer, documents: Sequence[tuple[str, str]], 
     from ebft_megatron.evaluation.translation import clean_translation, translation_scores
 
     which = _fitting(tokenizer, [prompt for prompt, _ in documents], settings.anchor)[:limit]
-    single = DownstreamSettings(**{**settings.__dict__, "samples": 1})
+    single = replace(settings, samples=1)
     completions = _complete(model, tokenizer, [(prompt, target + "\n") for prompt, target in documents], which,
                             single, vocab_size)
     scores = translation_scores([clean_translation(texts[0]) for texts in completions],

@@ -145,6 +145,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - all_wrong
 
 
+def mean_pass_at_k(samples: int, correct_counts: Sequence[int], ks: Iterable[int]) -> dict[int, float]:
+    """k -> the mean over prompts of the unbiased pass@k, from each prompt's count of correct
+    samples out of ``samples``; every k must be in 1..samples."""
+    ks = checked_ks(ks, samples)
+    return {k: sum(pass_at_k(samples, correct, k) for correct in correct_counts) / max(1, len(correct_counts))
+            for k in ks}
+
+
+def checked_ks(ks: Iterable[int], samples: int) -> list[int]:
+    """The distinct ks, sorted, each in 1..samples (ValueError otherwise)."""
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1 or ks[-1] > samples:
+        raise ValueError(f"every k must be in 1..{samples} (the samples per prompt), got {ks}")
+    return ks
+
+
 def evaluate_humaneval(generate_fn: GenerateFn, problems: Optional[Sequence[Problem]] = None,
                        samples_per_problem: int = 1, ks: Iterable[int] = (1,), *,
                        limits: SandboxLimits = HUMANEVAL_LIMITS, workers: Optional[int] = None,
@@ -158,11 +174,9 @@ def evaluate_humaneval(generate_fn: GenerateFn, problems: Optional[Sequence[Prob
     are in ``report.status_counts()``.
     """
     problems = load_problems() if problems is None else list(problems)
-    ks = sorted(set(int(k) for k in ks))
     if samples_per_problem < 1:
         raise ValueError(f"samples_per_problem must be >= 1, got {samples_per_problem}")
-    if not ks or ks[0] < 1 or ks[-1] > samples_per_problem:
-        raise ValueError(f"every k must be in 1..samples_per_problem={samples_per_problem}, got {ks}")
+    ks = checked_ks(ks, samples_per_problem)
     stop_sequences = tuple(stop_sequences)
     workers = workers or max(1, (os.cpu_count() or 2) // 2)
 
@@ -179,6 +193,5 @@ def evaluate_humaneval(generate_fn: GenerateFn, problems: Optional[Sequence[Prob
         outcomes = [ProblemOutcome(task_id, completions, [future.result() for future in futures])
                     for task_id, completions, futures in pending]
 
-    scores = {k: sum(pass_at_k(samples_per_problem, outcome.num_correct, k) for outcome in outcomes)
-              / max(1, len(outcomes)) for k in ks}
+    scores = mean_pass_at_k(samples_per_problem, [outcome.num_correct for outcome in outcomes], ks)
     return HumanEvalReport(scores, samples_per_problem, outcomes)

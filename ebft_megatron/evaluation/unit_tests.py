@@ -160,29 +160,25 @@ def candidate_tasks(pairs) -> list[Task]:
     return tasks
 
 
-def verified_tasks(tasks: Sequence[Task], workers: int = 2,
-                   limits: SandboxLimits = UNIT_TEST_LIMITS) -> tuple[list[Task], list[TestOutcome]]:
+def verified_tasks(tasks: Sequence[Task], workers: int = 2, limits: SandboxLimits = UNIT_TEST_LIMITS) -> list[Task]:
     """The tasks whose original body passes all of its examples in the sandbox (an example that
     needs the network, a subprocess or a file outside the work folder fails there) and an empty
-    body (the docstring alone) does not, so that a reward cannot be earned by writing nothing;
-    and the original bodies' outcomes."""
+    body (the docstring alone) does not, so that a reward cannot be earned by writing nothing."""
     outcomes = run_many([(task, task.response) for task in tasks], workers, limits)
     passing = [task for task, outcome in zip(tasks, outcomes) if outcome.passed]
     empty = run_many([(task, "") for task in passing], workers, limits)
-    return [task for task, outcome in zip(passing, empty) if not outcome.passed], outcomes
+    return [task for task, outcome in zip(passing, empty) if not outcome.passed]
 
 
 def read_tasks(path) -> list[Task]:
     """Tasks from a JSONL file written by ``tools/prepare_stdlib_functions.py --unit-tests``."""
-    import json as json_module
-
     tasks = []
     with open(path) as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                record = json_module.loads(line)
+                record = json.loads(line)
                 tasks.append(Task(record["module"], record["qualname"], record["question"], record["answer"]))
             except (ValueError, KeyError, TypeError) as err:
                 raise ValueError(f"{path}:{number}: not a unit-test task record ({err}); write the file with "
@@ -233,7 +229,7 @@ def evaluate_tasks(tasks: Sequence[Task], completions: Sequence[Sequence[str]], 
                    workers: int = 2, limits: SandboxLimits = UNIT_TEST_LIMITS) -> dict:
     """pass@k (unbiased) and the mean fraction of examples passed, from ``completions[i]``: the
     samples (text after the prompt) for ``tasks[i]``, each cut where its function ends."""
-    from ebft_megatron.evaluation.humaneval import pass_at_k
+    from ebft_megatron.evaluation.humaneval import checked_ks, mean_pass_at_k
 
     if len(completions) != len(tasks):
         raise ValueError(f"{len(completions)} completion lists for {len(tasks)} tasks")
@@ -241,14 +237,12 @@ def evaluate_tasks(tasks: Sequence[Task], completions: Sequence[Sequence[str]], 
     if len(samples) != 1:
         raise ValueError(f"every task needs the same number of samples, got {sorted(samples)}")
     samples_per_task = samples.pop()
-    ks = sorted(set(int(k) for k in ks))
-    if not ks or ks[0] < 1 or ks[-1] > samples_per_task:
-        raise ValueError(f"every k must be in 1..{samples_per_task} (the samples per task), got {ks}")
+    ks = checked_ks(ks, samples_per_task)  # before any sandbox runs
     jobs = [(task, truncate_body(task.prompt, text)) for task, group in zip(tasks, completions) for text in group]
     outcomes = run_many(jobs, workers, limits)
-    per_task = [outcomes[i * samples_per_task:(i + 1) * samples_per_task] for i in range(len(tasks))]
-    metrics = {f"unit_tests/pass@{k}": sum(pass_at_k(samples_per_task, sum(o.passed for o in group), k)
-                                           for group in per_task) / max(1, len(tasks)) for k in ks}
+    correct = [sum(o.passed for o in outcomes[i * samples_per_task:(i + 1) * samples_per_task])
+               for i in range(len(tasks))]
+    metrics = {f"unit_tests/pass@{k}": value for k, value in mean_pass_at_k(samples_per_task, correct, ks).items()}
     metrics["unit_tests/fraction_passed"] = sum(o.fraction_passed for o in outcomes) / max(1, len(outcomes))
     metrics["unit_tests/tasks"] = len(tasks)
     return metrics
