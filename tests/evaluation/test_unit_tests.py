@@ -83,14 +83,15 @@ def test_reward_scores_each_rollout_from_the_chunk_alone(median_low):
     prompt = tokenizer.encode("filler text") + [tokenizer.eos_id] + tokenizer.encode(median_low.prompt)
     good = tokenizer.encode(median_low.response)
     bad = tokenizer.encode("    return 0\n")
-    G = max(len(good), len(bad)) + 1
+    half = tokenizer.encode("    return len(data)\n")  # passes one of the two examples: still 0
+    G = max(len(good), len(bad), len(half)) + 1
     pad = lambda ids: ids + tokenizer.encode("\n") * (G - len(ids))  # noqa: E731
     layout = BlockLayout(chunk_len=len(prompt) + G, first_anchor=len(prompt), stride=1, rollout_len=G, num_samples=3)
     chunk = torch.tensor([prompt + pad(good), tokenizer.encode("#" * len(prompt)) + pad(good)])
-    rollouts = torch.tensor([[[pad(good), pad(bad), pad(good)]], [[pad(good), pad(good), pad(good)]]])
+    rollouts = torch.tensor([[[pad(good), pad(bad), pad(half)]], [[pad(good), pad(good), pad(good)]]])
     rewards = ut.UnitTestReward(tokenizer)(chunk, rollouts, layout)
     assert rewards.shape == (2, 1, 3)
-    assert rewards[0, 0].tolist() == [1.0, 0.0, 1.0]
+    assert rewards[0, 0].tolist() == [1.0, 0.0, 0.0]
     assert rewards[1].abs().sum() == 0  # no header before the anchor: nothing to test against
 
 
@@ -114,3 +115,10 @@ def test_read_tasks_names_the_bad_line(tmp_path, median_low):
         ut.read_tasks(path)
     path.write_text(json.dumps(record) + "\n")
     assert ut.read_tasks(path) == [median_low]
+
+
+def test_verified_tasks_drop_failing_originals_and_tasks_an_empty_body_passes(median_low):
+    prompt = ut.header("textwrap", "indent") + 'def indent(text, prefix):\n    """\n    >>> x = 1\n    """\n'
+    trivial = ut.Task("textwrap", "indent", prompt, "    return text\n")  # no example checks any output
+    broken = ut.Task(median_low.module, median_low.qualname, median_low.prompt, "    return 0\n")
+    assert ut.verified_tasks([median_low, trivial, broken]) == [median_low]
