@@ -6,7 +6,9 @@ policy, the feature network and the rollout decoder uses it, forward and backwar
 What a call computes is chosen by what megatron hands through:
 - ``packed_seq_params`` is a :class:`BlockAttentionParams` -> the strided block layout
   (``rollouts.layout``), over real pairs only. Three modes:
-    * ``packed``:  chunk + all rollout tokens in one sequence (policy loss, feature network);
+    * ``packed``:  chunk + all rollout tokens in one sequence (policy loss, feature network), on
+      fused kernels (``models.fused_attention``: no score matrices, forward or backward) or on
+      the generic path below, the reference the fused one is tested against;
     * ``prefill``: the chunk alone, causal, writing its keys/values into the rollout KV cache;
     * ``decode``:  the n*NB tokens of one rollout step against the cache.
   The params ride in ``packed_seq_params`` because megatron passes that object untouched to the
@@ -16,14 +18,14 @@ What a call computes is chosen by what megatron hands through:
   boundary (True = masked out) and converted once, here, to SDPA's (True = may attend).
 - neither -> plain causal attention.
 
-Real-pair attention: the chunk attends causally (SDPA with ``is_causal``). A rollout token of
+Generic real-pair attention: the chunk attends causally (SDPA with ``is_causal``). A rollout token of
 block b attends to the chunk prefix x[:a_b] and to the earlier tokens of its own (block, sample).
 Prefix scores are computed for tiles of consecutive blocks against keys [0, a_last) of the tile,
 so the masked-out work is only the staircase inside a tile; the prefix and own-block scores are
 concatenated and normalised by one softmax, which keeps it exact and differentiable.
 
-Decode steps under no-grad on CPU take a fused path instead (:func:`decode_attention`): torch's
-CPU flash-attention kernel returns each row's log-sum-exp next to its output, so the prefix
+Decode steps under no-grad on CPU take a fused path (:func:`decode_attention`): torch's CPU
+flash-attention kernel returns each row's log-sum-exp next to its output, so the prefix
 attention (per tile, staircase as a cached additive mask) and the own-block attention run as two
 kernels that never write their score matrices to memory, and are merged exactly by their
 log-sum-exps. The score copies, concatenation and masking of the generic path cost more than
@@ -41,9 +43,11 @@ import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
+from ebft_megatron.models import attention_kernels as kernels
+from ebft_megatron.models.fused_attention import packed_block_attention, packed_masks
 from ebft_megatron.rollouts.layout import BlockLayout
 
-# Blocks per prefix tile. Within a tile the prefix keys are padded up to the tile's last anchor, so
+# Blocks per prefix tile (generic and fused packed paths). Within a tile the prefix keys are padded up to the tile's last anchor, so
 # the wasted work per query is about (TILE_BLOCKS - 1) * stride / 2 keys out of an average P / 2.
 TILE_BLOCKS = 8
 
@@ -52,8 +56,7 @@ TILE_BLOCKS = 8
 # mean fewer kernel calls and larger matmuls inside the kernel. 64 was fastest at P=1024, n=4.
 DECODE_TILE_ROWS = 64
 
-# Returns (output, logsumexp); absent from old or non-CPU builds, where decode uses the generic path.
-_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+IMPLEMENTATIONS = ("fused", "generic")
 
 
 @dataclass
@@ -72,14 +75,25 @@ class RolloutKVCache:
 
 @dataclass
 class BlockAttentionParams(PackedSeqParams):
+    """What one model forward passes to every layer's core attention and to the output layer."""
+
     layout: Optional[BlockLayout] = None
-    # "packed" | "prefill" | "decode"; "dense" = use the attention_mask tensor (reference paths)
+    # "packed" | "prefill" | "decode"; "dense" = the attention_mask tensor, causal when there is none
     mode: str = "packed"
     cache: Optional[RolloutKVCache] = None
     step: int = 0
     # Sequence rows whose logits are wanted; the LM head then runs on these rows only (the
     # prefill needs NB of its P rows). None = all rows.
     logit_rows: Optional[torch.Tensor] = None
+    # packed mode: "fused" kernels or the "generic" reference path
+    implementation: str = "fused"
+    # packed mode: [B, P] document ids (document masking); None = one document
+    doc_ids: Optional[torch.Tensor] = None
+    # Return the final hidden states [b, s, h] instead of logits; the loss then applies the output
+    # layer itself, in row chunks (``models.output``).
+    return_hidden: bool = False
+    # the fused path's masks, built at the first layer and reused by the others (key: dtype, device)
+    fused_masks: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.qkv_format = "sbhd"
@@ -87,15 +101,22 @@ class BlockAttentionParams(PackedSeqParams):
             raise ValueError(f"unknown block attention mode {self.mode!r}")
         if self.mode in ("prefill", "decode") and self.cache is None:
             raise ValueError(f"mode {self.mode!r} needs a RolloutKVCache")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"block attention implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
 
 
-def packed_attention(layout: BlockLayout, doc_ids: Optional[torch.Tensor] = None):
-    """(block params, attention mask) for a forward of the packed chunk + rollouts: real-pair block
-    attention, or with ``doc_ids`` (document masking) the layout's dense mask, per chunk, in
-    megatron's convention (True = masked out)."""
-    if doc_ids is None:
-        return BlockAttentionParams(layout=layout, mode="packed"), None
-    return BlockAttentionParams(layout=layout, mode="dense"), ~layout.dense_attention_mask(doc_ids)[:, None]
+def packed_attention(layout: BlockLayout, doc_ids: Optional[torch.Tensor] = None, implementation: str = "fused",
+                     return_hidden: bool = False):
+    """(block params, attention mask) for a forward of the packed chunk + rollouts. Fused: real-pair
+    attention on fused kernels, document masking included. Generic: real-pair score tiles, or with
+    ``doc_ids`` (document masking) the layout's dense mask, per chunk, in megatron's convention
+    (True = masked out)."""
+    if implementation == "fused" or doc_ids is None:
+        params = BlockAttentionParams(layout=layout, mode="packed", implementation=implementation, doc_ids=doc_ids,
+                                      return_hidden=return_hidden)
+        return params, None
+    params = BlockAttentionParams(layout=layout, mode="dense", return_hidden=return_hidden)
+    return params, ~layout.dense_attention_mask(doc_ids)[:, None]
 
 
 def _bhsd(x: torch.Tensor) -> torch.Tensor:
@@ -154,25 +175,23 @@ def rollout_attention(q, k_prefix, v_prefix, k_own, v_own, anchors, own_allowed,
     return torch.cat(outputs, dim=2)
 
 
-def decode_tiles(anchors, num_samples, tile_rows, dtype, device):
+def decode_tiles(layout: BlockLayout, tile_rows: int, dtype, device):
     """Prefix tiles for :func:`decode_attention`: (first row, end row, key_len, additive mask).
 
     Rows are (block, sample) pairs in block-major order; a tile of whole blocks sees keys
-    [0, a_last) and its mask [rows, key_len] is -inf where a key lies at or beyond the row's own
-    anchor (None when the tile holds a single block, which needs no mask).
+    [0, a_last) and its mask [rows, key_len] hides what ``BlockLayout.prefix_visibility`` hides
+    (None when the tile holds a single block, which needs no mask). Every decode step sees the
+    same prefix, so the tiles are built once per layout.
     """
-    blocks_per_tile = max(1, tile_rows // num_samples)
+    n = layout.num_samples
     tiles = []
-    for start in range(0, len(anchors), blocks_per_tile):
-        stop = min(start + blocks_per_tile, len(anchors))
-        key_len = int(anchors[stop - 1])
+    for start, stop in layout.prefix_tiles(max(1, tile_rows // n)):
+        key_len = int(layout.anchor_positions[stop - 1])
         mask = None
         if stop - start > 1:
-            tile_anchors = torch.as_tensor(anchors[start:stop], device=device)
-            hidden = torch.arange(key_len, device=device)[None, :] >= tile_anchors[:, None]
-            mask = torch.zeros(stop - start, key_len, dtype=dtype, device=device)
-            mask = mask.masked_fill_(hidden, float("-inf")).repeat_interleave(num_samples, dim=0)
-        tiles.append((start * num_samples, stop * num_samples, key_len, mask))
+            visible = layout.prefix_visibility(start, stop, key_len)[:, 0].to(device)  # [blocks, key_len]
+            mask = kernels.prepare_mask(visible.repeat_interleave(n, dim=0), dtype)
+        tiles.append((start * n, stop * n, key_len, mask))
     return tiles
 
 
@@ -196,10 +215,10 @@ def decode_attention(query, chunk_k, chunk_v, own_k, own_v, tiles, scale):
     Hkv = chunk_k.shape[1]
     rep = H // Hkv
     T = own_k.shape[-2]
-    out, own_lse = _flash_cpu(
+    out, own_lse = kernels.attend(
         query.reshape(R * B, Hkv, rep, d),  # views for megatron's contiguous query
         own_k.reshape(R * B, Hkv, T, d), own_v.reshape(R * B, Hkv, T, d),
-        scale=scale,
+        scale,
     )  # [R*B, Hkv, rep, d] (contiguous), [R*B, Hkv, rep] (strided)
     q_heads = query.reshape(R, B * Hkv, rep, d).permute(2, 1, 0, 3)  # [rep, B*Hkv, R, d]
     P = chunk_k.shape[2]
@@ -207,9 +226,8 @@ def decode_attention(query, chunk_k, chunk_v, own_k, own_v, tiles, scale):
     values = chunk_v.reshape(1, B * Hkv, P, d).expand(rep, -1, -1, -1)
     outs, lses = [], []
     for row_start, row_stop, key_len, mask in tiles:
-        tile_out, tile_lse = _flash_cpu(
-            q_heads[:, :, row_start:row_stop], keys[:, :, :key_len], values[:, :, :key_len],
-            attn_mask=mask, scale=scale,
+        tile_out, tile_lse = kernels.attend(
+            q_heads[:, :, row_start:row_stop], keys[:, :, :key_len], values[:, :, :key_len], scale, mask,
         )  # [rep, B*Hkv, rows, d], [rep, B*Hkv, rows]
         outs.append(tile_out)
         lses.append(tile_lse)
@@ -306,11 +324,12 @@ class BlockCoreAttention(MegatronModule):
             cache["rollout_v"][:, :, :, :, t] = value.view(NB, n, B, Hkv, d)
             own_k = cache["rollout_k"][..., : t + 1, :]  # [NB, n, B, Hkv, t+1, d]
             own_v = cache["rollout_v"][..., : t + 1, :]
-            if _flash_cpu is not None and query.device.type == "cpu" and not torch.is_grad_enabled():
+            # (CPU only: the CUDA kernel may not take the stride-0 key batch decode_attention uses)
+            if query.device.type == "cpu" and kernels.available(query.device) and not torch.is_grad_enabled():
                 tiles_key = (layout, query.dtype, query.device)
                 tiles = params.cache.decode_tiles.get(tiles_key)
                 if tiles is None:
-                    tiles = decode_tiles(anchors, n, DECODE_TILE_ROWS, query.dtype, query.device)
+                    tiles = decode_tiles(layout, DECODE_TILE_ROWS, query.dtype, query.device)
                     params.cache.decode_tiles[tiles_key] = tiles
                 return decode_attention(
                     query, cache["chunk_k"], cache["chunk_v"],
@@ -327,6 +346,17 @@ class BlockCoreAttention(MegatronModule):
             return out.permute(2, 4, 5, 0, 1, 3, 6).reshape(NB * n, B, H * d)
 
         # packed: chunk causal + rollout tokens against prefix and own block
+        if params.implementation == "fused" and kernels.available(query.device):
+            masks_key = (query.dtype, query.device)
+            masks = params.fused_masks.get(masks_key)
+            if masks is None:
+                masks = packed_masks(layout, TILE_BLOCKS, query.dtype, query.device, params.doc_ids)
+                params.fused_masks[masks_key] = masks
+            return packed_block_attention(query, key, value, layout, masks, scale)
+        if params.doc_ids is not None:  # no fused kernels on this device: the dense reference
+            allowed = layout.dense_attention_mask(params.doc_ids.to(query.device))[:, None]
+            return _sbh(F.scaled_dot_product_attention(_bhsd(query), _bhsd(key), _bhsd(value), attn_mask=allowed,
+                                                       scale=scale, enable_gqa=True))
         q, k, v = _bhsd(query), _bhsd(key), _bhsd(value)
         chunk_out = causal_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], scale)
         q_roll = query[P:].view(NB, n, G, B, Hkv, rep, d).permute(3, 4, 0, 5, 1, 2, 6)

@@ -122,41 +122,71 @@ class BlockLayout:
         window_end = self.anchor_positions + self.rollout_len
         return window_end[None, :] <= lengths[:, None]
 
-    # --- the dense reference mask -----------------------------------------------------------
+    # --- who attends to whom ---------------------------------------------------------------
+    # The pieces below define the attention pattern once; the dense mask assembles them, and the
+    # fused attention uses them piece by piece (chunk rows, rollout rows against the chunk prefix
+    # in tiles of blocks, rollout rows against their own block), never building the whole.
+    # All are bool, True where the query may attend the key (torch SDPA convention); with
+    # ``doc_ids`` [B, P] (document masking) they gain a leading batch dimension.
+
+    def chunk_visibility(self, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[P, P] (or [B, P, P]): chunk token k sees chunk tokens <= k (in its own document)."""
+        P = self.chunk_len
+        device = None if doc_ids is None else doc_ids.device
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        if doc_ids is None:
+            return causal
+        return causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
+
+    def prefix_visibility(self, first_block: int, stop_block: int, key_len: int,
+                          doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[blocks, G, key_len] (or [B, blocks, G, key_len]): what rollout step t of blocks
+        [first_block, stop_block) sees of chunk keys [0, key_len). Block b sees x[:a_b], every step
+        alike; with document masking only the keys in the document of x[a_b - 1], the token the
+        block continues. The n samples of a block see the same (:meth:`rollout_rows`)."""
+        device = None if doc_ids is None else doc_ids.device
+        anchors = self.anchor_positions[first_block:stop_block].to(device)
+        keys = torch.arange(key_len, device=device)
+        visible = keys[None, :] < anchors[:, None]  # [blocks, key_len]
+        if doc_ids is not None:
+            continued = doc_ids[:, anchors - 1]  # [B, blocks]
+            visible = visible & (doc_ids[:, None, :key_len] == continued[:, :, None])
+        return visible.unsqueeze(-2).expand(*visible.shape[:-1], self.rollout_len, key_len)
+
+    def rollout_rows(self, per_step: torch.Tensor) -> torch.Tensor:
+        """[..., blocks, G, X] per (block, step) -> [..., blocks*n*G, X] per packed rollout row
+        (``rollout_index`` order: block, sample, step)."""
+        *lead, blocks, G, X = per_step.shape
+        expanded = per_step.unsqueeze(-3).expand(*lead, blocks, self.num_samples, G, X)
+        return expanded.reshape(*lead, blocks * self.num_samples * G, X)
+
+    def own_visibility(self, device=None) -> torch.Tensor:
+        """[G, G]: rollout token t of a (block, sample) sees its own tokens 0..t."""
+        G = self.rollout_len
+        return torch.ones(G, G, dtype=torch.bool, device=device).tril()
+
+    def prefix_tiles(self, tile_blocks: int) -> list[tuple[int, int]]:
+        """Consecutive blocks grouped for the prefix attention: [(first_block, stop_block)]. A tile
+        attends to keys [0, a_last) and masks the staircase inside it, so a tile of k blocks
+        wastes about (k - 1) * stride / 2 keys per query."""
+        return [(start, min(start + tile_blocks, self.num_blocks)) for start in range(0, self.num_blocks, tile_blocks)]
+
     def dense_attention_mask(self, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[packed_len, packed_len] bool, True where query may attend key (torch SDPA convention).
+        """[packed_len, packed_len] (or [B, packed_len, packed_len] with ``doc_ids``) bool, True
+        where query may attend key: the pieces above, assembled.
 
         Used as the reference that the real-pair attention is tested against, and by the dense
         path; its size is quadratic in the packed length.
-
-        With ``doc_ids`` [B, P] (document masking) the result is [B, packed_len, packed_len]: a chunk
-        token also needs the key in its own document, and block b's rollout tokens see only the
-        prefix keys in the document of x[a_b - 1], the token they continue (plus their own block).
         """
-        allowed = self._dense_block_mask()
-        if doc_ids is None:
-            return allowed
-        P = self.chunk_len
-        # the document each packed query continues: its own for chunk rows, x[a_b - 1]'s for rollouts
-        continued = doc_ids[:, self.anchor_positions - 1]  # [B, NB]
-        rollout_docs = continued[:, :, None].expand(-1, -1, self.num_samples * self.rollout_len).reshape(len(doc_ids), -1)
-        query_docs = torch.cat([doc_ids, rollout_docs], dim=1)  # [B, S]
-        same = query_docs[:, :, None] == doc_ids[:, None, :]  # [B, S, P]: keys in the chunk
-        masked = allowed.expand(len(doc_ids), -1, -1).clone()
-        masked[:, :, :P] &= same
-        return masked
-
-    def _dense_block_mask(self) -> torch.Tensor:
-        S, P = self.packed_len, self.chunk_len
-        allowed = torch.zeros(S, S, dtype=torch.bool)
-        allowed[:P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
-        G = self.rollout_len
-        within = torch.ones(G, G, dtype=torch.bool).tril()
-        for b, anchor in enumerate(self.anchor_positions.tolist()):
-            for i in range(self.num_samples):
-                start = self.rollout_index(b, i, 0)
-                allowed[start:start + G, :anchor] = True
-                allowed[start:start + G, start:start + G] = within
+        S, P, G = self.packed_len, self.chunk_len, self.rollout_len
+        lead = () if doc_ids is None else (len(doc_ids),)
+        device = None if doc_ids is None else doc_ids.device
+        allowed = torch.zeros(*lead, S, S, dtype=torch.bool, device=device)
+        allowed[..., :P, :P] = self.chunk_visibility(doc_ids)
+        allowed[..., P:, :P] = self.rollout_rows(self.prefix_visibility(0, self.num_blocks, P, doc_ids))
+        own = self.own_visibility(device)
+        for start in range(P, S, G):
+            allowed[..., start:start + G, start:start + G] = own
         return allowed
 
     # --- convenience ------------------------------------------------------------------------

@@ -69,8 +69,24 @@ def _dense(core, q, k, v, layout):
     return core(q, k, v, mask)
 
 
-def _packed(core, q, k, v, layout):
-    return core(q, k, v, None, packed_seq_params=BlockAttentionParams(layout=layout, mode="packed"))
+def _packed(core, q, k, v, layout, implementation="fused", doc_ids=None):
+    params = BlockAttentionParams(layout=layout, mode="packed", implementation=implementation, doc_ids=doc_ids)
+    return core(q, k, v, None, packed_seq_params=params)
+
+
+def _forward_backward(core, layout, path, seed=2):
+    """(out, dq, dk, dv) of ``path(core, q, k, v, layout)`` against a fixed upstream gradient."""
+    base = _qkv(layout.packed_len, seed=seed)
+    upstream = torch.randn(layout.packed_len, B, H * D, generator=torch.Generator().manual_seed(seed + 1))
+    q, k, v = (x.clone().requires_grad_(True) for x in base)
+    out = path(core, q, k, v, layout)
+    (out * upstream).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _assert_all_close(got, expected):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("settings", LAYOUTS, ids=IDS)
@@ -83,24 +99,75 @@ def test_dense_path_matches_hand_written_attention(core, settings):
     torch.testing.assert_close(out, expected, **TOL)
 
 
+@pytest.mark.parametrize("implementation", ["fused", "generic"])
 @pytest.mark.parametrize("settings", LAYOUTS, ids=IDS)
-def test_packed_equals_dense_forward_and_backward(core, settings):
+def test_packed_equals_dense_forward_and_backward(core, settings, implementation):
     layout = BlockLayout(*settings)
-    base = _qkv(layout.packed_len, seed=2)
-    upstream = torch.randn(layout.packed_len, B, H * D, generator=torch.Generator().manual_seed(3))
-
-    def run(path):
-        q, k, v = (x.clone().requires_grad_(True) for x in base)
-        out = path(core, q, k, v, layout)
-        (out * upstream).sum().backward()
-        return out.detach(), q.grad, k.grad, v.grad
-
-    dense, packed = run(_dense), run(_packed)
+    dense = _forward_backward(core, layout, _dense)
+    packed = _forward_backward(core, layout, lambda *a: _packed(*a, implementation=implementation))
     assert tuple(packed[0].shape) == (layout.packed_len, B, H * D)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), packed, dense):
-        torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+    _assert_all_close(packed, dense)
     # the comparison is not vacuous: rollout gradients reach the chunk keys
     assert packed[2][: layout.chunk_len].abs().sum() > 0
+
+
+@pytest.mark.parametrize("settings", LAYOUTS, ids=IDS)
+def test_fused_equals_generic_forward_and_backward(core, settings, monkeypatch):
+    layout = BlockLayout(*settings)
+    calls = []
+    attend = attention_module.kernels.attend
+    monkeypatch.setattr(attention_module.kernels, "attend", lambda *a, **kw: calls.append(1) or attend(*a, **kw))
+    fused = _forward_backward(core, layout, lambda *a: _packed(*a, implementation="fused"))
+    # chunk, own blocks and one call per prefix tile: the fused kernels ran, once per part
+    assert len(calls) == 2 + len(layout.prefix_tiles(attention_module.TILE_BLOCKS))
+    generic = _forward_backward(core, layout, lambda *a: _packed(*a, implementation="generic"))
+    _assert_all_close(fused, generic)
+
+
+def _document_ids(layout, seed):
+    """[B, P] document ids with a few random boundaries per chunk (one chunk has none)."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = (torch.rand(B, layout.chunk_len, generator=gen) < 0.15).long()
+    starts[0] = 0
+    return starts.cumsum(-1)
+
+
+@pytest.mark.parametrize("settings", LAYOUTS[:3], ids=IDS[:3])
+def test_fused_document_masking_equals_dense_forward_and_backward(core, settings):
+    layout = BlockLayout(*settings)
+    doc_ids = _document_ids(layout, seed=sum(settings))
+    assert doc_ids[1].max() > 0, "the second chunk must hold several documents"
+
+    def dense(core, q, k, v, layout):
+        return core(q, k, v, ~layout.dense_attention_mask(doc_ids)[:, None])
+
+    expected = _forward_backward(core, layout, dense)
+    fused = _forward_backward(core, layout, lambda *a: _packed(*a, doc_ids=doc_ids))
+    _assert_all_close(fused, expected)
+    # ... and the documents matter: without them the result differs
+    plain = _forward_backward(core, layout, _packed)
+    assert not torch.allclose(plain[0], expected[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("implementation", ["fused", "generic"])
+def test_only_the_generic_path_keeps_score_matrices_for_backward(core, implementation):
+    """What autograd saves for backward: the fused path keeps O(S * heads * head_dim) (inputs,
+    output, row log-sum-exps); the generic path keeps its [rows x keys] probabilities."""
+    layout = BlockLayout(128, 8, 8, 8, 4)  # NB=15, 480 rollout rows, prefixes up to 120 keys
+    q, k, v = (x.requires_grad_(True) for x in _qkv(layout.packed_len, seed=8))
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _packed(core, q, k, v, layout, implementation=implementation)
+    activation = layout.packed_len * B * H * D
+    if implementation == "fused":
+        assert max(saved) <= activation
+    else:
+        assert max(saved) > 2 * activation
 
 
 # Decode paths: the fused no-grad path (CPU flash kernel + log-sum-exp merge) with prefix tiles of
@@ -118,7 +185,7 @@ def test_prefill_then_decode_reproduces_packed(core, settings, path, monkeypatch
     tile_rows = DECODE_PATHS[path]
     fused_calls = []
     if tile_rows != "generic":
-        assert attention_module._flash_cpu is not None, "this torch build lacks the CPU flash kernel"
+        assert attention_module.kernels.available(torch.device("cpu")), "this torch build lacks the CPU flash kernel"
         if tile_rows is not None:
             monkeypatch.setattr(attention_module, "DECODE_TILE_ROWS", tile_rows)
         fused = attention_module.decode_attention
@@ -146,9 +213,10 @@ def test_prefill_then_decode_reproduces_packed(core, settings, path, monkeypatch
 
 
 def test_decode_tiles_cover_rows_and_mask_the_staircase():
-    anchors = [2, 5, 8, 11, 14]
-    n = 3
-    tiles = attention_module.decode_tiles(anchors, n, 7, torch.float32, torch.device("cpu"))
+    layout = BlockLayout(16, 2, 3, 2, 3)
+    anchors, n = layout.anchor_positions.tolist(), 3
+    assert anchors == [2, 5, 8, 11, 14]
+    tiles = attention_module.decode_tiles(layout, 7, torch.float32, torch.device("cpu"))
     # 7 rows -> 2 whole blocks (6 rows) per tile; the last tile holds one block and needs no mask
     assert [(a, b, L) for a, b, L, _ in tiles] == [(0, 6, 5), (6, 12, 11), (12, 15, 14)]
     assert tiles[-1][3] is None

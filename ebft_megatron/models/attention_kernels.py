@@ -1,0 +1,97 @@
+"""Fused attention kernels that return each query row's log-sum-exp, forward and backward.
+
+The block attention (``models.fused_attention``) splits a query's keys into parts (the chunk, the
+chunk prefix of a rollout block, the block's own earlier tokens), attends to each part with one
+of these kernels, and merges the parts exactly through their log-sum-exps. None of the kernels
+writes a score matrix to memory.
+
+- CPU: torch's flash-attention operators for CPU (``_scaled_dot_product_flash_attention_for_cpu``
+  and its backward).
+- CUDA: torch's memory-efficient attention operators (``_scaled_dot_product_efficient_attention``
+  and its backward), the CUDA kernels that take an additive mask and return the log-sum-exp.
+
+Both backward operators take the attention output and the log-sum-exp as inputs, and recompute
+the probabilities from them as exp(q.k * scale - lse). Given the *merged* output and log-sum-exp
+of all parts, the backward of one part is that part's exact share of the gradient (the way ring
+attention computes its backward one key block at a time).
+
+Tensors are [batch, heads, rows, head_dim] with equal query and key heads (callers expand
+grouped keys); masks are additive, in the query's dtype, broadcastable to [batch, heads, rows,
+keys], and prepared once with :func:`prepare_mask`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_aten = torch.ops.aten
+# absent from old builds; the packed block attention then falls back to the generic path
+_cpu_forward = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_cpu_backward = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_cuda_forward = getattr(_aten, "_scaled_dot_product_efficient_attention", None)
+_cuda_backward = getattr(_aten, "_scaled_dot_product_efficient_attention_backward", None)
+
+# The CUDA memory-efficient kernel reads masks whose row stride is a multiple of 16 elements, and
+# pads its log-sum-exp rows to a multiple of 32.
+_CUDA_MASK_ALIGNMENT = 16
+_CUDA_LSE_ALIGNMENT = 32
+
+
+def available(device: torch.device) -> bool:
+    """Whether fused kernels exist for tensors on ``device``."""
+    if device.type == "cpu":
+        return _cpu_forward is not None and _cpu_backward is not None
+    if device.type == "cuda":
+        return _cuda_forward is not None and _cuda_backward is not None
+    return False
+
+
+def prepare_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool visibility (True = may attend), [..., rows, keys] -> the additive mask the kernels
+    take on this device (0 where visible, -inf where not). On CUDA the rows are stored with an
+    aligned stride; the returned tensor is a view of the visible width."""
+    keys = allowed.shape[-1]
+    pad = (-keys) % _CUDA_MASK_ALIGNMENT if allowed.device.type == "cuda" else 0
+    mask = torch.zeros(*allowed.shape[:-1], keys + pad, dtype=dtype, device=allowed.device)
+    mask[..., :keys].masked_fill_(~allowed, float("-inf"))
+    return mask[..., :keys]
+
+
+def _cuda_bias(mask, q, k):
+    if mask is None:
+        return None
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def attend(q, k, v, scale: float, mask=None, causal: bool = False):
+    """-> (out [B, H, L, d] in q's dtype, lse [B, H, L] fp32). ``causal`` aligns the first query
+    with the first key (used for square parts only)."""
+    if q.device.type == "cpu":
+        return _cpu_forward(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+    out, lse, _, _ = _cuda_forward(q, k, v, _cuda_bias(mask, q, k), True, 0.0, causal, scale=scale)
+    return out, lse[..., : q.shape[2]]
+
+
+def attend_backward(grad_out, q, k, v, out, lse, scale: float, mask=None, causal: bool = False):
+    """-> (dq, dk, dv) of this key part, given the merged ``out`` and ``lse`` of all parts."""
+    if q.device.type == "cpu":
+        return _cpu_backward(grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+    rows = lse.shape[-1]
+    padded = torch.nn.functional.pad(lse, (0, (-rows) % _CUDA_LSE_ALIGNMENT)).contiguous()
+    unused = torch.empty((), dtype=torch.long)  # dropout's RNG seed and offset (no dropout)
+    dq, dk, dv, _ = _cuda_backward(
+        grad_out, q, k, v, _cuda_bias(mask, q, k), out, padded, unused, unused, 0.0,
+        [True, True, True, False], causal, scale=scale,
+    )
+    return dq, dk, dv
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """Two attention results over disjoint key sets -> the result over their union, exactly:
+    out = out_a + sigmoid(lse_b - lse_a) * (out_b - out_a), lse = logaddexp(lse_a, lse_b).
+    Outputs must be finite; a row that sees no key of a part carries lse -inf there, and that part
+    then contributes nothing."""
+    weight = torch.sigmoid(lse_b - lse_a).unsqueeze(-1).to(out_a.dtype)
+    return out_a.lerp(out_b, weight), torch.logaddexp(lse_a, lse_b)

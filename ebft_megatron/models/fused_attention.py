@@ -1,0 +1,182 @@
+"""The packed block attention on fused kernels, forward and backward, without score matrices.
+
+A packed sequence holds the chunk (P rows) and then every rollout token (R = NB*n*G rows,
+``rollouts.layout``). Its attention is three parts over disjoint keys:
+- chunk rows against the chunk, causally;
+- rollout rows against the chunk prefix x[:a_b] of their block, in tiles of consecutive blocks
+  (``BlockLayout.prefix_tiles``) with the staircase inside a tile masked;
+- rollout rows against the earlier tokens of their own (block, sample), causally.
+Each part is one fused kernel call (``attention_kernels``) that returns its output and row
+log-sum-exp; a rollout row's two parts are merged exactly through their log-sum-exps. Backward
+calls each part's backward kernel with the merged output and log-sum-exp, which gives that part's
+exact share of the gradient, and sums the shares.
+
+Saved for backward: the inputs, the merged output and the row log-sum-exps, i.e. O(S * heads *
+head_dim), never O(S * keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ebft_megatron.models import attention_kernels as kernels
+from ebft_megatron.rollouts.layout import BlockLayout
+
+
+@dataclass
+class PackedMasks:
+    """The additive masks of one packed forward, prepared once and shared by every layer.
+
+    ``chunk`` / ``own`` None = plain causal; ``tiles`` = [(first row, stop row, key_len, mask)],
+    rows counted from the first rollout row; a tile's mask is None when it needs none."""
+
+    chunk: Optional[torch.Tensor]
+    tiles: list
+    own: Optional[torch.Tensor]
+
+
+def packed_masks(layout: BlockLayout, tile_blocks: int, dtype, device,
+                 doc_ids: Optional[torch.Tensor] = None) -> PackedMasks:
+    rows_per_block = layout.num_samples * layout.rollout_len
+    docs = None if doc_ids is None else doc_ids.to(device)
+    tiles = []
+    for first, stop in layout.prefix_tiles(tile_blocks):
+        key_len = int(layout.anchor_positions[stop - 1])
+        mask = None
+        if stop - first > 1 or docs is not None:
+            visible = layout.rollout_rows(layout.prefix_visibility(first, stop, key_len, docs)).to(device)
+            mask = kernels.prepare_mask(visible if docs is None else visible[:, None], dtype)
+        tiles.append((first * rows_per_block, stop * rows_per_block, key_len, mask))
+    chunk = None
+    if docs is not None:
+        chunk = kernels.prepare_mask(layout.chunk_visibility(docs)[:, None], dtype)
+    return PackedMasks(chunk, tiles, None)
+
+
+def _expand_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """[L, B, Hkv, d] -> [L, B, Hkv*rep, d]: query head h uses key group h // rep (megatron)."""
+    if rep == 1:
+        return x
+    L, B, Hkv, d = x.shape
+    return x[:, :, :, None].expand(L, B, Hkv, rep, d).reshape(L, B, Hkv * rep, d)
+
+
+def _sum_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """The gradient of :func:`_expand_heads`."""
+    if rep == 1:
+        return x
+    L, B, H, d = x.shape
+    return x.view(L, B, H // rep, rep, d).sum(3)
+
+
+def _bhld(x: torch.Tensor) -> torch.Tensor:
+    """[L, B, H, d] -> [B, H, L, d] (a view)."""
+    return x.permute(1, 2, 0, 3)
+
+
+class _OwnRows:
+    """Rollout rows [R, B, H, ...] <-> one kernel batch entry per (block, sample, batch):
+    [NB*n*B, H, G, ...], where each entry attends causally within its own G tokens."""
+
+    def __init__(self, layout: BlockLayout, batch: int):
+        self.blocks, self.G, self.B = layout.num_blocks * layout.num_samples, layout.rollout_len, batch
+
+    def to_entries(self, x: torch.Tensor) -> torch.Tensor:
+        R, B, H = x.shape[:3]
+        tail = x.shape[3:]
+        x = x.view(self.blocks, self.G, B, H, *tail).transpose(1, 3).transpose(1, 2)  # [NB*n, B, H, G, ...]
+        return x.reshape(self.blocks * B, H, self.G, *tail)
+
+    def from_entries(self, x: torch.Tensor) -> torch.Tensor:
+        H = x.shape[1]
+        tail = x.shape[3:]
+        x = x.view(self.blocks, self.B, H, self.G, *tail).transpose(1, 2).transpose(1, 3)  # [NB*n, G, B, H, ...]
+        return x.reshape(self.blocks * self.G, self.B, H, *tail)
+
+
+class PackedBlockAttention(torch.autograd.Function):
+    """query [S, B, H, d], key/value [S, B, Hkv, d] (megatron's sbhd) -> [S, B, H*d]."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, layout: BlockLayout, masks: PackedMasks, scale: float):
+        S, B, H, d = query.shape
+        rep = H // key.shape[2]
+        P = layout.chunk_len
+        own = _OwnRows(layout, B)
+        k_all, v_all = _expand_heads(key, rep), _expand_heads(value, rep)
+        q, k, v = _bhld(query), _bhld(k_all), _bhld(v_all)
+
+        output = query.new_empty(S, B, H, d)
+        chunk_out, chunk_lse = kernels.attend(q[:, :, :P], k[:, :, :P], v[:, :, :P], scale,
+                                              masks.chunk, causal=masks.chunk is None)
+        output[:P] = chunk_out.permute(2, 0, 1, 3)
+
+        prefix_out, prefix_lse = [], []
+        for first, stop, key_len, mask in masks.tiles:
+            out, lse = kernels.attend(q[:, :, P + first:P + stop], k[:, :, :key_len], v[:, :, :key_len], scale, mask)
+            prefix_out.append(out.permute(2, 0, 1, 3))  # [rows, B, H, d]
+            prefix_lse.append(lse.permute(2, 0, 1))  # [rows, B, H]
+        own_out, own_lse = kernels.attend(own.to_entries(query[P:]), own.to_entries(k_all[P:]),
+                                          own.to_entries(v_all[P:]), scale, masks.own, causal=masks.own is None)
+        rollout_out, rollout_lse = kernels.merge(
+            own.from_entries(own_out), own.from_entries(own_lse.unsqueeze(-1)).squeeze(-1),
+            torch.cat(prefix_out), torch.cat(prefix_lse),
+        )
+        output[P:] = rollout_out
+        output = output.view(S, B, H * d)
+        ctx.save_for_backward(query, key, value, output, chunk_lse, rollout_lse)
+        ctx.layout, ctx.masks, ctx.scale = layout, masks, scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, output, chunk_lse, rollout_lse = ctx.saved_tensors
+        layout, masks, scale = ctx.layout, ctx.masks, ctx.scale
+        S, B, H, d = query.shape
+        rep = H // key.shape[2]
+        P = layout.chunk_len
+        own = _OwnRows(layout, B)
+        k_all, v_all = _expand_heads(key, rep), _expand_heads(value, rep)
+        q, k, v = _bhld(query), _bhld(k_all), _bhld(v_all)
+        grad = grad_output.reshape(S, B, H, d)
+        out = output.view(S, B, H, d)
+        g, o = _bhld(grad), _bhld(out)
+
+        d_query = torch.empty_like(query)
+        d_key = torch.empty_like(k_all)
+        d_value = torch.empty_like(v_all)
+        dq, dk, dv = kernels.attend_backward(g[:, :, :P], q[:, :, :P], k[:, :, :P], v[:, :, :P], o[:, :, :P],
+                                             chunk_lse, scale, masks.chunk, causal=masks.chunk is None)
+        d_query[:P] = dq.permute(2, 0, 1, 3)
+        chunk_dk, chunk_dv = dk.permute(2, 0, 1, 3), dv.permute(2, 0, 1, 3)  # [P, B, H, d], accumulated below
+        if not chunk_dk.is_contiguous():
+            chunk_dk, chunk_dv = chunk_dk.contiguous(), chunk_dv.contiguous()
+
+        lse_rows = rollout_lse.permute(1, 2, 0)  # [B, H, R]
+        for first, stop, key_len, mask in masks.tiles:
+            rows = slice(P + first, P + stop)
+            dq, dk, dv = kernels.attend_backward(
+                g[:, :, rows], q[:, :, rows], k[:, :, :key_len], v[:, :, :key_len], o[:, :, rows],
+                lse_rows[:, :, first:stop].contiguous(), scale, mask,
+            )
+            d_query[rows] = dq.permute(2, 0, 1, 3)
+            chunk_dk[:key_len] += dk.permute(2, 0, 1, 3)
+            chunk_dv[:key_len] += dv.permute(2, 0, 1, 3)
+        d_key[:P], d_value[:P] = chunk_dk, chunk_dv
+
+        dq, dk, dv = kernels.attend_backward(
+            own.to_entries(grad[P:]), own.to_entries(query[P:]), own.to_entries(k_all[P:]),
+            own.to_entries(v_all[P:]), own.to_entries(out[P:]),
+            own.to_entries(rollout_lse.unsqueeze(-1)).squeeze(-1).contiguous(),
+            scale, masks.own, causal=masks.own is None,
+        )
+        d_query[P:] += own.from_entries(dq)
+        d_key[P:], d_value[P:] = own.from_entries(dk), own.from_entries(dv)
+        return d_query, _sum_heads(d_key, rep), _sum_heads(d_value, rep), None, None, None
+
+
+def packed_block_attention(query, key, value, layout: BlockLayout, masks: PackedMasks, scale: float):
+    return PackedBlockAttention.apply(query, key, value, layout, masks, scale)
