@@ -36,6 +36,14 @@ class ModelSettings:
     dtype: str = "float32"
     # Activation recompute for the policy's backward: none, selective (core attention) or full.
     recompute: str = "selective"
+    # Block attention of the packed sequence: fused (flash / memory-efficient attention kernels merged
+    # through their log-sum-exps; no score matrices, forward or backward) or generic (score tiles in
+    # plain torch ops: the reference the fused kernels are tested against).
+    attention: str = "fused"
+    # Rows of the output layer computed at a time by the losses and the validation CE; each chunk's
+    # logits are recomputed in backward, so no [rows x vocab] tensor larger than this exists.
+    # 0 = full logits for every row at once (megatron's output layer and vocab-parallel cross entropy).
+    logit_chunk_rows: int = 1024
     # FP8 training of the policy through Transformer Engine (GPU): none, delayed, tensorwise, blockwise
     # or mxfp8 (the last two need hardware that supports them). Needs model.dtype=bfloat16.
     fp8: str = "none"
@@ -314,6 +322,7 @@ def validate(config: Config, where: str = "config") -> None:
         fail("model.load is required: a checkpoint folder (tools/convert_checkpoint.py converts a Hugging Face model)")
     choices = {"model.dtype": (m.dtype, ("float32", "bfloat16")),
                "model.recompute": (m.recompute, ("none", "selective", "full")),
+               "model.attention": (m.attention, ("fused", "generic")),
                "model.fp8": (m.fp8, ("none", "delayed", "tensorwise", "blockwise", "mxfp8")),
                "objective.mode": (o.mode, ("ebft", "sft", "rlvr")),
                "objective.pooling": (o.pooling, ("last_token", "mean")),
@@ -330,7 +339,8 @@ def validate(config: Config, where: str = "config") -> None:
             fail(f"{name} must be at least 1, got {value}")
     non_negative = {"train.save_interval": t.save_interval, "train.keep_last": t.keep_last, "eval.interval": e.interval,
                     "eval.ce_chunks": e.ce_chunks, "eval.cfm_chunks": e.cfm_chunks, "optimizer.lr": opt.lr,
-                    "optimizer.clip_grad": opt.clip_grad, "objective.ce_coef": o.ce_coef}
+                    "optimizer.clip_grad": opt.clip_grad, "objective.ce_coef": o.ce_coef,
+                    "model.logit_chunk_rows": m.logit_chunk_rows}
     for name, value in non_negative.items():
         if value < 0:
             fail(f"{name} must be >= 0, got {value}")

@@ -148,10 +148,12 @@ def main(argv=None) -> int:
             check_tokenizer_matches(tokenizer, arch.vocab_size, f"{config.model.load}/tokenizer")
             chunks = load_chunks(config.data, tokenizer, config.rollout.chunk_len, "validation",
                                  verbose=distributed.is_rank0())
-            policy = build_model(arch, params_dtype=dtype)
-            store.load_model_weights(policy, config.model.load)
-            features = load_feature_network(config.model.feature_load or config.model.load,
-                                             config.model.feature_layers or None, dtype)
+            m = config.model
+            policy = build_model(arch, params_dtype=dtype, block_attention=m.attention,
+                                 logit_chunk_rows=m.logit_chunk_rows)
+            store.load_model_weights(policy, m.load)
+            features = load_feature_network(m.feature_load or m.load, m.feature_layers or None, dtype,
+                                            block_attention=m.attention)
             result = evaluation.evaluate_run(config, policy, features, chunks, arch.vocab_size, info.dp_rank)
             evaluation.write_report(args.out, *result)
             metrics = result.metrics()

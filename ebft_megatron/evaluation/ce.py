@@ -23,6 +23,8 @@ import torch
 from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation.sharding import model_device, replica_share
+from ebft_megatron.models.attention import BlockAttentionParams
+from ebft_megatron.models.output import model_output
 from ebft_megatron.objective.loss import next_token_nll, real_targets
 from ebft_megatron.runtime import pipeline
 from ebft_megatron.runtime.distributed import sum_over_data_parallel
@@ -35,16 +37,16 @@ def target_masks(lengths: torch.Tensor, chunk_len: int, response_mask: Optional[
     return real, response
 
 
-def nll_sums(logits: torch.Tensor, chunk: torch.Tensor, lengths: torch.Tensor,
+def nll_sums(output, chunk: torch.Tensor, lengths: torch.Tensor,
              response_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Vocab-parallel logits [B, P, V/TP] (consumed) -> float64 [4]: NLL sum and count over the
-    real targets, then over the response targets (zeros without a response mask)."""
+    """The model's output of the chunk (``models.output``) -> float64 [4]: NLL sum and count over
+    the real targets, then over the response targets (zeros without a response mask)."""
     P = chunk.shape[1]
-    # fp32 log-softmax as the reference's eval forward; the logits buffer is ours to overwrite.
-    nll = next_token_nll(logits.float(), chunk).double()
-    real, response = target_masks(lengths.to(logits.device), P,
-                                  None if response_mask is None else response_mask.to(logits.device))
-    sums = torch.zeros(4, dtype=torch.float64, device=logits.device)
+    # fp32 log-softmax, as the reference's eval forward
+    nll = next_token_nll(output, chunk).double()
+    real, response = target_masks(lengths.to(nll.device), P,
+                                  None if response_mask is None else response_mask.to(nll.device))
+    sums = torch.zeros(4, dtype=torch.float64, device=nll.device)
     sums[0], sums[1] = (nll * real).sum(), real.sum()
     if response is not None:
         sums[2], sums[3] = (nll * response).sum(), response.sum()
@@ -79,8 +81,8 @@ def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
         B, P = chunk.shape
         positions = torch.arange(P, device=device).expand(B, P)
         totals += pipeline.forward(
-            model, chunk, positions,
-            reduce=lambda logits: nll_sums(logits, chunk, lengths, response),
+            model, chunk, positions, block_params=BlockAttentionParams(mode="dense", return_hidden=True),
+            reduce=lambda output: nll_sums(model_output(output, model), chunk, lengths, response),
         ).to(device)
     nll, count, response_nll, response_count = sum_over_data_parallel(totals).tolist()
     if count == 0:

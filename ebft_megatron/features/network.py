@@ -192,16 +192,15 @@ def embed(feature_model, layout: BlockLayout, packed_tokens: torch.Tensor, pooli
           doc_ids: Optional[torch.Tensor] = None) -> FeatureMoments:
     """One no-grad forward of the packed chunk + rollouts [B, packed_len] through the feature
     network's stages; returns the feature moments on every rank. ``doc_ids`` [B, P]: document
-    masking (a dense mask from the layout)."""
+    masking."""
     B, S = packed_tokens.shape
     if S != layout.packed_len:
         raise ValueError(f"packed sequence has {S} tokens, the layout needs {layout.packed_len}")
     rows = completion_rows(layout).reshape(-1)
     taps = _LayerTaps(feature_model, feature_model.feature_layers, rows, S)
     try:
-        params, mask = packed_attention(layout, doc_ids)
         pipeline.forward(feature_model, packed_tokens, layout.position_ids.expand(B, -1),
-                         reduce=lambda output: None, block_params=params, attention_mask=mask)
+                         reduce=lambda output: None, block_params=packed_attention(layout, doc_ids))
     finally:
         taps.remove()
     hidden = [taps.outputs[layer] for layer in sorted(taps.outputs)]

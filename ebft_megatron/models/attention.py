@@ -85,8 +85,6 @@ class BlockAttentionParams(PackedSeqParams):
     # Sequence rows whose logits are wanted; the LM head then runs on these rows only (the
     # prefill needs NB of its P rows). None = all rows.
     logit_rows: Optional[torch.Tensor] = None
-    # packed mode: "fused" kernels or the "generic" reference path
-    implementation: str = "fused"
     # packed mode: [B, P] document ids (document masking); None = one document
     doc_ids: Optional[torch.Tensor] = None
     # Return the final hidden states [b, s, h] instead of logits; the loss then applies the output
@@ -101,22 +99,12 @@ class BlockAttentionParams(PackedSeqParams):
             raise ValueError(f"unknown block attention mode {self.mode!r}")
         if self.mode in ("prefill", "decode") and self.cache is None:
             raise ValueError(f"mode {self.mode!r} needs a RolloutKVCache")
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"block attention implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
 
 
-def packed_attention(layout: BlockLayout, doc_ids: Optional[torch.Tensor] = None, implementation: str = "fused",
-                     return_hidden: bool = False):
-    """(block params, attention mask) for a forward of the packed chunk + rollouts. Fused: real-pair
-    attention on fused kernels, document masking included. Generic: real-pair score tiles, or with
-    ``doc_ids`` (document masking) the layout's dense mask, per chunk, in megatron's convention
-    (True = masked out)."""
-    if implementation == "fused" or doc_ids is None:
-        params = BlockAttentionParams(layout=layout, mode="packed", implementation=implementation, doc_ids=doc_ids,
-                                      return_hidden=return_hidden)
-        return params, None
-    params = BlockAttentionParams(layout=layout, mode="dense", return_hidden=return_hidden)
-    return params, ~layout.dense_attention_mask(doc_ids)[:, None]
+def packed_attention(layout: BlockLayout, doc_ids: Optional[torch.Tensor] = None, return_hidden: bool = False):
+    """Block params for a forward of the packed chunk + rollouts, with ``doc_ids`` [B, P] under
+    document masking."""
+    return BlockAttentionParams(layout=layout, mode="packed", doc_ids=doc_ids, return_hidden=return_hidden)
 
 
 def _bhsd(x: torch.Tensor) -> torch.Tensor:
@@ -255,8 +243,10 @@ class BlockCoreAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        implementation: str = "fused",
     ):
         super().__init__(config=config)
+        self.set_implementation(implementation)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError("BlockCoreAttention supports attention_dropout=0 only (as Llama/Qwen2/Mistral use)")
@@ -265,6 +255,12 @@ class BlockCoreAttention(MegatronModule):
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def set_implementation(self, implementation: str) -> None:
+        """Packed mode on "fused" kernels, or on the "generic" path (the reference)."""
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"block attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        self.implementation = implementation
 
     def forward(
         self,
@@ -346,14 +342,14 @@ class BlockCoreAttention(MegatronModule):
             return out.permute(2, 4, 5, 0, 1, 3, 6).reshape(NB * n, B, H * d)
 
         # packed: chunk causal + rollout tokens against prefix and own block
-        if params.implementation == "fused" and kernels.available(query.device):
+        if self.implementation == "fused" and kernels.available(query.device):
             masks_key = (query.dtype, query.device)
             masks = params.fused_masks.get(masks_key)
             if masks is None:
                 masks = packed_masks(layout, TILE_BLOCKS, query.dtype, query.device, params.doc_ids)
                 params.fused_masks[masks_key] = masks
             return packed_block_attention(query, key, value, layout, masks, scale)
-        if params.doc_ids is not None:  # no fused kernels on this device: the dense reference
+        if params.doc_ids is not None:  # generic with document masking: the dense reference
             allowed = layout.dense_attention_mask(params.doc_ids.to(query.device))[:, None]
             return _sbh(F.scaled_dot_product_attention(_bhsd(query), _bhsd(key), _bhsd(value), attn_mask=allowed,
                                                        scale=scale, enable_gqa=True))

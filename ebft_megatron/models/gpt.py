@@ -11,10 +11,14 @@
 - Padded vocabulary: the embedding/output have ``padded_vocab_size`` rows (a TP-independent
   multiple of 128); the padded logits are set to -inf so that softmax, cross entropy and sampling
   see exactly the model's real vocabulary.
+- Output: logits, for the rows a forward asks for (``BlockAttentionParams.logit_rows``), or, with
+  ``logit_chunk_rows`` > 0 and ``return_hidden``, the final hidden states, which the loss turns
+  into log-probs a chunk of rows at a time (``models.output``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 from typing import Optional
@@ -22,6 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ebft_megatron.config import ModelSettings
 from ebft_megatron.models.architecture import ModelArchitecture
 from ebft_megatron.models.attention import BlockCoreAttention
 
@@ -105,16 +110,61 @@ def sequence_parallel_overrides(enabled: bool) -> dict:
     return {"sequence_parallel": True}
 
 
-def layer_spec(use_te: bool):
-    """The layer spec with our core attention plugged in."""
+def layer_spec(use_te: bool, block_attention: str = ModelSettings.attention):
+    """The layer spec with our core attention plugged in (``block_attention``: its packed-mode
+    implementation, fused or generic)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = BlockCoreAttention
+    core = functools.partial(BlockCoreAttention, implementation=block_attention)
+    spec.submodules.self_attention.submodules.core_attention = core
     return spec
+
+
+def set_block_attention(model, implementation: str) -> None:
+    """Switch every layer's packed-mode attention between "fused" and "generic"."""
+    for module in model.modules():
+        if isinstance(module, BlockCoreAttention):
+            module.set_implementation(implementation)
+
+
+def _gpt_model_class():
+    from megatron.core.models.gpt import GPTModel
+
+    class BlockGPTModel(GPTModel):
+        """megatron's GPTModel whose output follows the forward's ``BlockAttentionParams``: the LM
+        head on ``logit_rows`` only, or the final hidden states when ``return_hidden`` is set and
+        the model computes log-probs in chunks (``logit_chunk_rows`` > 0)."""
+
+        logit_chunk_rows = 0
+
+        def _postprocess(self, hidden_states, *args, **kwargs):
+            params = kwargs.get("packed_seq_params")
+            if self.post_process and params is not None:
+                rows = getattr(params, "logit_rows", None)
+                if rows is not None:
+                    hidden_states = hidden_states.index_select(0, rows.to(hidden_states.device))
+                if self.logit_chunk_rows and getattr(params, "return_hidden", False):
+                    return _output_layer_input(self, hidden_states).transpose(0, 1)  # [b, s, h]
+            return super()._postprocess(hidden_states, *args, **kwargs)
+
+    return BlockGPTModel
+
+
+def _output_layer_input(model, hidden_states):
+    """What megatron's column-parallel output layer does to its input before the matmul: gather
+    the sequence-parallel shards, or mark the input as copied to every TP rank, so that its
+    gradient is summed over the vocabulary shards in backward."""
+    from megatron.core import tensor_parallel
+
+    if model.config.sequence_parallel:
+        return tensor_parallel.gather_from_sequence_parallel_region(hidden_states)
+    if model.config.tensor_model_parallel_size > 1:
+        return tensor_parallel.copy_to_tensor_model_parallel_region(hidden_states)
+    return hidden_states
 
 
 def llama3_inv_freq(arch: ModelArchitecture) -> torch.Tensor:
@@ -140,15 +190,17 @@ def build_model(
     use_te: Optional[bool] = None,
     num_layers: Optional[int] = None,
     post_process: Optional[bool] = None,
+    block_attention: str = ModelSettings.attention,
+    logit_chunk_rows: int = ModelSettings.logit_chunk_rows,
     **config_overrides,
 ):
     """Build this rank's pipeline stage of the model. Parallel state must be initialized.
 
     ``num_layers`` truncates the model (the feature network stops at its deepest feature layer);
     ``post_process=False`` then drops the final norm and output layer on the last stage.
+    ``block_attention`` and ``logit_chunk_rows``: see ``ModelSettings``.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -158,9 +210,9 @@ def build_model(
         use_te = transformer_engine_available()
     config = transformer_config(arch, tp, pp, params_dtype, num_layers=layers, **config_overrides)
     is_last = ps.is_pipeline_last_stage()
-    model = GPTModel(
+    model = _gpt_model_class()(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=layer_spec(use_te, block_attention),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -175,19 +227,9 @@ def build_model(
         model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
     if model.post_process and arch.padded_vocab_size != arch.vocab_size:
         model.output_layer.register_forward_hook(_mask_padded_vocab(arch.vocab_size, tp))
-    if model.post_process:
-        model.decoder.register_forward_hook(_select_logit_rows, with_kwargs=True)
+    model.logit_chunk_rows = logit_chunk_rows
     model.architecture = arch
     return model
-
-
-def _select_logit_rows(module, args, kwargs, output):
-    """Decoder forward hook: keep only ``BlockAttentionParams.logit_rows`` before the LM head."""
-    params = kwargs.get("packed_seq_params")
-    rows = getattr(params, "logit_rows", None)
-    if rows is None:
-        return output
-    return output.index_select(0, rows.to(output.device))
 
 
 def _mask_padded_vocab(vocab_size: int, tp: int):

@@ -84,7 +84,8 @@ class Trainer:
         from ebft_megatron.models.gpt import fp8_overrides, sequence_parallel_overrides
 
         parallel_overrides = sequence_parallel_overrides(c.parallel.sequence_parallel)
-        self.policy = build_model(self.arch, params_dtype=self.params_dtype, **fp8_overrides(c.model.fp8),
+        self.policy = build_model(self.arch, params_dtype=self.params_dtype, block_attention=c.model.attention,
+                                  logit_chunk_rows=c.model.logit_chunk_rows, **fp8_overrides(c.model.fp8),
                                   **_policy_config_overrides(c.model.recompute), **parallel_overrides)
         store.load_model_weights(self.policy, self.source)
         self.ddp = wrap_ddp(self.policy, c.optimizer.distributed)
@@ -93,6 +94,7 @@ class Trainer:
         self.scheduler = self._scheduler()
         feature_source = c.model.feature_load or c.model.load
         self.feature_model = load_feature_network(feature_source, c.model.feature_layers or None, self.params_dtype,
+                                                  block_attention=c.model.attention,
                                                   **(fp8_overrides(c.model.fp8) if c.model.feature_fp8 else {}),
                                                   **parallel_overrides)
         self.generator = rollout_generator(c.train.seed, self.info.dp_rank)

@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 
 from ebft_megatron.features.network import embed
-from ebft_megatron.models.attention import packed_attention
+from ebft_megatron.models.attention import BlockAttentionParams, packed_attention
 from ebft_megatron.models.gpt import model_forward
+from ebft_megatron.models.output import model_output
 from ebft_megatron.objective import loss as objective_loss
 from ebft_megatron.objective.rewards import RewardSettings, block_rewards, reward_metrics
 from ebft_megatron.objective.rlvr import VerifiableReward, verifiable_advantages
@@ -65,17 +66,18 @@ def make_rlvr_experience(policy, layout: BlockLayout, batch: MicroBatch, vocab_s
 
 
 def _inputs(batch: MicroBatch, layout: BlockLayout, mode: str):
-    """Token ids, positions, block params and attention mask of the policy forward for this mode."""
+    """Token ids, positions, block params and attention mask of the policy forward for this mode.
+    The model hands back hidden states where it computes log-probs in row chunks."""
     if mode == "sft":
         B, P = batch.chunk.shape
         mask = None
         if batch.doc_ids is not None:  # causal inside each document (megatron: True = masked out)
-            causal = torch.ones(P, P, dtype=torch.bool).tril()
-            mask = ~(causal & (batch.doc_ids[:, :, None] == batch.doc_ids[:, None, :]))[:, None]
-        return batch.chunk, torch.arange(P).expand(B, P), None, mask
+            mask = ~layout.chunk_visibility(batch.doc_ids)[:, None]
+        params = BlockAttentionParams(mode="dense", return_hidden=True)
+        return batch.chunk, torch.arange(P).expand(B, P), params, mask
     tokens = layout.pack(batch.chunk, batch.rollout_tokens)
-    params, mask = packed_attention(layout, batch.doc_ids)
-    return tokens, layout.position_ids.expand(tokens.shape[0], -1), params, mask
+    params = packed_attention(layout, batch.doc_ids, return_hidden=True)
+    return tokens, layout.position_ids.expand(tokens.shape[0], -1), params, None
 
 
 def forward_backward(policy, micro_batches: list[MicroBatch], layout: BlockLayout, settings: objective_loss.LossSettings,
@@ -94,10 +96,11 @@ def forward_backward(policy, micro_batches: list[MicroBatch], layout: BlockLayou
         tokens, positions, params, mask = _inputs(batch, layout, mode)
         output = model_forward(model, tokens, positions, attention_mask=mask, block_params=params)
 
-        def loss_func(logits):
+        def loss_func(output_tensor):
+            output_ = model_output(output_tensor, model)
             if mode == "sft":
-                return objective_loss.sft_loss(logits, batch.chunk, batch.lengths)
-            return objective_loss.ebft_loss(logits, layout, batch.chunk, batch.lengths, batch.rollout_tokens,
+                return objective_loss.sft_loss(output_, batch.chunk, batch.lengths)
+            return objective_loss.ebft_loss(output_, layout, batch.chunk, batch.lengths, batch.rollout_tokens,
                                             batch.advantages, settings)
 
         return output, loss_func

@@ -70,8 +70,12 @@ def _dense(core, q, k, v, layout):
 
 
 def _packed(core, q, k, v, layout, implementation="fused", doc_ids=None):
-    params = BlockAttentionParams(layout=layout, mode="packed", implementation=implementation, doc_ids=doc_ids)
-    return core(q, k, v, None, packed_seq_params=params)
+    core.set_implementation(implementation)
+    try:
+        params = BlockAttentionParams(layout=layout, mode="packed", doc_ids=doc_ids)
+        return core(q, k, v, None, packed_seq_params=params)
+    finally:
+        core.set_implementation("fused")
 
 
 def _forward_backward(core, layout, path, seed=2):

@@ -1,14 +1,19 @@
 """The packed policy loss (chunk once + all n samples' rollouts, real-pair attention) against the
 reference's unpacked computation (n copies of chunk + one sample's rollouts, dense block mask),
-loss and gradients; and its CE term against Hugging Face's causal-LM loss."""
+loss and gradients; and its CE term against Hugging Face's causal-LM loss. Both with full logits
+and with the output layer applied in row chunks."""
 
 import pytest
 import torch
 
-from ebft_megatron.models.attention import BlockAttentionParams
+from ebft_megatron.models.attention import BlockAttentionParams, packed_attention
 from ebft_megatron.models.gpt import model_forward
+from ebft_megatron.models.output import HiddenStates, Logits, model_output
 from ebft_megatron.objective.loss import LossSettings, ebft_loss, sft_loss
 from ebft_megatron.rollouts.layout import BlockLayout
+
+# full logits, and the output layer in chunks of 7 rows (several chunks and a partial last one)
+OUTPUTS = {"logits": 0, "chunked": 7}
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +21,15 @@ def policy(tiny_models):
     from tests.fixtures import load_megatron_model
 
     return load_megatron_model(tiny_models["qwen2"][1])
+
+
+def forward_output(model, tokens, positions, params, logit_chunk_rows):
+    """The model's output of one forward, as the losses take it."""
+    model.logit_chunk_rows = logit_chunk_rows
+    params.return_hidden = True
+    output = model_output(model_forward(model, tokens, positions, block_params=params), model)
+    assert isinstance(output, HiddenStates if logit_chunk_rows else Logits)
+    return output
 
 
 def grads_of(model):
@@ -54,8 +68,9 @@ def unpacked_reference_loss(model, layout, chunk, lengths, rollouts, advantages,
     return total / n
 
 
+@pytest.mark.parametrize("output", OUTPUTS)
 @pytest.mark.parametrize("shape", [(24, 4, 4, 4, 3), (20, 2, 2, 4, 2)])
-def test_packed_loss_and_gradients_equal_the_unpacked_computation(policy, shape):
+def test_packed_loss_and_gradients_equal_the_unpacked_computation(policy, shape, output):
     model, arch = policy
     layout = BlockLayout(*shape)
     gen = torch.Generator().manual_seed(sum(shape))
@@ -68,9 +83,9 @@ def test_packed_loss_and_gradients_equal_the_unpacked_computation(policy, shape)
     settings = LossSettings(rl_coef=1.0, ce_coef=0.3, temperature=0.7)
 
     model.zero_grad()
-    logits = model_forward(model, layout.pack(chunk, rollouts), layout.position_ids.expand(B, -1),
-                           block_params=BlockAttentionParams(layout=layout, mode="packed"))
-    packed_loss, terms = ebft_loss(logits, layout, chunk, lengths, rollouts, advantages, settings)
+    packed = forward_output(model, layout.pack(chunk, rollouts), layout.position_ids.expand(B, -1),
+                            packed_attention(layout), OUTPUTS[output])
+    packed_loss, terms = ebft_loss(packed, layout, chunk, lengths, rollouts, advantages, settings)
     packed_loss.backward()
     packed_grads = grads_of(model)
 
@@ -87,7 +102,8 @@ def test_packed_loss_and_gradients_equal_the_unpacked_computation(policy, shape)
     assert abs(float(terms["loss"]) - float(packed_loss)) < 1e-7
 
 
-def test_ce_term_equals_hugging_face_causal_lm_loss(policy, tiny_models):
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_ce_term_equals_hugging_face_causal_lm_loss(policy, tiny_models, output):
     from transformers import AutoModelForCausalLM
 
     model, arch = policy
@@ -97,11 +113,13 @@ def test_ce_term_equals_hugging_face_causal_lm_loss(policy, tiny_models):
     rollouts = torch.randint(0, arch.vocab_size, (2, layout.num_blocks, 2, 4), generator=gen)
     lengths = torch.tensor([24, 24])
     with torch.no_grad():
-        logits = model_forward(model, layout.pack(chunk, rollouts), layout.position_ids.expand(2, -1),
-                               block_params=BlockAttentionParams(layout=layout, mode="packed"))
-        _, terms = ebft_loss(logits, layout, chunk, lengths, rollouts, torch.zeros(2, layout.num_blocks, 2),
+        packed = forward_output(model, layout.pack(chunk, rollouts), layout.position_ids.expand(2, -1),
+                                packed_attention(layout), OUTPUTS[output])
+        _, terms = ebft_loss(packed, layout, chunk, lengths, rollouts, torch.zeros(2, layout.num_blocks, 2),
                              LossSettings(ce_coef=1.0))
-        sft, _ = sft_loss(model_forward(model, chunk, torch.arange(24).expand(2, -1)), chunk, lengths)
+        plain = forward_output(model, chunk, torch.arange(24).expand(2, -1), BlockAttentionParams(mode="dense"),
+                               OUTPUTS[output])
+        sft, _ = sft_loss(plain, chunk, lengths)
         hf = AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen2"][0]), dtype=torch.float32).eval()
         expected = hf(input_ids=chunk, labels=chunk).loss
     assert abs(float(terms["loss/ce"]) - float(expected)) < 1e-5

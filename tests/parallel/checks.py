@@ -236,6 +236,63 @@ def check_objective(models_dir: Path, name: str) -> dict:
     }
 
 
+def check_fused_paths(models_dir: Path) -> dict:
+    """Fused block attention + output layer in row chunks against the generic attention + full
+    logits, on the same model and batch in this layout: EBFT (s = G and s < G, with and without
+    document masking) and SFT (with and without document masking). Loss and every parameter's
+    gradient (2 micro-batches through megatron's schedule and DDP); figures are the maxima over
+    all ranks."""
+    import torch
+    import torch.distributed as dist
+
+    from ebft_megatron.checkpoint import store
+    from ebft_megatron.models.gpt import build_model, set_block_attention
+    from ebft_megatron.objective.loss import LossSettings
+    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.training.optimizer import wrap_ddp
+    from ebft_megatron.training.step import MicroBatch, forward_backward
+
+    result = {"loss_diff": 0.0, "grad_max_rel_diff": 0.0, "cases": 0, "grads_compared": 0}
+    for family in ("llama", "qwen2"):  # tied and untied output layer
+        ckpt = models_dir / f"{family}-mcore"
+        arch = store.architecture_of(ckpt)
+        policy = build_model(arch)
+        store.load_model_weights(policy, ckpt)
+        ddp = wrap_ddp(policy, use_distributed_optimizer=False)
+        for shape in ROLLOUT_LAYOUTS:
+            layout = BlockLayout(*shape)
+            P, NB, n, G = layout.chunk_len, layout.num_blocks, layout.num_samples, layout.rollout_len
+            gen = torch.Generator().manual_seed(P + NB)
+            chunk = torch.randint(0, arch.vocab_size, (2, P), generator=gen)
+            rollouts = torch.randint(0, arch.vocab_size, (2, NB, n, G), generator=gen)
+            advantages = torch.randn(2, NB, n, generator=gen, dtype=torch.float64)
+            lengths = torch.tensor([P, P - 3])
+            doc_ids = torch.tensor([[0] * 5 + [1] * (P - 5), [0] * (P - 9) + [1] * 4 + [2] * 5])
+            for mode in ("ebft", "sft"):
+                for docs in (None, doc_ids):
+                    micro = [MicroBatch(chunk[i:i + 1], lengths[i:i + 1], rollouts[i:i + 1], advantages[i:i + 1],
+                                        doc_ids=None if docs is None else docs[i:i + 1]) for i in range(2)]
+                    runs = []
+                    for attention, chunk_rows in (("generic", 0), ("fused", 5)):
+                        set_block_attention(policy, attention)
+                        policy.logit_chunk_rows = chunk_rows
+                        ddp.zero_grad_buffer()
+                        terms = forward_backward(ddp, micro, layout, LossSettings(1.0, 0.1, 0.7), mode=mode)
+                        grads = [p.main_grad.detach().clone() for p in policy.parameters() if p.requires_grad]
+                        runs.append((terms["loss"], grads))
+                    (reference_loss, reference), (loss, grads) = runs
+                    rel = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-6)) for a, b in zip(grads, reference))
+                    result["loss_diff"] = max(result["loss_diff"], abs(loss - reference_loss))
+                    result["grad_max_rel_diff"] = max(result["grad_max_rel_diff"], rel)
+                    result["grads_compared"] += len(grads)
+                    result["cases"] += 1
+        set_block_attention(policy, "fused")
+    figures = torch.tensor([result["loss_diff"], result["grad_max_rel_diff"]], dtype=torch.float64)
+    dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+    result["loss_diff"], result["grad_max_rel_diff"] = figures.tolist()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", required=True)
@@ -264,6 +321,7 @@ def main() -> None:
         results[name].update(check_packed_and_rollouts(models_dir))
         results[name]["dp_sampling"] = check_dp_sampling(models_dir, seed=99)
         results[name]["objective"] = check_objective(models_dir, name)
+        results[name]["fused_paths"] = check_fused_paths(models_dir)
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     distributed.destroy()

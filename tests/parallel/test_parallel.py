@@ -73,3 +73,13 @@ def test_features_rewards_loss_and_gradients_equal_tp1(results, layout):
     assert objective["grad_names"] and objective["grad_count"] >= 20
     assert objective["grad_max_rel_diff"] <= 1e-4
     assert objective["sequence_parallel_rows_equal"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_attention_and_chunked_logits_equal_the_generic_paths(results, layout):
+    """Same loss (1e-6) and gradients (1e-5 relative) as the generic attention with full logits:
+    EBFT at s = G and s < G and SFT, each with and without document masking, two models."""
+    fused = results[layout]["fused_paths"]
+    assert fused["cases"] == 2 * 2 * 2 * 2 and fused["grads_compared"] > 100
+    assert fused["loss_diff"] <= 1e-6
+    assert fused["grad_max_rel_diff"] <= 1e-5
