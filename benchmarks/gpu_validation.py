@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Every GPU figure of issue 7 from one command (see docs/gpu-validation.md for the device steps).
+"""Every GPU figure from one command (see docs/gpu-validation.md for the device steps).
 
   python benchmarks/gpu_validation.py --out $OUT                 # one GPU: ~0.56B model, bf16 and FP8
   python benchmarks/gpu_validation.py --out /tmp/v --tiny        # CPU smoke run of the same stages
@@ -9,8 +9,11 @@ Stages, each printed as it finishes and collected in OUT/gpu_validation.json:
   2. a model of the requested shape with random weights (default: 28 layers, hidden 1024, GQA 16/4,
      0.56B parameters) and a byte-level BPE tokenizer trained on this Python's standard library,
      converted to a megatron checkpoint (nothing is downloaded);
-  3. TE-spec against local-spec logits on the same weights and chunk, in bf16 (needs TE);
-  4. short runs of the real trainer on standard-library code: SFT and EBFT, in bf16 and (with TE)
+  3. the packed block attention on the device: the fused kernels (on CUDA torch's memory-efficient
+     attention operators) against the dense masked reference, forward and backward, in fp32 and bf16:
+     the largest differences, the time and (on CUDA) the peak memory of each;
+  4. TE-spec against local-spec logits on the same weights and chunk, in bf16 (needs TE);
+  5. short runs of the real trainer on standard-library code: SFT and EBFT, in bf16 and (with TE)
      in FP8 with --fp8-recipe, each for --steps steps: loss first -> last, median step time,
      tokens/s, MFU against --peak-tflops, and the EBFT/SFT step-time ratio per precision.
 Nothing here is a unit test: the figures are for docs/gpu-validation.md.
@@ -104,6 +107,65 @@ def make_model(out: Path, shape: str) -> Path:
     return convert.hf_to_mcore(hf_dir, ckpt, log=lambda *_: None)
 
 
+def check_block_attention(tiny: bool) -> dict:
+    """Fused block attention against the dense masked reference on this device, forward and
+    backward (differences relative to the reference's largest value), with time and peak memory."""
+    import torch
+
+    from ebft_megatron.models import architecture, gpt
+    from ebft_megatron.models.attention import BlockAttentionParams, BlockCoreAttention
+    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.runtime import distributed
+
+    distributed.initialize(1, 1, seed=0)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    layout = BlockLayout(64, 8, 8, 8, 4) if tiny else BlockLayout(1024, 8, 8, 8, 4)
+    heads, kv_heads, head_dim = (4, 2, 16) if tiny else (16, 4, 64)
+    arch = architecture.from_hf_config(dict(
+        architectures=["Qwen2ForCausalLM"], hidden_size=heads * head_dim, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=4 * heads * head_dim, num_hidden_layers=1, vocab_size=512))
+    core = BlockCoreAttention(gpt.transformer_config(arch, 1, 1), layer_number=1, attn_mask_type=None,
+                              attention_type="self")
+    S = layout.packed_len
+    dense_mask = (~layout.dense_attention_mask()[None, None]).to(device)  # megatron: True = masked out
+    result = {"layout": [layout.chunk_len, layout.first_anchor, layout.stride, layout.rollout_len,
+                         layout.num_samples], "heads": [heads, kv_heads, head_dim], "device": str(device)}
+    for dtype in (torch.float32, torch.bfloat16):
+        gen = torch.Generator().manual_seed(0)
+        inputs = [torch.randn(S, 1, h, head_dim, generator=gen).to(device, dtype) for h in (heads, kv_heads, kv_heads)]
+        upstream = torch.randn(S, 1, heads * head_dim, generator=gen).to(device, dtype)
+        runs = {}
+        for path in ("dense", "fused"):
+            q, k, v = (x.clone().requires_grad_(True) for x in inputs)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            started = time.perf_counter()
+            if path == "dense":
+                out = core(q, k, v, dense_mask)
+            else:
+                out = core(q, k, v, None, packed_seq_params=BlockAttentionParams(layout=layout, mode="packed"))
+            out.backward(upstream)
+            if cuda:
+                torch.cuda.synchronize()
+            run = {"seconds": time.perf_counter() - started, "values": [out.detach(), q.grad, k.grad, v.grad]}
+            if cuda:
+                run["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+            runs[path] = run
+        label = "fp32" if dtype == torch.float32 else "bf16"
+        entry = {}
+        for name, fused, dense in zip(("out", "dq", "dk", "dv"), runs["fused"]["values"], runs["dense"]["values"]):
+            entry[f"{name}_max_rel_diff"] = float((fused.float() - dense.float()).abs().max() / dense.float().abs().max())
+        for path in ("dense", "fused"):
+            entry[f"{path}_s"] = round(runs[path]["seconds"], 4)
+            if cuda:
+                entry[f"{path}_peak_mib"] = round(runs[path]["peak_mib"], 1)
+        result[label] = entry
+    return result
+
+
 def compare_te_and_local(ckpt: Path, chunk_len: int) -> dict:
     """Max and mean |logit difference| of the TE-spec model against the local-spec one, bf16."""
     import torch
@@ -170,6 +232,7 @@ def main(argv=None) -> int:
     ckpt = make_model(out, "tiny" if args.tiny else "0.5b")
     report(figures, out, "model", {"checkpoint": str(ckpt), "shape": SHAPES["tiny" if args.tiny else "0.5b"],
                                    "prepare_s": round(time.monotonic() - started, 1)})
+    report(figures, out, "block_attention", check_block_attention(args.tiny))
     if env["te_usable"]:
         report(figures, out, "te_vs_local_logits_bf16", compare_te_and_local(ckpt, min(args.chunk_len, 512)))
     else:

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_layout_arguments, layout_from  # noqa: E402
+from common import StepBench, add_layout_arguments, layout_from  # noqa: E402
 
 
 def main() -> None:
@@ -43,83 +43,17 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import torch
 
-    from ebft_megatron import assets
-    from ebft_megatron.checkpoint import store
-    from ebft_megatron.data.tokenizers import Tokenizer
-    from ebft_megatron.features.network import build_feature_network, load_feature_network, truncate
-    from ebft_megatron.models.gpt import build_model
-    from ebft_megatron.objective.loss import LossSettings
-    from ebft_megatron.objective.rewards import RewardSettings
-    from ebft_megatron.rollouts.sampler import SamplingSettings, rollout_generator
     from ebft_megatron.runtime import distributed
     from ebft_megatron.training import flops
-    from ebft_megatron.training.loop import _policy_config_overrides
-    from ebft_megatron.config import OptimizerSettings
-    from ebft_megatron.training.optimizer import build_optimizer, wrap_ddp
-    from ebft_megatron.training.step import MicroBatch, forward_backward, make_experience
 
-    distributed.initialize(1, 1, seed=43)
     layout = layout_from(args)
-    ckpt = assets.smollm2_checkpoint()
-    arch = store.architecture_of(ckpt)
-    policy = build_model(arch, **_policy_config_overrides(args.recompute))
-    if args.random_weights:
-        features = build_feature_network(arch, arch.default_feature_layers())
-        truncate(features)
-    else:
-        store.load_model_weights(policy, ckpt)
-        features = load_feature_network(ckpt)
-    ddp = wrap_ddp(policy)
-    optimizer = build_optimizer(ddp, OptimizerSettings(lr=1e-6))
-
-    # a real chunk of Python source (the standard library's argparse module)
-    tokens = Tokenizer(Path(ckpt) / "tokenizer").encode((assets.python_stdlib_dir() / "argparse.py").read_text())
-    chunk = torch.tensor(tokens[: args.chunk_len])[None]
-    batch = MicroBatch(chunk, torch.tensor([args.chunk_len]))
-    sampling, rewards = SamplingSettings(0.6, 1.0), RewardSettings(1.0, 0.5, True)
-    loss_settings = LossSettings(1.0, 0.03, 0.6)
-    generator = rollout_generator(43, 0)
+    bench = StepBench(layout, args.recompute, args.random_weights)
+    arch = bench.arch
 
     def sft_step():
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        started = time.perf_counter()
-        forward_backward(ddp, [batch], layout, loss_settings, mode="sft")
-        optimizer.step()
-        return time.perf_counter() - started
+        return bench.sft_step()["total"]
 
-    def ebft_step():
-        phases = {}
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        started = time.perf_counter()
-        import ebft_megatron.training.step as step_module
-
-        original_embed, original_sample = step_module.embed, step_module.sample_rollouts
-
-        def timed(name, function):
-            def run(*a, **k):
-                t0 = time.perf_counter()
-                result = function(*a, **k)
-                phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
-                return result
-            return run
-
-        step_module.embed, step_module.sample_rollouts = timed("features", original_embed), timed("rollouts", original_sample)
-        try:
-            experience = make_experience(ddp, features, layout, batch, arch.vocab_size, sampling, rewards,
-                                         "last_token", generator)
-        finally:
-            step_module.embed, step_module.sample_rollouts = original_embed, original_sample
-        t0 = time.perf_counter()
-        forward_backward(ddp, [experience], layout, loss_settings, mode="ebft")
-        phases["policy_forward_backward"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        optimizer.step()
-        phases["optimizer"] = time.perf_counter() - t0
-        phases["total"] = time.perf_counter() - started
-        phases["rewards_and_other"] = phases["total"] - sum(v for k, v in phases.items() if k != "total")
-        return phases
+    ebft_step = bench.ebft_step
 
     print(f"layout: P={layout.chunk_len} C={layout.first_anchor} s={layout.stride} G={layout.rollout_len} "
           f"n={layout.num_samples} NB={layout.num_blocks}; packed length {layout.packed_len}; "

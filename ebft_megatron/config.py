@@ -34,7 +34,7 @@ class ModelSettings:
     feature_layers: list[int] = field(default_factory=list)
     # Parameter dtype: float32 or bfloat16.
     dtype: str = "float32"
-    # Activation recompute for the policy's backward: none, selective (core attention) or full.
+    # Activation recompute for the policy's backward: none, selective (core attention and norms) or full.
     recompute: str = "selective"
     # Block attention of the packed sequence: fused (flash / memory-efficient attention kernels merged
     # through their log-sum-exps; no score matrices, forward or backward) or generic (score tiles in

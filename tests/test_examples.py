@@ -1,10 +1,12 @@
 """Every config in examples/ loads, and the parallel layouts the GPU configs state fit their models.
 
 The configs point model.load at checkpoints that do not exist here (load_config does not open it),
-so the model side is checked against the public architecture numbers of the named models below,
-through the same ModelArchitecture.check_parallel the trainer runs before building anything.
+so the model side is checked against the public architecture numbers of the named models
+(examples/architectures/*.json, the essentials of each model's config.json), through the same
+ModelArchitecture.check_parallel the trainer runs before building anything.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,20 +19,18 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
 
 
-def hf_config(arch, hidden, heads, kv_heads, ffn, layers, vocab, tied):
-    return {"architectures": [arch], "hidden_size": hidden, "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads, "intermediate_size": ffn, "num_hidden_layers": layers,
-            "vocab_size": vocab, "tie_word_embeddings": tied}
+def hf_config(name):
+    return json.loads((EXAMPLES / "architectures" / f"{name}.json").read_text())
 
 
 # config file -> (the model's config.json essentials, the GPUs the config is written for, the
 # parameter count its comments reason with, in billions)
 NAMED = {
-    "ebft_qwen2.5_1.5b.yaml": (hf_config("Qwen2ForCausalLM", 1536, 12, 2, 8960, 28, 151936, True), 8, 1.54),
-    "ebft_qwen2.5_7b.yaml": (hf_config("Qwen2ForCausalLM", 3584, 28, 4, 18944, 28, 152064, False), 8, 7.6),
-    "ebft_70b_tp8pp4.yaml": (hf_config("LlamaForCausalLM", 8192, 64, 8, 28672, 80, 128256, False), 32, 70.6),
-    "ebft_translation_llama3.2_1b.yaml": (hf_config("LlamaForCausalLM", 2048, 32, 8, 8192, 16, 128256, True), 8, 1.24),
-    "ebft_smollm2_stdlib.yaml": (hf_config("LlamaForCausalLM", 576, 9, 3, 1536, 30, 49152, True), 2, 0.135),
+    "ebft_qwen2.5_1.5b.yaml": (hf_config("qwen2.5-1.5b"), 8, 1.54),
+    "ebft_qwen2.5_7b.yaml": (hf_config("qwen2.5-7b"), 8, 7.6),
+    "ebft_70b_tp8pp4.yaml": (hf_config("llama-3-70b"), 32, 70.6),
+    "ebft_translation_llama3.2_1b.yaml": (hf_config("llama-3.2-1b"), 8, 1.24),
+    "ebft_smollm2_stdlib.yaml": (hf_config("smollm2-135m"), 2, 0.135),
 }
 GPU_CONFIGS = [name for name in NAMED if name != "ebft_smollm2_stdlib.yaml"]
 

@@ -1,5 +1,5 @@
-"""benchmarks/gpu_validation.py, the one command that prints issue 7's GPU figures, runs its
-stages end to end on CPU with a tiny model (TE stages report themselves skipped)."""
+"""benchmarks/gpu_validation.py, the one command that prints the GPU figures, runs its stages end
+to end on CPU with a tiny model (TE stages report themselves skipped)."""
 
 import json
 import subprocess
@@ -16,6 +16,11 @@ def test_every_stage_reports_a_figure(tmp_path):
     figures = json.loads((tmp_path / "gpu_validation.json").read_text())
     assert figures["environment"]["te_usable"] is False
     assert figures["te_vs_local_logits_bf16"].startswith("skipped")
+    attention = figures["block_attention"]
+    assert attention["device"] == "cpu"
+    for name in ("out", "dq", "dk", "dv"):  # the fused kernels against the dense reference
+        assert attention["fp32"][f"{name}_max_rel_diff"] < 1e-5
+        assert attention["bf16"][f"{name}_max_rel_diff"] < 5e-2
     for mode in ("sft", "ebft"):
         run = figures[f"{mode}_float32"]
         assert run["step_time_s"] > 0 and run["tokens_per_s"] > 0

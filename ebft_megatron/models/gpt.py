@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ebft_megatron.config import ModelSettings
+from ebft_megatron.models import layers
 from ebft_megatron.models.architecture import ModelArchitecture
 from ebft_megatron.models.attention import BlockCoreAttention
 
@@ -55,6 +56,8 @@ def transformer_config(arch: ModelArchitecture, tp: int, pp: int, params_dtype=t
         layernorm_epsilon=arch.norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
+        # the MLP then calls the spec's activation module (layers.SwiGLU) on the whole fc1 output
+        use_te_activation_func=True,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         hidden_dropout=0.0,
@@ -115,12 +118,16 @@ def layer_spec(use_te: bool, block_attention: str = ModelSettings.attention):
     implementation, fused or generic)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if use_te:
+    if use_te:  # TE fuses the norms into its linear layers
         spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    core = functools.partial(BlockCoreAttention, implementation=block_attention)
-    spec.submodules.self_attention.submodules.core_attention = core
+        spec.submodules.input_layernorm = layers.RMSNorm
+        spec.submodules.pre_mlp_layernorm = layers.RMSNorm
+    attention = spec.submodules.self_attention
+    attention.module = layers.self_attention_class()
+    attention.submodules.core_attention = functools.partial(BlockCoreAttention, implementation=block_attention)
+    spec.submodules.mlp.submodules.activation_func = layers.SwiGLU  # with use_te_activation_func
     return spec
 
 

@@ -24,6 +24,10 @@ P6  ``get_default_causal_mask``/``get_sliding_window_causal_mask`` allocate on `
 P7  dist-checkpoint saves use a thread queue instead of a spawned multiprocessing Manager (the
     spawn re-imports ``__main__`` and costs 2-13 s on the first save). This one is applied on GPU
     too: it is a pure speed/robustness choice, not a CUDA fallback.
+P8  Without Transformer Engine, megatron's output-discarding checkpoint (the norm recompute of
+    selective recompute) reaches for TE's FP8 state: its fp8 flag is ``fp8 is not None``, true for
+    the default ``fp8=False``. Stand-ins that say FP8 is off are put where it looks. Applied
+    wherever TE is missing, GPU included; with TE nothing changes.
 
 P1 (stubbing a triton-only MoE module) is not needed by megatron-core 0.16.1, which we pin.
 """
@@ -49,6 +53,7 @@ def apply() -> None:
         return
     _APPLIED = True
     _use_thread_queue_for_checkpoint_writes()
+    _fp8_state_without_transformer_engine()
     if cuda_available():
         return
     _patch_cuda_runtime_calls()
@@ -196,3 +201,32 @@ def _use_thread_queue_for_checkpoint_writes() -> None:
 
     if getattr(filesystem_async, "_results_queue", None) is None:
         filesystem_async._results_queue = queue.Queue()
+
+
+# --- P8 -------------------------------------------------------------------------------------
+class _FP8Off:
+    """What megatron asks of TE's FP8GlobalStateManager, when there is no TE: FP8 is off."""
+
+    @staticmethod
+    def is_fp8_enabled() -> bool:
+        return False
+
+    @staticmethod
+    def get_fp8_recipe():
+        return None
+
+
+def _no_context(*args, **kwargs):
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _fp8_state_without_transformer_engine() -> None:
+    from megatron.core.tensor_parallel import random
+
+    if getattr(random, "HAVE_TE", True):
+        return
+    random.FP8GlobalStateManager = _FP8Off
+    random.activation_recompute_forward = _no_context
+    random.fp8_autocast = _no_context

@@ -21,8 +21,10 @@ class TrainingAborted(RuntimeError):
 
 
 def _policy_config_overrides(recompute: str) -> dict:
-    if recompute == "selective":  # recompute core attention only: the real-pair scores are the big activations
-        return {"recompute_granularity": "selective"}
+    if recompute == "selective":
+        # the core attention, and the norms' outputs (the next linear layer's input), which
+        # megatron discards after use and recomputes before backward
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "layernorm"]}
     if recompute == "full":
         return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     return {}

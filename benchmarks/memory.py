@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Peak memory of one SFT step and one EBFT step, each in its own process, at the same settings, for
+each activation-recompute setting; next to what the memory model (ebft_megatron.training.memory)
+predicts for the same step.
+
+  python benchmarks/memory.py                      # SmolLM2-135M, fp32, P=1024, C=s=G=8, n=4
+  python benchmarks/memory.py --chunk-len 256 --recompute selective   # a quicker look
+
+Each process builds what the trainer builds (the policy in megatron's DDP with distributed Adam,
+and the frozen feature network, which the trainer holds in every mode for evaluation), runs one
+SFT step so that the optimizer state exists, then measures one step of its mode. The figure is the
+peak over that step alone: on a CPU the peak resident set (the kernel's high-water mark, reset
+just before the step), on a GPU torch's max allocated. The whole process's peak RSS (model loading
+included) is printed too. On a CPU the model's prediction adds the resident set the process had
+before it built anything (Python, torch, megatron).
+
+On a CPU the workers run with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), so that a freed
+large tensor leaves the resident set, as a freed CUDA block leaves torch's max-allocated count;
+with glibc's default the allocator keeps freed activations and the peaks come out higher
+(``--allocator-default`` measures that way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import StepBench, add_layout_arguments, layout_from  # noqa: E402
+
+GIB = 1024 ** 3
+
+
+def resident_bytes(field: str = "VmRSS") -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
+
+
+def step_peak() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return resident_bytes("VmHWM")
+
+
+def worker(args) -> None:
+    from ebft_megatron.cli import quiet_imports
+
+    quiet_imports()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import megatron.core  # noqa: F401  (the runtime is part of the baseline)
+    import torch
+
+    from ebft_megatron.training import memory
+
+    baseline = 0 if torch.cuda.is_available() else resident_bytes()
+    layout = layout_from(args)
+    bench = StepBench(layout, args.recompute, args.random_weights)
+    bench.sft_step()  # Adam's state is created at the first step
+    reset_peak()
+    phases = bench.sft_step() if args.mode == "sft" else bench.ebft_step()
+    peak = step_peak()
+    shape = memory.StepShape(
+        args.mode, layout.chunk_len, layout.chunk_len if args.mode == "sft" else layout.packed_len,
+        0 if args.mode == "sft" else layout.num_rollout_tokens, recompute=args.recompute,
+        feature_layers=max(bench.arch.default_feature_layers()),
+    )
+    estimate = memory.estimate(bench.arch, shape)
+    print(json.dumps({
+        "mode": args.mode, "recompute": args.recompute, "step_peak": peak,
+        "process_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "baseline": baseline, "predicted": baseline + estimate.peak, "model": estimate.describe(),
+        "step_s": phases["total"],
+    }), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_layout_arguments(parser)
+    parser.add_argument("--recompute", nargs="+", default=["none", "selective", "full"],
+                        choices=["none", "selective", "full"])
+    parser.add_argument("--allocator-default", action="store_true",
+                        help="CPU: keep glibc's default allocator settings (freed memory may stay resident)")
+    parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--mode", choices=["sft", "ebft"], help=argparse.SUPPRESS)  # one worker process
+    args = parser.parse_args()
+    if args.mode:
+        args.recompute = args.recompute[0]
+        return worker(args)
+
+    layout = layout_from(args)
+    env = dict(os.environ)
+    if not args.allocator_default:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    print(f"layout: P={layout.chunk_len} C={layout.first_anchor} s={layout.stride} G={layout.rollout_len} "
+          f"n={layout.num_samples}; packed length {layout.packed_len}; allocator "
+          f"{'default' if args.allocator_default else 'mmap threshold 64 KiB'}", flush=True)
+    results = []
+    for recompute in args.recompute:
+        for mode in ("sft", "ebft"):
+            flags = [f"--{name.replace('_', '-')}={getattr(args, name)}"
+                     for name in ("chunk_len", "first_anchor", "stride", "rollout_len", "num_samples")]
+            cmd = [sys.executable, __file__, f"--mode={mode}", "--recompute", recompute, *flags]
+            if args.random_weights:
+                cmd.append("--random-weights")
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode or not lines:
+                sys.exit(f"the {mode} worker (recompute {recompute}) failed:\n{proc.stderr[-3000:]}")
+            result = json.loads(lines[-1])
+            results.append(result)
+            print(f"  {recompute:9s} {mode:4s}: step peak {result['step_peak'] / GIB:6.2f} GiB, predicted "
+                  f"{result['predicted'] / GIB:6.2f} GiB ({result['predicted'] / result['step_peak'] - 1:+.0%}), "
+                  f"whole process {result['process_peak'] / GIB:6.2f} GiB, step {result['step_s']:.1f} s; model: "
+                  f"{result['model']}", flush=True)
+    print("\nrecompute | SFT step peak | EBFT step peak | EBFT / SFT | model error SFT, EBFT")
+    for recompute in args.recompute:
+        sft, ebft = (next(r for r in results if r["recompute"] == recompute and r["mode"] == m) for m in ("sft", "ebft"))
+        print(f"{recompute:9s} | {sft['step_peak'] / GIB:10.2f} GiB | {ebft['step_peak'] / GIB:11.2f} GiB | "
+              f"{ebft['step_peak'] / sft['step_peak']:9.2f}x | {sft['predicted'] / sft['step_peak'] - 1:+.0%}, "
+              f"{ebft['predicted'] / ebft['step_peak'] - 1:+.0%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""A memory model of one training step, per process: what to expect before launching.
+
+The figures are bytes this process's tensors hold at the step's peak. On a GPU they compare with
+``torch.cuda.max_memory_allocated()``; on a CPU the peak resident set also holds the runtime
+(Python, torch, megatron), which the caller adds (``benchmarks/memory.py`` measures it before it
+builds anything, and compares the sum with the measured peak).
+
+What is counted:
+- model state of this rank's pipeline stage: weights, megatron DDP's fp32 gradient buffer, Adam's
+  two fp32 moments (and an fp32 master copy of low-precision weights), the last two sharded over
+  data-parallel ranks by the distributed optimizer;
+- the frozen feature network up to its deepest feature layer;
+- then the largest of the step's phases, which run one after another:
+  * rollouts: the KV cache of the chunk and every rollout token, and the prefill's working set;
+  * features: one no-grad forward of the packed sequence, one layer's working set at a time;
+  * training: the activations autograd keeps for backward (for every micro-batch in flight under
+    pipeline parallelism), plus the working set of one layer's backward, one chunk of output-layer
+    logits and the output-layer weight's gradient;
+  * optimizer: one fp32 temporary the size of the optimizer's shard.
+
+Activations kept per layer and token, in elements (h hidden, a = query width and kv = key+value
+width and f = FFN width per tensor-parallel rank, d head dim), as autograd saves them with the
+layer parts of ``models.layers`` and the fused block attention:
+    two norms 2 x (2h + 1) (input and inverse RMS; the next linear layer keeps the output), rotary
+    tables 4d, q a, k kv/2, v kv/2, attention output a (shared with the output projection), SwiGLU
+    3f (the fc1 output and the fc2 input), and the attention's row log-sum-exps (one per head).
+Selective recompute re-runs the core attention in backward (with the fused kernels that saves
+only the log-sum-exps: no score matrices are kept in the first place) and the norms, whose outputs
+megatron discards once the next linear layer has used them (2 x (h + 1) fewer per layer). Full
+recompute keeps each layer's input (h) and re-runs one layer at a time in backward.
+(``tests/training/test_memory.py`` checks these counts against what autograd saves.)
+
+    python -m ebft_megatron.training.memory --config examples/ebft_qwen2.5_7b.yaml \
+        --architecture examples/architectures/qwen2.5-7b.json --gpus 8
+
+prints the estimate for a config (the model's config.json; default: the checkpoint in model.load).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a step's memory depends on besides the model."""
+
+    mode: str  # ebft | sft | rlvr
+    chunk_len: int
+    packed_len: int  # chunk + rollout tokens (= chunk_len for sft)
+    rollout_tokens: int  # NB * n * G
+    micro_batch: int = 1
+    micro_batches: int = 1
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    recompute: str = "selective"  # none | selective | full
+    bytes_per_value: int = 4  # parameters and activations: 4 fp32, 2 bf16
+    distributed_optimizer: bool = True
+    logit_chunk_rows: int = 1024
+    feature_layers: int = 0  # the feature network's depth (0: none is held; the trainer holds it in
+    # every mode, for the evaluation's feature-matching loss)
+
+    @classmethod
+    def of(cls, config, arch, dp: int = 1) -> "StepShape":
+        """The step a run of ``config`` on model ``arch`` takes, at ``dp`` data-parallel ranks."""
+        from ebft_megatron.config import layout_of
+
+        layout = layout_of(config)
+        m, t, o = config.model, config.train, config.objective
+        packed = layout.chunk_len if o.mode == "sft" else layout.packed_len
+        return cls(o.mode, layout.chunk_len, packed, 0 if o.mode == "sft" else layout.num_rollout_tokens,
+                   t.micro_batch, max(1, t.chunks_per_step // (dp * t.micro_batch)), config.parallel.tp,
+                   config.parallel.pp, dp, m.recompute, 2 if m.dtype == "bfloat16" else 4,
+                   config.optimizer.distributed, m.logit_chunk_rows,
+                   max(m.feature_layers or arch.default_feature_layers()))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    model_state: float
+    feature_network: float
+    phases: dict = field(default_factory=dict)  # rollouts / features / training / optimizer -> bytes
+
+    @property
+    def peak(self) -> float:
+        return self.model_state + self.feature_network + max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    def describe(self) -> str:
+        parts = [f"model state {self.model_state / GIB:.2f}", f"feature network {self.feature_network / GIB:.2f}"]
+        parts += [f"{name} {value / GIB:.2f}" for name, value in self.phases.items()]
+        return f"peak {self.peak / GIB:.2f} GiB at {self.peak_phase} ({', '.join(parts)} GiB)"
+
+
+def layer_activation_elements(arch, tp: int, recompute: str) -> float:
+    """Elements autograd keeps per token for one layer's backward (see the module docstring)."""
+    h, d = arch.hidden_size, arch.head_dim
+    heads = arch.num_attention_heads // tp
+    a = heads * d
+    kv = 2 * (arch.num_query_groups // tp) * d
+    f = arch.ffn_hidden_size // tp
+    if recompute == "full":
+        return h
+    kept = 4 * d + 2 * a + kv + 3 * f
+    if recompute == "selective":
+        return kept + 2 * h  # the norms' inputs
+    return kept + 2 * (2 * h + 1) + heads  # norms' inputs, outputs and inverse RMS; log-sum-exps
+
+
+def _layer_parameters(arch, tp: int) -> float:
+    h, q, kv = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
+    bias = (q + 2 * kv) if arch.qkv_bias else 0
+    return (2 * h * q + 2 * h * kv + 3 * h * arch.ffn_hidden_size + bias) / tp + 2 * h
+
+
+def stage_parameters(arch, tp: int, pp: int, layers: Optional[int] = None, output_layer: bool = True) -> float:
+    """Parameters of the largest pipeline stage of this rank (first: embedding; last: output layer)."""
+    layers = arch.num_layers if layers is None else layers
+    per_stage = -(-layers // pp) * _layer_parameters(arch, tp)
+    vocab = arch.padded_vocab_size * arch.hidden_size / tp
+    if pp == 1:
+        untied = output_layer and not arch.tie_word_embeddings
+        return per_stage + vocab * (2 if untied else 1) + arch.hidden_size
+    return per_stage + vocab + (arch.hidden_size if output_layer else 0)
+
+
+def estimate(arch, shape: StepShape) -> MemoryEstimate:
+    s, b = shape, shape.bytes_per_value
+    params = stage_parameters(arch, s.tp, s.pp)
+    shard = s.dp if s.distributed_optimizer else 1
+    optimizer_bytes = 8 + (4 if b < 4 else 0)  # Adam moments (+ fp32 master weights)
+    model_state = params * (b + 4 + optimizer_bytes / shard)
+    feature_network = 0.0
+    if s.feature_layers:
+        feature_network = stage_parameters(arch, s.tp, s.pp, s.feature_layers, output_layer=False) * b
+
+    layers = -(-arch.num_layers // s.pp)
+    h = arch.hidden_size
+    vocab = arch.padded_vocab_size / s.tp
+    kv = 2 * (arch.num_query_groups // s.tp) * arch.head_dim
+    tokens = s.packed_len * s.micro_batch
+    layer_working_set = layer_activation_elements(arch, s.tp, "none") * b  # per token
+    phases = {}
+    if s.mode != "sft":
+        cache = layers * s.micro_batch * (s.chunk_len + s.rollout_tokens) * kv * b
+        phases["rollouts"] = cache + s.chunk_len * s.micro_batch * layer_working_set
+    if s.mode == "ebft":
+        phases["features"] = tokens * layer_working_set
+
+    in_flight = min(s.pp, s.micro_batches)
+    kept = layers * layer_activation_elements(arch, s.tp, s.recompute) * b * tokens * in_flight
+    outside = (3 * h + 3) * b * tokens  # final norm and the rows handed to the output layer
+    logit_rows = min(s.logit_chunk_rows, tokens) if s.logit_chunk_rows else 3 * tokens
+    logits = logit_rows * vocab * (4 + (b if b < 4 else 0))  # fp32 logits (+ the matmul's own output)
+    output_grad = vocab * h * 4  # the output weight's gradient, fp32
+    phases["training"] = kept + outside + tokens * layer_working_set + logits + output_grad
+    phases["optimizer"] = params / shard * 4
+    return MemoryEstimate(model_state, feature_network, phases)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+
+    from ebft_megatron.cli import run_cli
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ebft_megatron.training.memory",
+        description="Estimate the peak memory per GPU (or process) of one training step of a config.")
+    parser.add_argument("--config", required=True, help="the run's YAML config")
+    parser.add_argument("--architecture", help="the model's Hugging Face config.json (default: the checkpoint "
+                                               "in model.load)")
+    parser.add_argument("--gpus", type=int, help="processes in the job (default: tp x pp, i.e. DP 1)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value settings, as for training")
+    args = parser.parse_args(argv)
+
+    def run():
+        from ebft_megatron.checkpoint import store
+        from ebft_megatron.config import ConfigError, load_config
+        from ebft_megatron.models.architecture import from_hf_config
+
+        config = load_config(args.config, args.overrides)
+        if args.architecture:
+            path = Path(args.architecture)
+            if not path.is_file():
+                raise ConfigError(f"--architecture {path} does not exist")
+            arch = from_hf_config(json.loads(path.read_text()), source=str(path))
+        else:
+            arch = store.architecture_of(config.model.load)
+        tp, pp = config.parallel.tp, config.parallel.pp
+        arch.check_parallel(tp, pp)
+        gpus = args.gpus or tp * pp
+        if gpus % (tp * pp):
+            raise ConfigError(f"--gpus {gpus} is not a multiple of tp x pp = {tp * pp}")
+        shape = StepShape.of(config, arch, dp=gpus // (tp * pp))
+        print(f"{config.objective.mode}, {config.model.dtype}, recompute {config.model.recompute}, "
+              f"TP{tp} x PP{pp} x DP{shape.dp}, {shape.micro_batches} micro-batches of {shape.micro_batch} "
+              f"x {shape.packed_len} tokens: {estimate(arch, shape).describe()}")
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

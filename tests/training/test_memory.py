@@ -1,0 +1,64 @@
+"""The memory model (training.memory) against what autograd keeps and what the step shapes imply."""
+
+import pytest
+import torch
+
+from ebft_megatron.models import architecture
+from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.training import memory
+
+LAYOUT = BlockLayout(64, 8, 8, 8, 4)
+
+
+def _arch(layers):
+    return architecture.from_hf_config(dict(
+        architectures=["LlamaForCausalLM"], hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=160, num_hidden_layers=layers, vocab_size=300, tie_word_embeddings=True))
+
+
+def _kept_per_token(recompute, layers):
+    """Elements autograd keeps per token after one packed forward of a fresh model (parameters
+    excluded; each storage counted once, at its size after the forward: recompute may free some)."""
+    from ebft_megatron.models.attention import packed_attention
+    from ebft_megatron.models.gpt import build_model, model_forward
+    from ebft_megatron.runtime import distributed
+    from ebft_megatron.training.loop import _policy_config_overrides
+
+    distributed.initialize(1, 1)
+    model = build_model(_arch(layers), **_policy_config_overrides(recompute))
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = (storage, tensor.element_size())
+        return tensor
+
+    tokens = torch.randint(0, 300, (1, LAYOUT.packed_len), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model_forward(model, tokens, LAYOUT.position_ids[None], block_params=packed_attention(LAYOUT, return_hidden=True))
+    return sum(storage.nbytes() // size for storage, size in storages.values()) / LAYOUT.packed_len
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_activation_elements_per_layer_are_what_autograd_keeps(recompute):
+    per_layer = _kept_per_token(recompute, 3) - _kept_per_token(recompute, 2)
+    assert per_layer == pytest.approx(memory.layer_activation_elements(_arch(2), 1, recompute), abs=0.5)
+
+
+def test_ebft_peak_grows_with_the_packed_length_and_full_recompute_caps_it():
+    arch = _arch(8)
+
+    def peak(mode, recompute, chunk_len=256):
+        layout = BlockLayout(chunk_len, 8, 8, 8, 4)
+        packed = chunk_len if mode == "sft" else layout.packed_len
+        rollout_tokens = 0 if mode == "sft" else layout.num_rollout_tokens
+        shape = memory.StepShape(mode, chunk_len, packed, rollout_tokens, recompute=recompute, feature_layers=6)
+        return memory.estimate(arch, shape)
+
+    sft, ebft = peak("sft", "selective"), peak("ebft", "selective")
+    assert ebft.phases["training"] > 4 * sft.phases["training"]  # about (P + NB*n*G) / P tokens
+    assert ebft.model_state == sft.model_state and ebft.feature_network == sft.feature_network > 0
+    assert peak("ebft", "full").phases["training"] < ebft.phases["training"] / 2
+    assert peak("ebft", "selective", 512).peak > ebft.peak
