@@ -97,17 +97,25 @@ class _OwnRows:
         return x.reshape(self.blocks * self.G, self.B, H, *tail)
 
 
+class _Operands:
+    """What forward and backward both derive from the inputs: key and value expanded to the query
+    heads, [B, H, L, d] views of all three, the chunk length and the own-block batching."""
+
+    def __init__(self, query, key, value, layout: BlockLayout):
+        S, B, H, d = query.shape
+        self.shape, self.rep, self.P = (S, B, H, d), H // key.shape[2], layout.chunk_len
+        self.own = _OwnRows(layout, B)
+        self.k_all, self.v_all = _expand_heads(key, self.rep), _expand_heads(value, self.rep)
+        self.q, self.k, self.v = _bhld(query), _bhld(self.k_all), _bhld(self.v_all)
+
+
 class PackedBlockAttention(torch.autograd.Function):
     """query [S, B, H, d], key/value [S, B, Hkv, d] (megatron's sbhd) -> [S, B, H*d]."""
 
     @staticmethod
     def forward(ctx, query, key, value, layout: BlockLayout, masks: PackedMasks, scale: float):
-        S, B, H, d = query.shape
-        rep = H // key.shape[2]
-        P = layout.chunk_len
-        own = _OwnRows(layout, B)
-        k_all, v_all = _expand_heads(key, rep), _expand_heads(value, rep)
-        q, k, v = _bhld(query), _bhld(k_all), _bhld(v_all)
+        x = _Operands(query, key, value, layout)
+        (S, B, H, d), P, own, k_all, v_all, q, k, v = x.shape, x.P, x.own, x.k_all, x.v_all, x.q, x.k, x.v
 
         output = query.new_empty(S, B, H, d)
         chunk_out, chunk_lse = kernels.attend(q[:, :, :P], k[:, :, :P], v[:, :, :P], scale,
@@ -134,13 +142,10 @@ class PackedBlockAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         query, key, value, output, chunk_lse, rollout_lse = ctx.saved_tensors
-        layout, masks, scale = ctx.layout, ctx.masks, ctx.scale
-        S, B, H, d = query.shape
-        rep = H // key.shape[2]
-        P = layout.chunk_len
-        own = _OwnRows(layout, B)
-        k_all, v_all = _expand_heads(key, rep), _expand_heads(value, rep)
-        q, k, v = _bhld(query), _bhld(k_all), _bhld(v_all)
+        masks, scale = ctx.masks, ctx.scale
+        x = _Operands(query, key, value, ctx.layout)
+        (S, B, H, d), P, own, k_all, v_all, q, k, v = x.shape, x.P, x.own, x.k_all, x.v_all, x.q, x.k, x.v
+        rep = x.rep
         grad = grad_output.reshape(S, B, H, d)
         out = output.view(S, B, H, d)
         g, o = _bhld(grad), _bhld(out)

@@ -261,11 +261,13 @@ def expand_positions(position_ids: torch.Tensor) -> torch.Tensor:
 def model_forward(model, tokens, position_ids, attention_mask=None, block_params=None, labels=None):
     """One forward of this stage. ``tokens``/``position_ids`` are [b, s] (ignored off the first
     stage except for rotary). Returns vocab-parallel logits [b, s, V/TP] on the last stage (or
-    per-token loss when ``labels`` is given), hidden states [s, b, h] elsewhere."""
+    per-token loss when ``labels`` is given), hidden states [s, b, h] elsewhere. Inputs are moved to
+    the device of the model's weights."""
+    device = next(model.parameters()).device
     return model(
-        input_ids=tokens,
-        position_ids=expand_positions(position_ids),
-        attention_mask=attention_mask,
+        input_ids=tokens.to(device),
+        position_ids=expand_positions(position_ids.to(device)),
+        attention_mask=None if attention_mask is None else attention_mask.to(device),
         labels=labels,
         packed_seq_params=block_params,
     )

@@ -67,7 +67,7 @@ def rollout_logprobs(output, layout: BlockLayout, rollout_tokens: torch.Tensor, 
 def ebft_loss(output, layout: BlockLayout, chunk, lengths, rollout_tokens, advantages, settings: LossSettings):
     """Returns (loss, terms): loss is the mean over the micro-batch's chunks; terms are detached."""
     logprobs = rollout_logprobs(output, layout, rollout_tokens, settings.temperature)
-    rl = -(advantages.to(logprobs.dtype)[..., None] * logprobs).mean(dim=(1, 2, 3))  # [B]
+    rl = -(advantages.to(logprobs.device, logprobs.dtype)[..., None] * logprobs).mean(dim=(1, 2, 3))  # [B]
     ce = chunk_cross_entropy(output, chunk, lengths)
     loss = settings.rl_coef * rl.mean() + settings.ce_coef * ce.mean()
     # clones: megatron's schedule divides the returned loss in place by the number of micro-batches

@@ -33,8 +33,11 @@ def sample_tokens(
         return tokens if num_samples is None else tokens.unsqueeze(-1).expand(*tokens.shape, draws)
     shape = logits.shape[:-1] if num_samples is None else (*logits.shape[:-1], draws)
     if uniforms is None:
-        uniforms = torch.rand(logits[..., 0].numel(), draws, generator=generator, device=logits.device)
-    uniforms = uniforms.reshape(-1, draws).float()
+        # drawn where the generator lives (the trainer's is a CPU one), so a seed gives the same
+        # numbers on every device
+        device = generator.device if generator is not None else logits.device
+        uniforms = torch.rand(logits[..., 0].numel(), draws, generator=generator, device=device)
+    uniforms = uniforms.reshape(-1, draws).float().to(logits.device)
     # Unnormalised probabilities exp((l - max) / T) in one buffer, then their running sum: the
     # draw is the first index whose running sum exceeds u * total (exact inverse CDF).
     weights = logits.reshape(-1, logits.shape[-1]).float()

@@ -62,3 +62,13 @@ def test_ebft_peak_grows_with_the_packed_length_and_full_recompute_caps_it():
     assert ebft.model_state == sft.model_state and ebft.feature_network == sft.feature_network > 0
     assert peak("ebft", "full").phases["training"] < ebft.phases["training"] / 2
     assert peak("ebft", "selective", 512).peak > ebft.peak
+
+
+def test_command_line_estimates_an_example_config_and_refuses_a_missing_architecture(capsys):
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    args = ["--config", str(root / "examples" / "ebft_qwen2.5_7b.yaml"), "--gpus", "8"]
+    assert memory.main([*args, "--architecture", str(root / "examples" / "architectures" / "qwen2.5-7b.json")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "TP2 x PP1 x DP4" in line and "peak" in line and "GiB" in line
+    assert memory.main([*args, "--architecture", "no/such/config.json"]) == 2
+    assert "no/such/config.json does not exist" in capsys.readouterr().err
