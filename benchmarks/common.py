@@ -25,8 +25,9 @@ def layout_from(args):
 class StepBench:
     """SmolLM2-135M (fp32, one process) as the trainer builds it: the policy with the given recompute
     setting in megatron's DDP with distributed Adam, and the frozen feature network; one real chunk of
-    Python source (the standard library's argparse module). ``sft_step`` and ``ebft_step`` each run
-    one optimizer step and return their wall time by phase."""
+    Python source (the standard library's argparse module); the training config's defaults for
+    everything else. ``sft_step`` and ``ebft_step`` each run one optimizer step and return its wall
+    time by phase, as the trainer times them."""
 
     def __init__(self, layout, recompute: str = "selective", random_weights: bool = False,
                  attention: str = "fused", logit_chunk_rows: int = 1024):
@@ -34,17 +35,16 @@ class StepBench:
 
         from ebft_megatron import assets
         from ebft_megatron.checkpoint import store
-        from ebft_megatron.config import OptimizerSettings
+        from ebft_megatron.config import Config, OptimizerSettings
         from ebft_megatron.data.tokenizers import Tokenizer
         from ebft_megatron.features.network import build_feature_network, load_feature_network, truncate
         from ebft_megatron.models.gpt import build_model
-        from ebft_megatron.objective.loss import LossSettings
-        from ebft_megatron.objective.rewards import RewardSettings
-        from ebft_megatron.rollouts.sampler import SamplingSettings, rollout_generator
+        from ebft_megatron.objective.objectives import EBFT, SFT, Batch, ObjectiveContext
+        from ebft_megatron.rollouts.sampler import rollout_generator
         from ebft_megatron.runtime import distributed
+        from ebft_megatron.runtime.timing import PhaseTimer
         from ebft_megatron.training.loop import _policy_config_overrides
         from ebft_megatron.training.optimizer import build_optimizer, wrap_ddp
-        from ebft_megatron.training.step import MicroBatch
 
         distributed.initialize(1, 1, seed=43)
         self.layout = layout
@@ -61,56 +61,30 @@ class StepBench:
         self.ddp = wrap_ddp(self.policy)
         self.optimizer = build_optimizer(self.ddp, OptimizerSettings(lr=1e-6))
         tokens = Tokenizer(ckpt / "tokenizer").encode((assets.python_stdlib_dir() / "argparse.py").read_text())
-        chunk = torch.tensor(tokens[: layout.chunk_len])[None]
-        self.batch = MicroBatch(chunk, torch.tensor([layout.chunk_len]))
-        self.sampling, self.rewards = SamplingSettings(0.6, 1.0), RewardSettings(1.0, 0.5, True)
-        self.loss_settings = LossSettings(1.0, 0.03, 0.6)
-        self.generator = rollout_generator(43, 0)
+        self.batch = Batch(torch.tensor(tokens[: layout.chunk_len])[None], torch.tensor([layout.chunk_len]))
+        self.timer = PhaseTimer()
+        context = ObjectiveContext(layout, arch.vocab_size, rollout_generator(43, 0), self.features, timer=self.timer)
+        config = Config()  # the training defaults (sampling temperature, reward and loss weights)
+        self.objectives = {"sft": SFT.from_config(config, context), "ebft": EBFT.from_config(config, context)}
 
-    def _zero_grad(self):
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-
-    def sft_step(self) -> dict[str, float]:
+    def step(self, mode: str) -> dict[str, float]:
+        """One optimizer step of ``mode`` (sft or ebft) on the chunk: seconds by phase and total."""
         from ebft_megatron.training.step import forward_backward
 
-        self._zero_grad()
+        objective = self.objectives[mode]
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.timer.take()
         started = time.perf_counter()
-        forward_backward(self.ddp, [self.batch], self.layout, self.loss_settings, mode="sft")
-        t0 = time.perf_counter()
-        self.optimizer.step()
-        done = time.perf_counter()
-        return {"policy_forward_backward": t0 - started, "optimizer": done - t0, "total": done - started}
+        experience = objective.experience(self.batch, self.ddp)
+        with self.timer.phase("forward_backward"):
+            forward_backward(self.ddp, [experience], objective)
+        with self.timer.phase("optimizer"):
+            self.optimizer.step()
+        return {**self.timer.take(), "total": time.perf_counter() - started}
+
+    def sft_step(self) -> dict[str, float]:
+        return self.step("sft")
 
     def ebft_step(self) -> dict[str, float]:
-        import ebft_megatron.training.step as step_module
-
-        phases = {}
-        self._zero_grad()
-        started = time.perf_counter()
-        original_embed, original_sample = step_module.embed, step_module.sample_rollouts
-
-        def timed(name, function):
-            def run(*a, **k):
-                t0 = time.perf_counter()
-                result = function(*a, **k)
-                phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
-                return result
-            return run
-
-        step_module.embed, step_module.sample_rollouts = timed("features", original_embed), timed("rollouts", original_sample)
-        try:
-            experience = step_module.make_experience(self.ddp, self.features, self.layout, self.batch,
-                                                     self.arch.vocab_size, self.sampling, self.rewards, "last_token",
-                                                     self.generator)
-        finally:
-            step_module.embed, step_module.sample_rollouts = original_embed, original_sample
-        t0 = time.perf_counter()
-        step_module.forward_backward(self.ddp, [experience], self.layout, self.loss_settings, mode="ebft")
-        phases["policy_forward_backward"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.optimizer.step()
-        phases["optimizer"] = time.perf_counter() - t0
-        phases["total"] = time.perf_counter() - started
-        phases["rewards_and_other"] = phases["total"] - sum(v for k, v in phases.items() if k != "total")
-        return phases
+        return self.step("ebft")

@@ -79,12 +79,12 @@ def worker(args) -> None:
     bench = StepBench(layout, args.recompute, args.random_weights)
     bench.sft_step()  # Adam's state is created at the first step
     reset_peak()
-    phases = bench.sft_step() if args.mode == "sft" else bench.ebft_step()
+    phases = bench.step(args.mode)
     peak = step_peak()
+    objective = bench.objectives[args.mode]
     shape = memory.StepShape(
-        args.mode, layout.chunk_len, layout.chunk_len if args.mode == "sft" else layout.packed_len,
-        0 if args.mode == "sft" else layout.num_rollout_tokens, recompute=args.recompute,
-        feature_layers=max(bench.arch.default_feature_layers()),
+        layout.chunk_len, objective.tokens_per_chunk, layout.num_rollout_tokens if objective.samples_rollouts else 0,
+        objective.embeds_features, recompute=args.recompute, feature_layers=max(bench.arch.default_feature_layers()),
     )
     estimate = memory.estimate(bench.arch, shape)
     print(json.dumps({

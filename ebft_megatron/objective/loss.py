@@ -27,9 +27,13 @@ from ebft_megatron.rollouts.layout import BlockLayout
 
 @dataclass(frozen=True)
 class LossSettings:
-    rl_coef: float = 1.0
-    ce_coef: float = 0.03  # gamma
-    temperature: float = 0.6  # the sampling temperature; rollout log-probs use logits / T
+    rl_coef: float
+    ce_coef: float  # gamma
+    temperature: float  # the sampling temperature; rollout log-probs use logits / T
+
+    @classmethod
+    def of(cls, config) -> "LossSettings":
+        return cls(config.objective.rl_coef, config.objective.ce_coef, config.rollout.temperature)
 
 
 def next_token_nll(output, chunk: torch.Tensor) -> torch.Tensor:

@@ -26,12 +26,20 @@ import torch
 COSINE_EPS = 1e-8  # as torch.nn.functional.cosine_similarity, which the reference uses
 
 
+WHITEN_THRESHOLD = 1e-5  # singular values below this fraction of the largest are dropped (the reference's)
+
+
 @dataclass(frozen=True)
 class RewardSettings:
-    alignment_coef: float = 1.0  # alpha
-    diversity_coef: float = 0.5  # beta
-    whiten: bool = True
-    whiten_threshold: float = 1e-5  # singular values below this fraction of the largest are dropped
+    alignment_coef: float  # alpha
+    diversity_coef: float  # beta
+    whiten: bool
+    whiten_threshold: float = WHITEN_THRESHOLD
+
+    @classmethod
+    def of(cls, config) -> "RewardSettings":
+        o = config.objective
+        return cls(o.alignment_coef, o.diversity_coef, o.whiten)
 
 
 @dataclass

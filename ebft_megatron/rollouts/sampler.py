@@ -32,8 +32,12 @@ from ebft_megatron.runtime import pipeline
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    temperature: float = 0.6
-    top_p: float = 1.0
+    temperature: float
+    top_p: float
+
+    @classmethod
+    def of(cls, config) -> "SamplingSettings":
+        return cls(config.rollout.temperature, config.rollout.top_p)
 
 
 @dataclass

@@ -167,3 +167,24 @@ def sum_over_pipeline(tensor):
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(tensor, group=ps.get_pipeline_model_parallel_group())
     return tensor
+
+
+def mean_over_data_parallel(values: dict[str, float]) -> dict[str, float]:
+    """Each DP rank saw its own chunks; the mean over all of them (same keys on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    dp_size = ps.get_data_parallel_world_size()
+    if dp_size == 1:
+        return values
+    keys = sorted(values)
+    summed = sum_over_data_parallel(torch.tensor([values[key] for key in keys], dtype=torch.float64))
+    return {key: float(value) / dp_size for key, value in zip(keys, summed)}
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -91,6 +91,10 @@ class MetricsLogger:
                 parts.append(f"{label} {value:.3g}" if key != "lr" else f"{label} {value:.2e}")
         if "tokens_per_s" in metrics:
             parts.append(f"{metrics['tokens_per_s']:.0f} tok/s")
+        phases = [(key[len("time/"):-len("_s")], value) for key, value in metrics.items()
+                  if key.startswith("time/") and key.endswith("_s")]
+        if phases:
+            parts.append(" ".join(f"{name} {value:.1f}s" for name, value in phases))
         if self._start is not None and step > self._start_step:
             per_step = (time.perf_counter() - self._start) / (step - self._start_step)
             parts.append(f"{per_step:.1f} s/step")

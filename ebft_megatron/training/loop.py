@@ -30,14 +30,6 @@ def _policy_config_overrides(recompute: str) -> dict:
     return {}
 
 
-def _any_rank(flag: bool) -> bool:
-    import torch.distributed as dist
-
-    value = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 class Trainer:
     def __init__(self, config: Config, log=None):
         from ebft_megatron.checkpoint import store
@@ -46,9 +38,9 @@ class Trainer:
         from ebft_megatron.data.tokenizers import Tokenizer
         from ebft_megatron.features.network import load_feature_network
         from ebft_megatron.models.gpt import build_model
-        from ebft_megatron.objective.rewards import RewardSettings
-        from ebft_megatron.objective.rlvr import resolve_reward
-        from ebft_megatron.rollouts.sampler import SamplingSettings, rollout_generator
+        from ebft_megatron.objective.objectives import ObjectiveContext, build_objective
+        from ebft_megatron.rollouts.sampler import rollout_generator
+        from ebft_megatron.runtime.timing import PhaseTimer
         from ebft_megatron.training.logging import MetricsLogger
         from ebft_megatron.training.optimizer import build_optimizer, wrap_ddp
 
@@ -100,10 +92,9 @@ class Trainer:
                                                   **(fp8_overrides(c.model.fp8) if c.model.feature_fp8 else {}),
                                                   **parallel_overrides)
         self.generator = rollout_generator(c.train.seed, self.info.dp_rank)
-        self.sampling = SamplingSettings(c.rollout.temperature, c.rollout.top_p)
-        self.reward_settings = RewardSettings(c.objective.alignment_coef, c.objective.diversity_coef, c.objective.whiten)
-        # resolved here so that a bad objective.reward stops the run before any compute
-        self.verifiable_reward = resolve_reward(c.objective.reward, tokenizer) if c.objective.mode == "rlvr" else None
+        self.timer = PhaseTimer()
+        self.objective = build_objective(c, ObjectiveContext(self.layout, self.arch.vocab_size, self.generator,
+                                                             self.feature_model, tokenizer, self.timer))
 
         self._first_evaluation = None
         self.step = 0
@@ -141,47 +132,34 @@ class Trainer:
     # --- one step -----------------------------------------------------------------------------
     def _micro_batches(self, indices: list[int]):
         from ebft_megatron.data.dataset import micro_batches
-        from ebft_megatron.training.step import MicroBatch
+        from ebft_megatron.objective.objectives import Batch
 
         chunks = self.train_chunks
         for group in micro_batches(indices, self.config.train.micro_batch):
             picked = torch.as_tensor(group, dtype=torch.long)
             doc_ids = chunks.doc_ids[picked] if self.config.data.document_masking else None
-            yield MicroBatch(chunks.tokens[picked], chunks.lengths[picked], doc_ids=doc_ids)
-
-    def _experience(self, batch):
-        from ebft_megatron.training.step import make_experience, make_rlvr_experience
-
-        c = self.config
-        if c.objective.mode == "sft":
-            return batch
-        if c.objective.mode == "rlvr":
-            return make_rlvr_experience(self.ddp, self.layout, batch, self.arch.vocab_size, self.sampling,
-                                        self.verifiable_reward, self.generator)
-        return make_experience(self.ddp, self.feature_model, self.layout, batch, self.arch.vocab_size, self.sampling,
-                               self.reward_settings, c.objective.pooling, self.generator)
+            yield Batch(chunks.tokens[picked], chunks.lengths[picked], doc_ids)
 
     def _grads_finite(self) -> bool:
         local = all(bool(torch.isfinite(buffer.grad_data).all()) for buffer in self.ddp.buffers)
-        return not _any_rank(not local)
+        return not distributed.any_rank(not local)
 
     def train_step(self) -> dict:
-        from ebft_megatron.objective.loss import LossSettings
         from ebft_megatron.training.step import forward_backward
 
         c = self.config
         started = time.perf_counter()
         indices = self.loader.next_indices()
-        experiences = [self._experience(batch) for batch in self._micro_batches(indices)]
-        rollout_time = time.perf_counter() - started
+        experiences = [self.objective.experience(batch, self.ddp) for batch in self._micro_batches(indices)]
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        settings = LossSettings(c.objective.rl_coef, c.objective.ce_coef, c.rollout.temperature)
-        terms = forward_backward(self.ddp, experiences, self.layout, settings, mode=c.objective.mode)
+        with self.timer.phase("forward_backward"):
+            terms = forward_backward(self.ddp, experiences, self.objective)
         finite = math.isfinite(terms["loss"]) and self._grads_finite()
         metrics = dict(terms)
         if finite:
-            _, grad_norm, _ = self.optimizer.step()
+            with self.timer.phase("optimizer"):
+                _, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(1)
             self.nonfinite_in_a_row = 0
             metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -196,30 +174,21 @@ class Trainer:
                     f"(limit train.max_nonfinite_steps={c.train.max_nonfinite_steps}); stopping. Lower optimizer.lr, "
                     "check the data, or resume from the last checkpoint")
         self.step += 1
-        if c.objective.mode != "sft":
-            from ebft_megatron.training.step import mean_over_data_parallel
-
-            local = {key: sum(e.metrics[key] for e in experiences) / len(experiences) for key in experiences[0].metrics}
-            metrics.update(mean_over_data_parallel(local))
+        local = {key: sum(e.metrics[key] for e in experiences) / len(experiences) for key in experiences[0].metrics}
+        metrics.update(distributed.mean_over_data_parallel(local))
         elapsed = time.perf_counter() - started
         chunks = c.train.chunks_per_step
         metrics.update({"lr": self.optimizer.param_groups[0]["lr"], "step_time_s": elapsed,
-                        "rollout_time_s": rollout_time, "skipped_steps": self.skipped_steps,
-                        "tokens_per_s": chunks * c.rollout.chunk_len / elapsed})
+                        "skipped_steps": self.skipped_steps, "tokens_per_s": chunks * c.rollout.chunk_len / elapsed})
+        metrics.update({f"time/{phase}_s": seconds for phase, seconds in self.timer.take().items()})
         if torch.cuda.is_available():  # MFU: model FLOPs of the step over what the GPUs could do
             import torch.distributed as dist
 
-            metrics["mfu"] = chunks * self._flops_per_chunk() / elapsed / (dist.get_world_size() * c.train.peak_tflops * 1e12)
+            from ebft_megatron.training import flops
+
+            per_chunk = self.objective.flops_per_chunk(flops.CostModel.of(self.arch))
+            metrics["mfu"] = chunks * per_chunk / elapsed / (dist.get_world_size() * c.train.peak_tflops * 1e12)
         return metrics
-
-    def _flops_per_chunk(self) -> float:
-        from ebft_megatron.training import flops
-
-        cost = flops.CostModel.of(self.arch)
-        if self.config.objective.mode == "sft":
-            return flops.sft_step(cost, self.config.rollout.chunk_len)
-        deepest = max(self.feature_model.feature_layers)
-        return flops.ebft_step(cost, self.layout, "ours", deepest)["total"]
 
     # --- evaluation and saving ----------------------------------------------------------------
     def evaluate(self, tag: str) -> dict:

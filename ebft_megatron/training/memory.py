@@ -48,10 +48,10 @@ GIB = 1024 ** 3
 class StepShape:
     """What a step's memory depends on besides the model."""
 
-    mode: str  # ebft | sft | rlvr
     chunk_len: int
-    packed_len: int  # chunk + rollout tokens (= chunk_len for sft)
-    rollout_tokens: int  # NB * n * G
+    packed_len: int  # tokens of the policy's forward: the chunk, plus the rollouts packed after it
+    rollout_tokens: int  # NB * n * G sampled per chunk (0: the objective samples none)
+    feature_forward: bool  # the objective embeds the packed sequence with the feature network
     micro_batch: int = 1
     micro_batches: int = 1
     tp: int = 1
@@ -68,11 +68,13 @@ class StepShape:
     def of(cls, config, arch, dp: int = 1) -> "StepShape":
         """The step a run of ``config`` on model ``arch`` takes, at ``dp`` data-parallel ranks."""
         from ebft_megatron.config import layout_of
+        from ebft_megatron.objective.objectives import OBJECTIVES
 
         layout = layout_of(config)
-        m, t, o = config.model, config.train, config.objective
-        packed = layout.chunk_len if o.mode == "sft" else layout.packed_len
-        return cls(o.mode, layout.chunk_len, packed, 0 if o.mode == "sft" else layout.num_rollout_tokens,
+        m, t = config.model, config.train
+        objective = OBJECTIVES[config.objective.mode]
+        return cls(layout.chunk_len, objective.tokens_of(layout),
+                   layout.num_rollout_tokens if objective.samples_rollouts else 0, objective.embeds_features,
                    t.micro_batch, max(1, t.chunks_per_step // (dp * t.micro_batch)), config.parallel.tp,
                    config.parallel.pp, dp, m.recompute, 2 if m.dtype == "bfloat16" else 4,
                    config.optimizer.distributed, m.logit_chunk_rows,
@@ -148,10 +150,10 @@ def estimate(arch, shape: StepShape) -> MemoryEstimate:
     tokens = s.packed_len * s.micro_batch
     layer_working_set = layer_activation_elements(arch, s.tp, "none") * b  # per token
     phases = {}
-    if s.mode != "sft":
+    if s.rollout_tokens:
         cache = layers * s.micro_batch * (s.chunk_len + s.rollout_tokens) * kv * b
         phases["rollouts"] = cache + s.chunk_len * s.micro_batch * layer_working_set
-    if s.mode == "ebft":
+    if s.feature_forward:
         phases["features"] = tokens * layer_working_set
 
     in_flight = min(s.pp, s.micro_batches)

@@ -39,7 +39,7 @@ def ground_truth_rollouts(chunk: torch.Tensor) -> torch.Tensor:
 
 def test_curve_at_full_length_equals_embed_and_cfm_loss(qwen2_policy, qwen2_features, chunks):
     model, arch, _ = qwen2_policy
-    sampling = SamplingSettings(temperature=1.0)
+    sampling = SamplingSettings(temperature=1.0, top_p=1.0)
     curve = feature_matching_by_length(model, qwen2_features, LAYOUT, chunks, arch.vocab_size, sampling,
                                        torch.Generator().manual_seed(3), micro_batch_size=2)
     # The same draws by hand: the same micro-batches from the same generator state.
@@ -49,7 +49,7 @@ def test_curve_at_full_length_equals_embed_and_cfm_loss(qwen2_policy, qwen2_feat
         rollouts = sample_rollouts(model, LAYOUT, chunk, arch.vocab_size, sampling, generator).tokens
         grams.append(embed(qwen2_features, LAYOUT, LAYOUT.pack(chunk, rollouts)).gram)
     gram, valid = torch.cat(grams), LAYOUT.valid_blocks(chunks.lengths)
-    settings = RewardSettings(whiten=False, diversity_coef=1.0)
+    settings = RewardSettings(alignment_coef=1.0, diversity_coef=1.0, whiten=False)
     reference = reward_metrics(block_rewards(gram, settings, valid), gram, settings)
 
     G = LAYOUT.rollout_len
@@ -115,11 +115,11 @@ def test_greedy_policy_on_its_own_greedy_text_has_zero_cfm(qwen2_policy, qwen2_f
     prompts = torch.randint(1, arch.vocab_size, (2, LAYOUT.first_anchor), generator=torch.Generator().manual_seed(8))
     own = packed(greedy_chunks(model, arch.vocab_size, prompts, LAYOUT.chunk_len), [16, 16])
     greedy = feature_matching_by_length(model, qwen2_features, LAYOUT, own, arch.vocab_size,
-                                        SamplingSettings(temperature=0.0), None, micro_batch_size=2)
+                                        SamplingSettings(temperature=0.0, top_p=1.0), None, micro_batch_size=2)
     assert greedy.groups == 2 * LAYOUT.num_blocks
     assert max(abs(value) for value in greedy.cfm) < 1e-8
     sampled = feature_matching_by_length(model, qwen2_features, LAYOUT, own, arch.vocab_size,
-                                         SamplingSettings(temperature=1.0), torch.Generator().manual_seed(1))
+                                         SamplingSettings(temperature=1.0, top_p=1.0), torch.Generator().manual_seed(1))
     assert sampled.cfm[-1] > 1e-3  # the same text is far from samples at T = 1
 
 

@@ -116,7 +116,7 @@ def test_ce_term_equals_hugging_face_causal_lm_loss(policy, tiny_models, output)
         packed = forward_output(model, layout.pack(chunk, rollouts), layout.position_ids.expand(2, -1),
                                 packed_attention(layout), OUTPUTS[output])
         _, terms = ebft_loss(packed, layout, chunk, lengths, rollouts, torch.zeros(2, layout.num_blocks, 2),
-                             LossSettings(ce_coef=1.0))
+                             LossSettings(rl_coef=1.0, ce_coef=1.0, temperature=0.6))
         plain = forward_output(model, chunk, torch.arange(24).expand(2, -1), BlockAttentionParams(mode="dense"),
                                OUTPUTS[output])
         sft, _ = sft_loss(plain, chunk, lengths)

@@ -187,8 +187,10 @@ def check_objective(models_dir: Path, name: str) -> dict:
     from ebft_megatron.objective.loss import LossSettings
     from ebft_megatron.objective.rewards import RewardSettings, block_rewards, reward_metrics
     from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.objective.objectives import EBFT, Batch, Experience
+    from ebft_megatron.rollouts.sampler import SamplingSettings
     from ebft_megatron.training.optimizer import wrap_ddp
-    from ebft_megatron.training.step import MicroBatch, forward_backward
+    from ebft_megatron.training.step import forward_backward
 
     ckpt = models_dir / "llama-mcore"
     arch = store.architecture_of(ckpt)
@@ -205,10 +207,12 @@ def check_objective(models_dir: Path, name: str) -> dict:
     settings = RewardSettings(1.0, 0.5, whiten=True)
     rewards = block_rewards(gram, settings, layout.valid_blocks(lengths))
     metrics = reward_metrics(rewards, gram, settings)
-    micro = [MicroBatch(chunk[i:i + 1], lengths[i:i + 1], rollouts[i:i + 1], rewards.advantage[i:i + 1])
+    micro = [Experience(Batch(chunk[i:i + 1], lengths[i:i + 1]), rollouts[i:i + 1], rewards.advantage[i:i + 1])
              for i in range(2)]
+    objective = EBFT(layout, arch.vocab_size, SamplingSettings(0.7, 1.0),
+                     LossSettings(rl_coef=1.0, ce_coef=0.1, temperature=0.7), None, features, settings, "last_token")
     ddp.zero_grad_buffer()
-    terms = forward_backward(ddp, micro, layout, LossSettings(rl_coef=1.0, ce_coef=0.1, temperature=0.7))
+    terms = forward_backward(ddp, micro, objective)
     grads = full_grads(policy, arch.tie_word_embeddings)
     current = {"gram": gram, "advantage": rewards.advantage, "loss": torch.tensor(terms["loss"]),
                "cfm": torch.tensor(metrics["cfm"]), **{f"grad/{k}": v for k, v in grads.items()}}
@@ -248,9 +252,12 @@ def check_fused_paths(models_dir: Path) -> dict:
     from ebft_megatron.checkpoint import store
     from ebft_megatron.models.gpt import build_model, set_block_attention
     from ebft_megatron.objective.loss import LossSettings
+    from ebft_megatron.objective.objectives import EBFT, SFT, Batch, Experience
+    from ebft_megatron.objective.rewards import RewardSettings
     from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.rollouts.sampler import SamplingSettings
     from ebft_megatron.training.optimizer import wrap_ddp
-    from ebft_megatron.training.step import MicroBatch, forward_backward
+    from ebft_megatron.training.step import forward_backward
 
     result = {"loss_diff": 0.0, "grad_max_rel_diff": 0.0, "cases": 0, "grads_compared": 0}
     for family in ("llama", "qwen2"):  # tied and untied output layer
@@ -268,16 +275,18 @@ def check_fused_paths(models_dir: Path) -> dict:
             advantages = torch.randn(2, NB, n, generator=gen, dtype=torch.float64)
             lengths = torch.tensor([P, P - 3])
             doc_ids = torch.tensor([[0] * 5 + [1] * (P - 5), [0] * (P - 9) + [1] * 4 + [2] * 5])
-            for mode in ("ebft", "sft"):
+            ebft = EBFT(layout, arch.vocab_size, SamplingSettings(0.7, 1.0), LossSettings(1.0, 0.1, 0.7), None, None,
+                        RewardSettings(1.0, 0.5, True), "last_token")
+            for objective in (ebft, SFT(layout)):
                 for docs in (None, doc_ids):
-                    micro = [MicroBatch(chunk[i:i + 1], lengths[i:i + 1], rollouts[i:i + 1], advantages[i:i + 1],
-                                        doc_ids=None if docs is None else docs[i:i + 1]) for i in range(2)]
+                    micro = [Experience(Batch(chunk[i:i + 1], lengths[i:i + 1], None if docs is None else docs[i:i + 1]),
+                                        rollouts[i:i + 1], advantages[i:i + 1]) for i in range(2)]
                     runs = []
                     for attention, chunk_rows in (("generic", 0), ("fused", 5)):
                         set_block_attention(policy, attention)
                         policy.logit_chunk_rows = chunk_rows
                         ddp.zero_grad_buffer()
-                        terms = forward_backward(ddp, micro, layout, LossSettings(1.0, 0.1, 0.7), mode=mode)
+                        terms = forward_backward(ddp, micro, objective)
                         grads = [p.main_grad.detach().clone() for p in policy.parameters() if p.requires_grad]
                         runs.append((terms["loss"], grads))
                     (reference_loss, reference), (loss, grads) = runs

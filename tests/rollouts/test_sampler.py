@@ -75,7 +75,7 @@ def test_padded_last_chunk(model):
     valid = layout.valid_blocks(lengths)
     assert valid[0].all()
     assert valid[1].tolist() == [True, True, False, False, False]  # windows end at 8, 12, 16 > 15, ...
-    out = sample_rollouts(net, layout, chunk, arch.vocab_size, SamplingSettings(1.0), torch.Generator().manual_seed(0))
+    out = sample_rollouts(net, layout, chunk, arch.vocab_size, SamplingSettings(1.0, 1.0), torch.Generator().manual_seed(0))
     assert out.tokens.shape == (2, 5, 2, 4)
 
 
@@ -85,4 +85,4 @@ def test_bad_settings_are_refused(model):
         BlockLayout(25, 4, 4, 4, 2)
     with pytest.raises(ValueError, match="chunk_len"):
         sample_rollouts(net, BlockLayout(24, 4, 4, 4, 2), torch.zeros(1, 20, dtype=torch.long),
-                        arch.vocab_size, SamplingSettings())
+                        arch.vocab_size, SamplingSettings(0.6, 1.0))

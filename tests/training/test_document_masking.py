@@ -4,7 +4,7 @@ the document of the token it continues), in the mask, the model and a trainer st
 import torch
 
 from ebft_megatron.rollouts.layout import BlockLayout
-from ebft_megatron.training.step import MicroBatch, _inputs
+from ebft_megatron.objective.objectives import Batch, packed_inputs
 
 
 def test_mask_keeps_attention_inside_documents():
@@ -34,8 +34,8 @@ def test_other_documents_do_not_change_the_logits(tiny_models):
     doc_ids = torch.tensor([[0] * 6 + [1] * 10])
 
     def logits(chunk_tokens):
-        batch = MicroBatch(chunk_tokens, torch.tensor([16]), rollouts, doc_ids=doc_ids)
-        tokens, positions, params, mask = _inputs(batch, layout, "ebft")
+        batch = Batch(chunk_tokens, torch.tensor([16]), doc_ids)
+        tokens, positions, params, mask = packed_inputs(layout, batch, rollouts)
         with torch.no_grad():
             return model_forward(model, tokens, positions, attention_mask=mask, block_params=params)[..., : arch.vocab_size]
 

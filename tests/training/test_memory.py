@@ -52,9 +52,10 @@ def test_ebft_peak_grows_with_the_packed_length_and_full_recompute_caps_it():
 
     def peak(mode, recompute, chunk_len=256):
         layout = BlockLayout(chunk_len, 8, 8, 8, 4)
-        packed = chunk_len if mode == "sft" else layout.packed_len
-        rollout_tokens = 0 if mode == "sft" else layout.num_rollout_tokens
-        shape = memory.StepShape(mode, chunk_len, packed, rollout_tokens, recompute=recompute, feature_layers=6)
+        ebft = mode == "ebft"
+        packed = layout.packed_len if ebft else chunk_len
+        shape = memory.StepShape(chunk_len, packed, layout.num_rollout_tokens if ebft else 0, ebft,
+                                 recompute=recompute, feature_layers=6)
         return memory.estimate(arch, shape)
 
     sft, ebft = peak("sft", "selective"), peak("ebft", "selective")

@@ -1,0 +1,29 @@
+"""Wall time by phase of a training step, measured in one place.
+
+The objectives time their phases (rollouts, features, rewards), the trainer the policy's forward
+and backward and the optimizer; the progress line, the metrics files and the benchmarks all read
+the same figures.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def take(self) -> dict[str, float]:
+        """The seconds by phase since the last take, and start afresh."""
+        seconds, self.seconds = self.seconds, {}
+        return seconds
