@@ -36,6 +36,7 @@ class StepBench:
         from ebft_megatron import assets
         from ebft_megatron.checkpoint import store
         from ebft_megatron.config import Config, OptimizerSettings
+        from ebft_megatron.data.sources import python_stdlib_dir
         from ebft_megatron.data.tokenizers import Tokenizer
         from ebft_megatron.features.network import build_feature_network, load_feature_network, truncate
         from ebft_megatron.models.gpt import build_model
@@ -60,7 +61,7 @@ class StepBench:
             self.features = load_feature_network(ckpt, block_attention=attention)
         self.ddp = wrap_ddp(self.policy)
         self.optimizer = build_optimizer(self.ddp, OptimizerSettings(lr=1e-6))
-        tokens = Tokenizer(ckpt / "tokenizer").encode((assets.python_stdlib_dir() / "argparse.py").read_text())
+        tokens = Tokenizer(ckpt / "tokenizer").encode((python_stdlib_dir() / "argparse.py").read_text())
         self.batch = Batch(torch.tensor(tokens[: layout.chunk_len])[None], torch.tensor([layout.chunk_len]))
         self.timer = PhaseTimer()
         context = ObjectiveContext(layout, arch.vocab_size, rollout_generator(43, 0), self.features, timer=self.timer)

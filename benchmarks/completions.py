@@ -34,7 +34,7 @@ def main() -> None:
     quiet_imports()
     import torch
 
-    from ebft_megatron.assets import python_stdlib_dir
+    from ebft_megatron.data.sources import python_stdlib_dir
     from ebft_megatron.checkpoint import store
     from ebft_megatron.data.stdlib_functions import extract
     from ebft_megatron.data.tokenizers import Tokenizer

@@ -86,7 +86,7 @@ def make_model(out: Path, shape: str) -> Path:
     import transformers as tf
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from ebft_megatron.assets import python_stdlib_dir
+    from ebft_megatron.data.sources import python_stdlib_dir
     from ebft_megatron.checkpoint import convert
 
     hidden, layers, heads, kv_heads, ffn, vocab = SHAPES[shape]
@@ -154,7 +154,7 @@ def check_block_attention(tiny: bool) -> dict:
             if cuda:
                 run["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
             runs[path] = run
-        label = "fp32" if dtype == torch.float32 else "bf16"
+        label = "float32" if dtype == torch.float32 else "bfloat16"
         entry = {}
         for name, fused, dense in zip(("out", "dq", "dk", "dv"), runs["fused"]["values"], runs["dense"]["values"]):
             entry[f"{name}_max_rel_diff"] = float((fused.float() - dense.float()).abs().max() / dense.float().abs().max())

@@ -184,7 +184,7 @@ def main() -> None:
     if ckpt is not None:  # real text for the real model: the standard library's own source
         from ebft_megatron.data.tokenizers import Tokenizer
 
-        text = (assets.python_stdlib_dir() / "json" / "decoder.py").read_text()
+        text = (python_stdlib_dir() / "json" / "decoder.py").read_text()
         ids = Tokenizer(ckpt / "tokenizer").encode(text * 4)
         need = args.chunks * layout.chunk_len
         chunks = torch.tensor(ids[:need]).view(args.chunks, 1, layout.chunk_len)

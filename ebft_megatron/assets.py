@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import time
 import zipfile
 from pathlib import Path
@@ -107,6 +106,3 @@ def smollm2_checkpoint(root: Path | None = None) -> Path:
     return out
 
 
-def python_stdlib_dir() -> Path:
-    """The Python standard library's source folder, used as an unstructured code corpus."""
-    return Path(sysconfig.get_paths()["stdlib"])

@@ -114,7 +114,7 @@ def translation_documents(path, data) -> list[tuple[str, str]]:
     from ebft_megatron.data.sources import SkipReport, read_translation_pairs
 
     if not (data.source_lang.strip() and data.target_lang.strip()):
-        from ebft_megatron.cli import UsageError
+        from ebft_megatron.errors import UsageError
 
         raise UsageError("--translation needs data.source_lang and data.target_lang (e.g. data.source_lang=English "
                          "data.target_lang=Spanish), the languages the prompt template names")

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     def job():
         from ebft_megatron.checkpoint import store
-        from ebft_megatron.cli import UsageError
+        from ebft_megatron.errors import UsageError
         from ebft_megatron.data.tokenizers import Tokenizer
         from ebft_megatron.models.gpt import build_model
         from ebft_megatron.runtime import distributed
@@ -86,9 +86,9 @@ def main(argv=None) -> int:
         if len(prompt_ids) + args.max_new_tokens > arch.max_position_embeddings:
             raise UsageError(f"prompt + new tokens exceed the model's {arch.max_position_embeddings} positions")
         distributed.initialize(args.tp, args.pp, seed=args.seed)
-        from ebft_megatron.checkpoint.convert import DTYPES
+        from ebft_megatron.config import torch_dtype
 
-        model = build_model(arch, params_dtype=DTYPES[meta.get("dtype", "fp32")])
+        model = build_model(arch, params_dtype=torch_dtype(store.stored_dtype(meta)))
         store.load_model_weights(model, args.load)
         eos = None if args.no_stop_at_eos else tokenizer.eos_id
         ids = generate_ids(model, arch, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, eos)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert between Hugging Face folders and ebft_megatron (megatron-core dist) checkpoints.
 
-  python tools/convert_checkpoint.py hf-to-mcore --hf-dir HF --out CKPT [--dtype fp32|bf16]
+  python tools/convert_checkpoint.py hf-to-mcore --hf-dir HF --out CKPT [--dtype float32|bfloat16]
   python tools/convert_checkpoint.py mcore-to-hf --ckpt CKPT --out HF
 
 The megatron checkpoint loads at any tensor/pipeline parallel layout. Supported families: Llama,
@@ -14,6 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ebft_megatron.config import DTYPES  # noqa: E402  (light: no torch)
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
@@ -23,8 +25,8 @@ def main(argv=None) -> int:
     to_mcore = sub.add_parser("hf-to-mcore", help="Hugging Face folder -> megatron dist checkpoint")
     to_mcore.add_argument("--hf-dir", required=True, help="folder with config.json, weights and tokenizer files")
     to_mcore.add_argument("--out", required=True, help="checkpoint folder to create (must not exist)")
-    to_mcore.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                          help="parameter dtype stored in the checkpoint (default: fp32)")
+    to_mcore.add_argument("--dtype", default="float32", choices=DTYPES,
+                          help="parameter dtype stored in the checkpoint (default: float32)")
     to_hf = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint -> Hugging Face folder")
     to_hf.add_argument("--ckpt", required=True, help="ebft_megatron checkpoint folder")
     to_hf.add_argument("--out", required=True, help="Hugging Face folder to create (must not exist)")

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     # run_cli's default list of error types imports megatron (seconds); this tool never needs it
     from ebft_megatron.cli import run_cli
 
-    return run_cli(lambda: prepare(args, log), error_types=(bible.BibleError, OSError))
+    return run_cli(lambda: prepare(args, log), also=(OSError,))
 
 
 if __name__ == "__main__":

@@ -20,14 +20,41 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+# The data settings a corpus is prepared with, each a flag of the same name (data.path is --input);
+# their help, defaults and checks are the data settings' own (ebft_megatron/data/config.py).
+PREPARED = ("kind", "path", "extensions", "exclude_dirs", "prompt_key", "response_key", "source_key", "target_key",
+            "source_lang", "target_lang", "template", "skip_bad", "max_documents")
+FLAG_NAMES = {"path": "input"}
+
+
+def flag_of(name: str) -> str:
+    return "--" + FLAG_NAMES.get(name, name).replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import dataclasses
+    import typing
+
+    from ebft_megatron.data.config import DataConfig
+    from ebft_megatron.settings import field_types
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", required=True, choices=["code", "jsonl", "translation"],
-                        help="code: a folder of source files, one file per document; jsonl: one prompt/response "
-                             "pair per line; translation: source/target pairs in JSONL or TSV (with a header row)")
-    parser.add_argument("--input", default=None,
-                        help="the folder (code) or file (jsonl, translation) to read; for --kind code, leave it out "
-                             "to use the Python standard library")
+    fields = {f.name: f for f in dataclasses.fields(DataConfig)}
+    types = field_types(DataConfig)
+    for name in PREPARED:
+        f, kind = fields[name], types[name]
+        text = f.metadata["help"]
+        if name == "kind":
+            choices = [k for k in typing.get_args(kind) if k != "indexed"]
+            parser.add_argument(flag_of(name), required=True, choices=choices, help=text)
+        elif kind is bool:
+            parser.add_argument(flag_of(name), action="store_true", help=text)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(default, list):
+                default = ",".join(default)
+                text += " Comma-separated."
+            parser.add_argument(flag_of(name), default=None, help=f"{text} (default: {default})")
     parser.add_argument("--tokenizer", required=True,
                         help="tokenizer folder (tokenizer.json or tokenizer.model), e.g. the model's checkpoint; it "
                              "must have an EOS token, and training must use the same tokenizer")
@@ -36,39 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
                              "folder must exist and none of these files may exist yet")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes that tokenize in parallel (default 1); the output does not depend on it")
-    parser.add_argument("--extensions", default=".py",
-                        help="code: comma-separated file suffixes to read (default .py)")
-    parser.add_argument("--exclude-dirs", default=None,
-                        help="code: comma-separated folder names to leave out at any depth (default: none, or the "
-                             "test suites and site-packages when reading the standard library)")
-    parser.add_argument("--prompt-key", default="question", help="jsonl: key of the prompt (default question)")
-    parser.add_argument("--response-key", default="answer", help="jsonl: key of the response (default answer)")
-    parser.add_argument("--source-key", default="source",
-                        help="translation: JSONL key or TSV column of the source text (default source; a dotted "
-                             "key such as translation.de reaches into nested objects)")
-    parser.add_argument("--target-key", default="target",
-                        help="translation: JSONL key or TSV column of the target text (default target)")
-    parser.add_argument("--source-lang", default="", help="translation: source language name used in the template")
-    parser.add_argument("--target-lang", default="", help="translation: target language name used in the template")
-    parser.add_argument("--template", default=None,
-                        help="translation: prompt template with {source_lang}, {target_lang} and {source} (default "
-                             "'Translate from {source_lang} to {target_lang}:\\n{source}\\n'); the target follows it")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip malformed lines or files (counted and reported per reason) instead of stopping "
-                             "at the first one")
-    parser.add_argument("--max-documents", type=int, default=None,
-                        help="keep only the first N documents of the input")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     return parser
 
 
-def _list(value: str | None) -> list[str] | None:
-    return None if value is None else [item.strip() for item in value.split(",") if item.strip()]
+def data_settings(args):
+    """The data settings the flags give, built and checked as the trainer builds them."""
+    from ebft_megatron.data.config import DataConfig
+    from ebft_megatron.settings import build
+
+    values = {}
+    for name in PREPARED:
+        value = getattr(args, name if name != "path" else "input")
+        if value is None or value is False:
+            continue
+        if name in ("extensions", "exclude_dirs"):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        values[name] = value
+    return build(DataConfig, values, "command line")
 
 
 def prepare(args) -> None:
-    from ebft_megatron.cli import UsageError
-    from ebft_megatron.data.config import DEFAULT_TRANSLATION_TEMPLATE, DataConfig
+    from ebft_megatron.errors import UsageError
     from ebft_megatron.data.dataset import Progress, open_documents, tokenized_documents
     from ebft_megatron.data.indexed import IndexedCorpusInfo, IndexedCorpusWriter
     from ebft_megatron.data.sources import DataError, SkipReport
@@ -76,15 +92,7 @@ def prepare(args) -> None:
 
     if args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
-    if args.input is None and args.kind != "code":
-        raise UsageError(f"--input is required for --kind {args.kind}")
-    config = DataConfig(
-        kind=args.kind, path=args.input, prompt_key=args.prompt_key, response_key=args.response_key,
-        source_key=args.source_key, target_key=args.target_key, source_lang=args.source_lang,
-        target_lang=args.target_lang, template=args.template or DEFAULT_TRANSLATION_TEMPLATE,
-        extensions=_list(args.extensions), exclude_dirs=_list(args.exclude_dirs), skip_bad=args.skip_bad,
-        max_documents=args.max_documents,
-    )
+    config = data_settings(args)
     tokenizer = Tokenizer(args.tokenizer)
     if tokenizer.eos_id is None:
         raise DataError(f"the tokenizer {args.tokenizer} has no EOS token, which packing puts between documents; "
@@ -109,15 +117,13 @@ def prepare(args) -> None:
           f"in {elapsed:.1f}s ({report.summary()})", file=sys.stderr, flush=True)
 
 
-# The data code names settings as a config file spells them; here the user typed flags.
-SETTING_TO_FLAG = {"set skip_bad=true": "pass --skip-bad", "data.path": "--input"} | {
-    f"data.{name}": f"--{name.replace('_', '-')}" for name in (
-        "prompt_key", "response_key", "source_key", "target_key", "source_lang", "target_lang", "template",
-        "extensions", "exclude_dirs", "max_documents")}
+# The settings' errors name them as a config file spells them; here the user typed flags.
+SETTING_TO_FLAG = {"set skip_bad=true": "pass --skip-bad", "command line: ": ""} | {
+    f"data.{name}": flag_of(name) for name in PREPARED}
 
 
 def in_flag_terms(message: str) -> str:
-    for setting, flag in SETTING_TO_FLAG.items():
+    for setting, flag in sorted(SETTING_TO_FLAG.items(), key=lambda item: -len(item[0])):
         message = message.replace(setting, flag)
     return message
 
@@ -126,11 +132,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from ebft_megatron.cli import run_cli
     from ebft_megatron.data.sources import DataError
+    from ebft_megatron.settings import ConfigError
 
     def job():
         try:
             prepare(args)
-        except DataError as err:
+        except (DataError, ConfigError) as err:
             raise DataError(in_flag_terms(str(err))) from None
 
     return run_cli(job)

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     from ebft_megatron.cli import UsageError, run_cli
 
     def job():
-        from ebft_megatron.assets import python_stdlib_dir
+        from ebft_megatron.data.sources import python_stdlib_dir
         from ebft_megatron.data.sources import split_hash
         from ebft_megatron.data.stdlib_functions import extract
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         print(f"{report.files} files, {len(pairs)} functions, {len(records)} written -> " + ", ".join(f"{k} {v}" for k, v in counts.items())
               + f" (skipped: {report.skipped})")
 
-    return run_cli(job, error_types=(UsageError, OSError))
+    return run_cli(job, also=(OSError,))
 
 
 if __name__ == "__main__":

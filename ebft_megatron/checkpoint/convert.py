@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from ebft_megatron.checkpoint import hf_mapping, store
+from ebft_megatron.config import torch_dtype
+from ebft_megatron.errors import UserError
 from ebft_megatron.models.architecture import ModelConfigError, load_hf_config
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class ConversionError(RuntimeError):
+class ConversionError(UserError, RuntimeError):
     pass
 
 
@@ -64,7 +65,7 @@ def _refuse_existing(out: Path) -> None:
         raise ConversionError(f"output {out} already exists; choose another path or remove it first")
 
 
-def hf_to_mcore(hf_dir: str | Path, out: str | Path, dtype: str = "fp32", log=print) -> Path:
+def hf_to_mcore(hf_dir: str | Path, out: str | Path, dtype: str = "float32", log=print) -> Path:
     from ebft_megatron.models.gpt import build_model
     from ebft_megatron.runtime import distributed
 
@@ -83,7 +84,8 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, dtype: str = "fp32", log=pr
     del hf_weights
 
     distributed.initialize(1, 1)
-    model = build_model(arch, params_dtype=DTYPES[dtype])
+    params_dtype = torch_dtype(dtype)
+    model = build_model(arch, params_dtype=params_dtype)
     expected = store.gather_full_state_dict(model)
     for name, tensor in mcore_state.items():
         if name not in expected:
@@ -93,7 +95,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, dtype: str = "fp32", log=pr
                 f"{hf_dir}: tensor for {name} has shape {tuple(tensor.shape)}, the config implies "
                 f"{tuple(expected[name].shape)}; config.json and the weights do not match"
             )
-    result = model.load_state_dict({k: v.to(DTYPES[dtype]) for k, v in mcore_state.items()}, strict=False)
+    result = model.load_state_dict({k: v.to(params_dtype) for k, v in mcore_state.items()}, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing:
         raise ConversionError(f"internal mapping left parameters unset: {missing[:5]}")
@@ -116,8 +118,8 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, log=print) -> Path:
     meta = store.read_meta(ckpt)
     arch = store.architecture_of(ckpt)
     distributed.initialize(1, 1)
-    dtype = DTYPES[meta.get("dtype", "fp32")]
-    model = build_model(arch, params_dtype=dtype)
+    dtype = store.stored_dtype(meta)
+    model = build_model(arch, params_dtype=torch_dtype(dtype))
     store.load_model_weights(model, ckpt)
     hf_state = hf_mapping.mcore_to_hf(store.gather_full_state_dict(model), arch)
 
@@ -126,7 +128,7 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, log=print) -> Path:
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     hf_config = json.loads((ckpt / "hf_config.json").read_text())
-    hf_config["torch_dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    hf_config["torch_dtype"] = dtype
     (partial / "config.json").write_text(json.dumps(hf_config, indent=2))
     save_file(hf_state, str(partial / "model.safetensors"), metadata={"format": "pt"})
     if (ckpt / "tokenizer").is_dir():

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from ebft_megatron.errors import UserError
 from ebft_megatron.models.architecture import ModelArchitecture
 
 
-class MappingError(ValueError):
+class MappingError(UserError, ValueError):
     pass
 
 

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ebft_megatron.errors import UserError
 from ebft_megatron.models.architecture import ModelArchitecture
 
 FORMAT = "ebft_megatron.checkpoint"
@@ -40,7 +41,7 @@ TOKENIZER_FILES = (
 )
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
@@ -67,6 +68,16 @@ def _broadcast_error(message: Optional[str]) -> None:
         message = box[0]
     if message:
         raise CheckpointError(message)
+
+
+# checkpoints written before the dtype names were unified call them this way
+_OLD_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def stored_dtype(meta: dict) -> str:
+    """The parameter dtype a checkpoint was written in (``config.DTYPES`` names)."""
+    name = meta.get("dtype", "float32")
+    return _OLD_DTYPE_NAMES.get(name, name)
 
 
 def read_meta(ckpt_dir: str | Path) -> dict:

@@ -1,96 +1,83 @@
-"""The data settings, checked once when built: every error names the setting (``data.<name>``)."""
+"""The data settings, checked when built: every error names the setting (``data.<name>``)."""
 
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
-from ebft_megatron.data.sources import STDLIB_EXCLUDED_DIRS, DataError, TranslationFormat
+from ebft_megatron.data.sources import STDLIB_EXCLUDED_DIRS, DataError, TranslationFormat, python_stdlib_dir
+from ebft_megatron.settings import Section, setting
 
-KINDS = ("jsonl", "code", "translation", "indexed")
 DEFAULT_TRANSLATION_TEMPLATE = "Translate from {source_lang} to {target_lang}:\n{source}\n"
 TEMPLATE_FIELDS = {"source_lang", "target_lang", "source"}
 
 
 @dataclass
-class DataConfig:
-    # What to read. "jsonl": prompt/response pairs; "code": a folder of source files (one file = one
-    # document); "translation": JSONL or TSV source/target pairs; "indexed": a prefix written by
-    # tools/prepare_data.py. With kind="code" and no path, the Python standard library is used.
-    kind: str = "code"
-    path: str | None = None
-    # jsonl: document = tokens(record[prompt_key]) + tokens(record[response_key]).
-    prompt_key: str = "question"
-    response_key: str = "answer"
-    # translation: document = tokens(template filled with the source) + tokens(target).
-    source_key: str = "source"
-    target_key: str = "target"
-    source_lang: str = ""
-    target_lang: str = ""
-    template: str = DEFAULT_TRANSLATION_TEMPLATE
-    # code: which files, and which folder names (at any depth) to leave out. None: the standard
-    # library's test suites and site-packages when reading the standard library, nothing otherwise.
-    extensions: list[str] = field(default_factory=lambda: [".py"])
-    exclude_dirs: list[str] | None = None
-    # Held-out documents for validation, chosen by a hash of the file's relative path (code) or of
-    # the line number (jsonl, translation); ignored when eval_path is given.
-    validation_fraction: float = 0.05
-    # Keep only the first N documents of the input (before the split); None keeps all.
-    max_documents: int | None = None
-    # Skip (and count) malformed inputs instead of stopping at the first one.
-    skip_bad: bool = False
-    # Restrict attention to the same document inside a chunk (the paper runs without it). Applies to
-    # the training forwards (rollouts take the exact dense path, slower); validation CE stays causal.
-    document_masking: bool = False
-    # A separate validation input of the same kind; the whole of path is then used for training.
-    eval_path: str | None = None
-    # jsonl/translation: one chunk per document with its response starting at this token index
-    # (prompt right before it, neighbouring documents around it) instead of back-to-back packing.
-    # Prompt-completion RLVR sets rollout.first_anchor to the same index; null = ordinary packing.
-    response_anchor: int | None = None
+class DataConfig(Section):
+    section = "data"
+    error = DataError
+    kind: Literal["jsonl", "code", "translation", "indexed"] = setting(
+        "code", 'What to read. "jsonl": prompt/response pairs; "code": a folder of source files (one file = one '
+                'document); "translation": JSONL or TSV source/target pairs; "indexed": a prefix written by '
+                "tools/prepare_data.py. With kind=code and no path, the Python standard library is used.")
+    path: Optional[str] = setting(None, "The file or folder to read (a prefix for kind=indexed).",
+                                  expect="a file or folder path")
+    prompt_key: str = setting("question", "jsonl: the key of the prompt; document = tokens(prompt) + "
+                                          "tokens(response).", nonempty=True)
+    response_key: str = setting("answer", "jsonl: the key of the response.", nonempty=True)
+    source_key: str = setting("source", "translation: JSONL key or TSV column of the source text (a dotted key such "
+                                        "as translation.de reaches into nested objects); document = tokens(template "
+                                        "filled with the source) + tokens(target).", nonempty=True)
+    target_key: str = setting("target", "translation: JSONL key or TSV column of the target text.", nonempty=True)
+    source_lang: str = setting("", "translation: the source language's name, as the template says it (e.g. German).")
+    target_lang: str = setting("", "translation: the target language's name (e.g. English).")
+    template: str = setting(DEFAULT_TRANSLATION_TEMPLATE, "translation: the prompt template, with {source_lang}, "
+                                                          "{target_lang} and {source}; the target follows it.",
+                            nonempty=True)
+    extensions: list[str] = setting(help="code: the file suffixes to read.", factory=lambda: [".py"],
+                                    expect="a list of file suffixes such as ['.py']")
+    exclude_dirs: Optional[list[str]] = setting(
+        None, "code: folder names (at any depth) to leave out; null: the standard library's test suites and "
+              "site-packages when reading the standard library, nothing otherwise.", expect="a list of folder names")
+    validation_fraction: float = setting(
+        0.05, "Held-out documents for validation, chosen by a hash of the file's relative path (code) or of the line "
+              "number (jsonl, translation); ignored when eval_path is given.", minimum=0, below=1)
+    max_documents: Optional[int] = setting(None, "Keep only the first N documents of the input (before the split); "
+                                                 "null keeps all.", minimum=1)
+    skip_bad: bool = setting(False, "Skip (and count) malformed inputs instead of stopping at the first one.")
+    document_masking: bool = setting(
+        False, "Restrict attention to the same document inside a chunk (the paper runs without it). Applies to the "
+               "training forwards; validation CE stays causal.")
+    eval_path: Optional[str] = setting(None, "A separate validation input of the same kind; the whole of path is "
+                                             "then used for training.", expect="a file or folder path")
+    response_anchor: Optional[int] = setting(
+        None, "jsonl/translation: one chunk per document with its response starting at this token index (prompt "
+              "right before it, neighbouring documents around it) instead of back-to-back packing. Prompt-completion "
+              "RLVR sets rollout.first_anchor to the same index; null = ordinary packing.", minimum=1)
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise DataError(f"data.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
+    def check(self) -> None:
         for name in ("path", "eval_path"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (str, Path)) and str(value)):
-                raise DataError(f"data.{name}: expected a file or folder path, got {value!r}")
+            if getattr(self, name) == "":
+                raise DataError(f"data.{name}: expected a file or folder path, got ''")
         if self.path is None and self.kind != "code":
             raise DataError(f"data.path: required for kind={self.kind} (only kind=code defaults to the Python "
                             "standard library)")
-        for name in ("prompt_key", "response_key", "source_key", "target_key", "template"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise DataError(f"data.{name}: expected a non-empty string, got {getattr(self, name)!r}")
         if self.kind == "translation":
-            self._validate_translation()
-        self._validate_extensions()
-        if self.exclude_dirs is not None and (
-                not isinstance(self.exclude_dirs, (list, tuple)) or not all(isinstance(d, str) for d in self.exclude_dirs)):
-            raise DataError(f"data.exclude_dirs: expected a list of folder names, got {self.exclude_dirs!r}")
-        fraction = self.validation_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
-            raise DataError(f"data.validation_fraction: expected a number in [0, 1), got {fraction!r}")
-        if self.max_documents is not None and (
-                isinstance(self.max_documents, bool) or not isinstance(self.max_documents, int) or self.max_documents < 1):
-            raise DataError(f"data.max_documents: expected a positive integer or null, got {self.max_documents!r}")
-        if self.response_anchor is not None:
-            if isinstance(self.response_anchor, bool) or not isinstance(self.response_anchor, int) or self.response_anchor < 1:
-                raise DataError(f"data.response_anchor: expected a positive integer or null, got {self.response_anchor!r}")
-            if self.kind not in ("jsonl", "translation"):
-                raise DataError(f"data.response_anchor: needs prompt/response documents (kind jsonl or translation), "
-                                f"not kind={self.kind}")
-        for name in ("skip_bad", "document_masking"):
-            if not isinstance(getattr(self, name), bool):
-                raise DataError(f"data.{name}: expected true or false, got {getattr(self, name)!r}")
+            self._check_translation()
+        if not self.extensions:
+            raise DataError(f"data.extensions: expected a list of file suffixes such as ['.py'], got {self.extensions!r}")
+        for suffix in self.extensions:
+            if not suffix.startswith(".") or len(suffix) < 2:
+                raise DataError(f"data.extensions: {suffix!r} is not a file suffix; write it with its dot, e.g. '.py'")
+        if self.response_anchor is not None and self.kind not in ("jsonl", "translation"):
+            raise DataError(f"data.response_anchor: needs prompt/response documents (kind jsonl or translation), "
+                            f"not kind={self.kind}")
 
-    def _validate_translation(self) -> None:
+    def _check_translation(self) -> None:
         for name in ("source_lang", "target_lang"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+            if not getattr(self, name).strip():
                 raise DataError(f"data.{name}: required for kind=translation (e.g. German, English)")
         try:
             fields = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
@@ -103,17 +90,8 @@ class DataConfig:
         if "source" not in fields:
             raise DataError("data.template: must contain {source}, where the text to translate goes")
 
-    def _validate_extensions(self) -> None:
-        if not isinstance(self.extensions, (list, tuple)) or not self.extensions:
-            raise DataError(f"data.extensions: expected a list of file suffixes such as ['.py'], got {self.extensions!r}")
-        for suffix in self.extensions:
-            if not isinstance(suffix, str) or not suffix.startswith(".") or len(suffix) < 2:
-                raise DataError(f"data.extensions: {suffix!r} is not a file suffix; write it with its dot, e.g. '.py'")
-
     def resolved_path(self) -> Path:
         if self.path is None:
-            from ebft_megatron.assets import python_stdlib_dir
-
             return python_stdlib_dir()
         return Path(self.path)
 

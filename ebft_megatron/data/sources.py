@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sysconfig
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+from ebft_megatron.errors import UserError
 
 SKIP_HINT = "set skip_bad=true to skip such inputs"
 # Folders never worth reading as a corpus.
@@ -23,7 +26,12 @@ ALWAYS_EXCLUDED_DIRS = ("__pycache__",)
 STDLIB_EXCLUDED_DIRS = ("site-packages", "test", "tests", "idle_test", "__pycache__")
 
 
-class DataError(ValueError):
+def python_stdlib_dir() -> Path:
+    """The Python standard library's source folder, the default code corpus."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+class DataError(UserError, ValueError):
     """Bad data or data settings; the message names the file, the line and the fix."""
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ebft_megatron.errors import UserError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(UserError, ValueError):
     pass
 
 

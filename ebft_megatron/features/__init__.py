@@ -1,7 +1,6 @@
 """The frozen feature network and the feature moments (Gram matrices) rewards are built from."""
 
 from ebft_megatron.features.network import (  # noqa: F401
-    POOLINGS,
     FeatureConfigError,
     FeatureMoments,
     build_feature_network,

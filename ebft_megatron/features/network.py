@@ -29,15 +29,15 @@ from typing import Optional, Sequence
 
 import torch
 
+from ebft_megatron.errors import UserError
 from ebft_megatron.models.attention import packed_attention
 from ebft_megatron.rollouts.layout import BlockLayout
 from ebft_megatron.runtime import pipeline
 from ebft_megatron.runtime.distributed import sum_over_pipeline
 
-POOLINGS = ("last_token", "mean")
 
 
-class FeatureConfigError(ValueError):
+class FeatureConfigError(UserError, ValueError):
     pass
 
 
@@ -168,8 +168,6 @@ def moments_from_hidden(hidden_by_layer: Sequence[torch.Tensor], layout: BlockLa
                         batch_size: int, device=None) -> FeatureMoments:
     """This stage's feature layers' completion rows ([NB*(n+1)*G, B, H] each, possibly none)
     -> the Gram matrices of the full features, summed over the pipeline stages."""
-    if pooling not in POOLINGS:
-        raise FeatureConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     NB, n, G, B = layout.num_blocks, layout.num_samples, layout.rollout_len, batch_size
     R = NB * (n + 1) * G
     squared_norm = torch.zeros(R, B, dtype=torch.float64, device=device)

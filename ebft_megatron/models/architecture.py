@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ebft_megatron.errors import UserError
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
@@ -23,7 +25,7 @@ SUPPORTED_ARCHITECTURES = {
 VOCAB_GRANULE = 128
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """A model config that we cannot build, with what to do about it."""
 
 

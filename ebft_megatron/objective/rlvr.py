@@ -18,13 +18,14 @@ from typing import Callable
 
 import torch
 
+from ebft_megatron.errors import UserError
 from ebft_megatron.objective.rewards import rloo_baseline
 from ebft_megatron.rollouts.layout import BlockLayout
 
 VerifiableReward = Callable[[torch.Tensor, torch.Tensor, BlockLayout], torch.Tensor]
 
 
-class RewardFunctionError(ValueError):
+class RewardFunctionError(UserError, ValueError):
     pass
 
 

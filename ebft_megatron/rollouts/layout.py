@@ -29,8 +29,10 @@ from typing import Optional
 
 import torch
 
+from ebft_megatron.errors import UserError
 
-class LayoutError(ValueError):
+
+class LayoutError(UserError, ValueError):
     """Rollout settings that do not define a valid layout."""
 
 

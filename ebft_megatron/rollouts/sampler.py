@@ -26,18 +26,8 @@ import torch
 
 from ebft_megatron.models.attention import BlockAttentionParams, RolloutKVCache
 from ebft_megatron.rollouts.layout import BlockLayout
-from ebft_megatron.rollouts.sampling import sample_tokens
+from ebft_megatron.rollouts.sampling import SamplingSettings, sample_tokens
 from ebft_megatron.runtime import pipeline
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    temperature: float
-    top_p: float
-
-    @classmethod
-    def of(cls, config) -> "SamplingSettings":
-        return cls(config.rollout.temperature, config.rollout.top_p)
 
 
 @dataclass

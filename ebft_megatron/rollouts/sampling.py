@@ -5,10 +5,21 @@ one per vocabulary entry on CPU. Same distribution, reproducible from a ``torch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float
+    top_p: float
+
+    @classmethod
+    def of(cls, config) -> "SamplingSettings":
+        return cls(config.rollout.temperature, config.rollout.top_p)
 
 def sample_tokens(
     logits: torch.Tensor,

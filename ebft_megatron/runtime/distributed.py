@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ebft_megatron.errors import UserError
 from ebft_megatron.runtime import cpu_fallbacks
 
 
-class ParallelLayoutError(ValueError):
+class ParallelLayoutError(UserError, ValueError):
     """The requested TP/PP does not fit the number of processes or the model."""
 
 

@@ -13,10 +13,11 @@ from typing import Optional
 import torch
 
 from ebft_megatron.config import Config, layout_of
+from ebft_megatron.errors import UserError
 from ebft_megatron.runtime import distributed
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(UserError, RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
@@ -57,7 +58,7 @@ class Trainer:
         self.arch = store.architecture_of(self.source)
         self.arch.check_parallel(c.parallel.tp, c.parallel.pp)
         if c.train.chunks_per_step % (self.info.dp_size * c.train.micro_batch):
-            from ebft_megatron.cli import UsageError
+            from ebft_megatron.errors import UsageError
 
             raise UsageError(f"train.chunks_per_step={c.train.chunks_per_step} must be a multiple of data-parallel "
                              f"size {self.info.dp_size} x train.micro_batch {c.train.micro_batch}")

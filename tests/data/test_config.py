@@ -2,7 +2,7 @@
 
 import pytest
 
-from ebft_megatron.assets import python_stdlib_dir
+from ebft_megatron.data.sources import python_stdlib_dir
 from ebft_megatron.data.config import DataConfig
 from ebft_megatron.data.sources import STDLIB_EXCLUDED_DIRS, DataError, TranslationFormat
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ebft_megatron.assets import python_stdlib_dir
+from ebft_megatron.data.sources import python_stdlib_dir
 from ebft_megatron.data.config import DataConfig
 from ebft_megatron.data.dataset import batch_encoder, load_chunks
 from ebft_megatron.data.packing import check_tokenizer_matches, pack_documents

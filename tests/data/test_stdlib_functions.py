@@ -57,7 +57,7 @@ def test_extract_walks_a_tree_and_counts_what_it_skips(tmp_path):
 
 
 def test_the_real_standard_library_yields_thousands_of_pairs():
-    from ebft_megatron.assets import python_stdlib_dir
+    from ebft_megatron.data.sources import python_stdlib_dir
 
     pairs, report = extract(python_stdlib_dir())
     assert report.files > 500 and len(pairs) > 2000

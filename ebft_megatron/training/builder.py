@@ -1,0 +1,98 @@
+"""One way to build what a run needs from its validated config: the parallel groups, the tokenizer,
+the policy, the frozen feature network, the optimizer and the data. The trainer, ``evaluate``,
+``generate`` and the benchmarks all build through here, so a setting (recompute, FP8, sequence
+parallelism, the block attention's kernels, the output layer's row chunks) means the same thing
+everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ebft_megatron.config import Config, torch_dtype
+
+
+def recompute_overrides(recompute: str) -> dict:
+    """TransformerConfig settings for ``model.recompute``."""
+    if recompute == "selective":
+        # the core attention, and the norms' outputs (the next linear layer's input), which
+        # megatron discards after use and recomputes before backward
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "layernorm"]}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return {}
+
+
+def initialize(config: Config):
+    """torch.distributed and megatron's parallel groups for ``config.parallel``; the rank's place."""
+    from ebft_megatron.runtime import distributed
+
+    distributed.initialize(config.parallel.tp, config.parallel.pp, seed=config.train.seed)
+    return distributed.parallel_info()
+
+
+def architecture(config: Config):
+    """The policy's architecture, checked against the parallel layout before anything is built."""
+    from ebft_megatron.checkpoint import store
+
+    arch = store.architecture_of(config.model.load)
+    arch.check_parallel(config.parallel.tp, config.parallel.pp)
+    return arch
+
+
+def tokenizer(config: Config, arch):
+    """The checkpoint's tokenizer, checked against the model's vocabulary."""
+    from ebft_megatron.data.packing import check_tokenizer_matches
+    from ebft_megatron.data.tokenizers import Tokenizer
+
+    folder = Path(config.model.load) / "tokenizer"
+    result = Tokenizer(folder)
+    check_tokenizer_matches(result, arch.vocab_size, str(folder))
+    return result
+
+
+def _gpu_overrides(config: Config, fp8: bool) -> dict:
+    from ebft_megatron.models.gpt import fp8_overrides, sequence_parallel_overrides
+
+    return {**(fp8_overrides(config.model.fp8) if fp8 else {}),
+            **sequence_parallel_overrides(config.parallel.sequence_parallel)}
+
+
+def policy(config: Config, arch, load: bool = True):
+    """This rank's pipeline stage of the policy, with the run's recompute, FP8, attention and output
+    settings, and (``load``) the weights of ``model.load``."""
+    from ebft_megatron.checkpoint import store
+    from ebft_megatron.models.gpt import build_model
+
+    m = config.model
+    model = build_model(arch, params_dtype=torch_dtype(m.dtype), block_attention=m.attention,
+                        logit_chunk_rows=m.logit_chunk_rows, **recompute_overrides(m.recompute),
+                        **_gpu_overrides(config, fp8=True))
+    if load:
+        store.load_model_weights(model, m.load)
+    return model
+
+
+def feature_network(config: Config):
+    """The frozen feature network: ``model.feature_load`` (else ``model.load``), kept up to its
+    deepest feature layer."""
+    from ebft_megatron.features.network import load_feature_network
+
+    m = config.model
+    return load_feature_network(m.feature_load or m.load, m.feature_layers or None, torch_dtype(m.dtype),
+                                block_attention=m.attention, **_gpu_overrides(config, fp8=m.feature_fp8))
+
+
+def optimizer(config: Config, model):
+    """(megatron DDP around ``model``, its (distributed) Adam)."""
+    from ebft_megatron.training.optimizer import build_optimizer, wrap_ddp
+
+    ddp = wrap_ddp(model, config.optimizer.distributed)
+    return ddp, build_optimizer(ddp, config.optimizer, torch_dtype(config.model.dtype))
+
+
+def chunks(config: Config, tokenizer, split: str, verbose: bool = False):
+    """The data's ``split`` ("train" or "validation") as packed chunks of ``rollout.chunk_len``."""
+    from ebft_megatron.data.dataset import load_chunks
+
+    return load_chunks(config.data, tokenizer, config.rollout.chunk_len, split, verbose=verbose)
