@@ -34,38 +34,35 @@ class StepBench:
         import torch
 
         from ebft_megatron import assets
-        from ebft_megatron.checkpoint import store
-        from ebft_megatron.config import Config, OptimizerSettings
+        from ebft_megatron.config import load_config
         from ebft_megatron.data.sources import python_stdlib_dir
-        from ebft_megatron.data.tokenizers import Tokenizer
-        from ebft_megatron.features.network import build_feature_network, load_feature_network, truncate
-        from ebft_megatron.models.gpt import build_model
+        from ebft_megatron.features.network import build_feature_network, truncate
         from ebft_megatron.objective.objectives import EBFT, SFT, Batch, ObjectiveContext
         from ebft_megatron.rollouts.sampler import rollout_generator
-        from ebft_megatron.runtime import distributed
         from ebft_megatron.runtime.timing import PhaseTimer
-        from ebft_megatron.training.loop import _policy_config_overrides
-        from ebft_megatron.training.optimizer import build_optimizer, wrap_ddp
+        from ebft_megatron.training import builder
 
-        distributed.initialize(1, 1, seed=43)
         self.layout = layout
         ckpt = assets.smollm2_checkpoint()
-        self.arch = arch = store.architecture_of(ckpt)
-        self.policy = build_model(arch, block_attention=attention, logit_chunk_rows=logit_chunk_rows,
-                                  **_policy_config_overrides(recompute))
+        r = layout
+        config = load_config(None, [  # the training defaults for everything not set here
+            f"model.load={ckpt}", f"model.recompute={recompute}", f"model.attention={attention}",
+            f"model.logit_chunk_rows={logit_chunk_rows}", f"rollout.chunk_len={r.chunk_len}",
+            f"rollout.first_anchor={r.first_anchor}", f"rollout.stride={r.stride}",
+            f"rollout.rollout_len={r.rollout_len}", f"rollout.num_samples={r.num_samples}", "train.seed=43"])
+        builder.initialize(config)
+        self.arch = arch = builder.architecture(config)
+        self.policy = builder.policy(config, arch, load=not random_weights)
         if random_weights:
             self.features = build_feature_network(arch, arch.default_feature_layers(), block_attention=attention)
             truncate(self.features)
         else:
-            store.load_model_weights(self.policy, ckpt)
-            self.features = load_feature_network(ckpt, block_attention=attention)
-        self.ddp = wrap_ddp(self.policy)
-        self.optimizer = build_optimizer(self.ddp, OptimizerSettings(lr=1e-6))
-        tokens = Tokenizer(ckpt / "tokenizer").encode((python_stdlib_dir() / "argparse.py").read_text())
+            self.features = builder.feature_network(config)
+        self.ddp, self.optimizer = builder.optimizer(config, self.policy)
+        tokens = builder.tokenizer(config, arch).encode((python_stdlib_dir() / "argparse.py").read_text())
         self.batch = Batch(torch.tensor(tokens[: layout.chunk_len])[None], torch.tensor([layout.chunk_len]))
         self.timer = PhaseTimer()
         context = ObjectiveContext(layout, arch.vocab_size, rollout_generator(43, 0), self.features, timer=self.timer)
-        config = Config()  # the training defaults (sampling temperature, reward and loss weights)
         self.objectives = {"sft": SFT.from_config(config, context), "ebft": EBFT.from_config(config, context)}
 
     def step(self, mode: str) -> dict[str, float]:

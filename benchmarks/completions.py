@@ -34,22 +34,20 @@ def main() -> None:
     quiet_imports()
     import torch
 
+    from ebft_megatron.config import load_config
     from ebft_megatron.data.sources import python_stdlib_dir
-    from ebft_megatron.checkpoint import store
     from ebft_megatron.data.stdlib_functions import extract
-    from ebft_megatron.data.tokenizers import Tokenizer
     from ebft_megatron.evaluation.completions import complete_in_context, complete_text
     from ebft_megatron.evaluation.unit_tests import candidate_tasks
-    from ebft_megatron.models.gpt import build_model
     from ebft_megatron.rollouts.sampler import SamplingSettings
-    from ebft_megatron.runtime import distributed
+    from ebft_megatron.training import builder
 
-    distributed.initialize(1, 1, seed=0)
-    arch = store.architecture_of(args.load)
-    model = build_model(arch)
-    store.load_model_weights(model, args.load)
+    config = load_config(None, [f"model.load={args.load}", "train.seed=0"])
+    builder.initialize(config)
+    arch = builder.architecture(config)
+    model = builder.policy(config, arch)
     model.eval()
-    tokenizer = Tokenizer(Path(args.load) / "tokenizer")
+    tokenizer = builder.tokenizer(config, arch)
     pairs, _ = extract(python_stdlib_dir())
     tasks = [t for t in candidate_tasks(pairs) if len(tokenizer.encode(t.prompt)) <= args.anchor][: args.prompts]
     sampling = SamplingSettings(0.6, 1.0)

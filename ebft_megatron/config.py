@@ -24,8 +24,7 @@ from ebft_megatron.settings import ConfigError, Section, build, help_lines, sett
 __all__ = ["Config", "ConfigError", "DTYPES", "load_config", "layout_of", "settings_help", "torch_dtype"]
 
 # The one dtype vocabulary: settings, checkpoints and tools all name dtypes these ways.
-Dtype = Literal["float32", "bfloat16", "float16"]
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")
 
 
 def torch_dtype(name: str):

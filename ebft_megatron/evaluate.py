@@ -71,26 +71,9 @@ def parse_args(argv=None):
     return args
 
 
-def run_humaneval(args, model, arch, tokenizer) -> dict:
-    """pass@k over the first --humaneval problems; generation is collective (every rank)."""
-    from ebft_megatron.evaluation.humaneval import evaluate_humaneval, load_problems
-    from ebft_megatron.generate import generate_ids
-
-    def generate(prompt: str, num_samples: int) -> list[str]:
-        ids = tokenizer.encode(prompt)
-        return [tokenizer.decode(generate_ids(model, arch, ids, args.humaneval_max_new_tokens,
-                                              temperature=args.humaneval_temperature, top_p=args.humaneval_top_p,
-                                              seed=1234 + sample, eos_id=tokenizer.eos_id))
-                for sample in range(num_samples)]
-
-    ks = tuple(k for k in (1, 4, 16, 64) if k <= args.humaneval_samples)
-    report = evaluate_humaneval(generate, load_problems()[: args.humaneval], args.humaneval_samples, ks)
-    return report.metrics()
-
-
-def run_in_context(args, model, arch, tokenizer, data) -> dict:
-    """HumanEval (--in-context), unit-test pass@k and translation scores from batched in-context
-    completions."""
+def downstream_metrics(args, model, arch, tokenizer, data) -> dict:
+    """What the flags ask for besides CE and CFM: unit-test pass@k, HumanEval (in context or zero-shot)
+    and translation scores. Collective: every rank calls it."""
     from ebft_megatron.evaluation import downstream
     from ebft_megatron.evaluation.unit_tests import read_tasks
 
@@ -101,25 +84,14 @@ def run_in_context(args, model, arch, tokenizer, data) -> dict:
     if args.unit_tests:
         metrics.update(downstream.unit_test_accuracy(model, tokenizer, read_tasks(args.unit_tests), settings,
                                                      arch.vocab_size, limit=args.unit_tests_limit or None))
-    if args.humaneval and args.in_context:
-        metrics.update(downstream.humaneval_accuracy(model, tokenizer, settings, arch.vocab_size, limit=args.humaneval))
+    if args.humaneval:
+        run = downstream.humaneval_accuracy if args.in_context else downstream.humaneval_zero_shot
+        metrics.update(run(model, tokenizer, settings, arch.vocab_size, limit=args.humaneval))
     if args.translation:
-        metrics.update(downstream.translation_quality(model, tokenizer, translation_documents(args.translation, data),
-                                                      settings, arch.vocab_size, limit=args.translation_limit or None))
+        documents = downstream.translation_documents(args.translation, data)
+        metrics.update(downstream.translation_quality(model, tokenizer, documents, settings, arch.vocab_size,
+                                                      limit=args.translation_limit or None))
     return metrics
-
-
-def translation_documents(path, data) -> list[tuple[str, str]]:
-    """(prompt, target) pairs of a translation file, rendered with the config's template."""
-    from ebft_megatron.data.sources import SkipReport, read_translation_pairs
-
-    if not (data.source_lang.strip() and data.target_lang.strip()):
-        from ebft_megatron.errors import UsageError
-
-        raise UsageError("--translation needs data.source_lang and data.target_lang (e.g. data.source_lang=English "
-                         "data.target_lang=Spanish), the languages the prompt template names")
-    return [tuple(document.segments) for document in
-            read_translation_pairs(path, data.translation_format(), False, SkipReport())]
 
 
 def main(argv=None) -> int:
@@ -128,45 +100,28 @@ def main(argv=None) -> int:
 
     def job():
         from ebft_megatron import evaluation
-        from ebft_megatron.checkpoint import store
         from ebft_megatron.config import load_config
-        from ebft_megatron.data.dataset import load_chunks
-        from ebft_megatron.data.packing import check_tokenizer_matches
-        from ebft_megatron.data.tokenizers import Tokenizer
-        from ebft_megatron.features.network import load_feature_network
-        from ebft_megatron.models.gpt import build_model
         from ebft_megatron.runtime import distributed
+        from ebft_megatron.training import builder
 
         config = load_config(args.config, [*args.overrides, f"model.load={args.load}"])
-        arch = store.architecture_of(config.model.load)
-        arch.check_parallel(config.parallel.tp, config.parallel.pp)
-        distributed.initialize(config.parallel.tp, config.parallel.pp, seed=config.train.seed)
+        arch = builder.architecture(config)
+        info = builder.initialize(config)
         try:
-            info = distributed.parallel_info()
-            dtype = config.model.params_dtype
-            tokenizer = Tokenizer(f"{config.model.load}/tokenizer")
-            check_tokenizer_matches(tokenizer, arch.vocab_size, f"{config.model.load}/tokenizer")
-            chunks = load_chunks(config.data, tokenizer, config.rollout.chunk_len, "validation",
-                                 verbose=distributed.is_rank0())
-            m = config.model
-            policy = build_model(arch, params_dtype=dtype, block_attention=m.attention,
-                                 logit_chunk_rows=m.logit_chunk_rows)
-            store.load_model_weights(policy, m.load)
-            features = load_feature_network(m.feature_load or m.load, m.feature_layers or None, dtype,
-                                            block_attention=m.attention)
+            tokenizer = builder.tokenizer(config, arch)
+            chunks = builder.chunks(config, tokenizer, "validation", verbose=distributed.is_rank0())
+            policy = builder.policy(config, arch)
+            features = builder.feature_network(config)
             result = evaluation.evaluate_run(config, policy, features, chunks, arch.vocab_size, info.dp_rank)
             evaluation.write_report(args.out, *result)
             metrics = result.metrics()
-            if args.unit_tests or args.translation or (args.humaneval and args.in_context):
-                downstream = run_in_context(args, policy, arch, tokenizer, config.data)
+            if args.unit_tests or args.translation or args.humaneval:
+                downstream = downstream_metrics(args, policy, arch, tokenizer, config.data)
                 metrics.update(downstream)
                 if distributed.is_rank0():
-                    (Path(args.out) / "downstream.json").write_text(json.dumps(downstream, indent=1))
-            elif args.humaneval:
-                humaneval = run_humaneval(args, policy, arch, tokenizer)
-                metrics.update(humaneval)
-                if distributed.is_rank0():
-                    (Path(args.out) / "humaneval.json").write_text(json.dumps(humaneval, indent=1))
+                    name = "humaneval.json" if args.humaneval and not (args.in_context or args.unit_tests
+                                                                       or args.translation) else "downstream.json"
+                    (Path(args.out) / name).write_text(json.dumps(downstream, indent=1))
             if distributed.is_rank0():
                 print(json.dumps(metrics, indent=1))
         finally:

@@ -4,8 +4,8 @@
   torchrun --nproc_per_node=4 -m ebft_megatron.generate --load CKPT --tp 2 --pp 2 --prompt ...
 
 Prints the continuation (only the new text) on stdout. Works at any TP/PP: the checkpoint is
-resharded on load. Each step is a full forward of the growing sequence through the pipeline
-stages (simple and exact; the KV-cached engine lives in ``rollouts``).
+resharded on load. Generation is the rollout sampler's (KV-cached: one prefill, then one decode
+step per token), with the prompt as a one-block layout (``evaluation.completions``).
 """
 
 from __future__ import annotations
@@ -40,58 +40,39 @@ def parse_args(argv=None):
     return args
 
 
-def generate_ids(model, arch, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, seed=1234, eos_id=None):
-    """Token ids of the continuation (greedy when temperature == 0). Collective over all ranks."""
-    import torch
-
-    from ebft_megatron.rollouts.sampling import sample_tokens
-    from ebft_megatron.runtime import pipeline
-
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.tensor([prompt_ids], dtype=torch.long)
-    new_ids = []
-    for _ in range(max_new_tokens):
-        positions = torch.arange(tokens.shape[1])[None]
-
-        def next_token(logits):
-            last = pipeline.gather_vocab_parallel(logits[:, -1:])[..., : arch.vocab_size]
-            return sample_tokens(last[:, 0], temperature, top_p, generator)
-
-        token = pipeline.forward(model, tokens, positions, reduce=next_token)
-        new_ids.append(int(token[0]))
-        if eos_id is not None and new_ids[-1] == eos_id:
-            break
-        tokens = torch.cat([tokens, token.view(1, 1)], dim=1)
-    return new_ids
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ebft_megatron.cli import run_cli
 
     def job():
-        from ebft_megatron.checkpoint import store
-        from ebft_megatron.errors import UsageError
-        from ebft_megatron.data.tokenizers import Tokenizer
-        from ebft_megatron.models.gpt import build_model
-        from ebft_megatron.runtime import distributed
+        import torch
 
-        meta = store.read_meta(args.load)
-        arch = store.architecture_of(args.load)
-        arch.check_parallel(args.tp, args.pp)
-        tokenizer = Tokenizer(f"{args.load}/tokenizer")
+        from ebft_megatron.checkpoint import store
+        from ebft_megatron.config import load_config
+        from ebft_megatron.errors import UsageError
+        from ebft_megatron.evaluation.completions import complete_ids
+        from ebft_megatron.rollouts.sampling import SamplingSettings
+        from ebft_megatron.runtime import distributed
+        from ebft_megatron.training import builder
+
+        dtype = store.stored_dtype(store.read_meta(args.load))
+        config = load_config(None, [f"model.load={args.load}", f"model.dtype={dtype}", f"parallel.tp={args.tp}",
+                                    f"parallel.pp={args.pp}", f"train.seed={args.seed}"])
+        arch = builder.architecture(config)
+        tokenizer = builder.tokenizer(config, arch)
         prompt_ids = tokenizer.encode(args.prompt)
         if not prompt_ids:
             raise UsageError("--prompt encodes to no tokens")
         if len(prompt_ids) + args.max_new_tokens > arch.max_position_embeddings:
             raise UsageError(f"prompt + new tokens exceed the model's {arch.max_position_embeddings} positions")
-        distributed.initialize(args.tp, args.pp, seed=args.seed)
-        from ebft_megatron.config import torch_dtype
-
-        model = build_model(arch, params_dtype=torch_dtype(store.stored_dtype(meta)))
-        store.load_model_weights(model, args.load)
+        builder.initialize(config)
+        model = builder.policy(config, arch)
         eos = None if args.no_stop_at_eos else tokenizer.eos_id
-        ids = generate_ids(model, arch, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, eos)
+        ids = complete_ids(model, prompt_ids, 1, args.max_new_tokens, arch.vocab_size,
+                           SamplingSettings(args.temperature, args.top_p), torch.Generator().manual_seed(args.seed),
+                           pad_id=tokenizer.eos_id or 0)[0]
+        if eos is not None and eos in ids:
+            ids = ids[: ids.index(eos) + 1]
         if distributed.is_rank0():
             if args.print_ids:
                 print("ids:", ids, file=sys.stderr)

@@ -13,7 +13,8 @@ def test_greedy_generation_matches_transformers():
 
     from ebft_megatron.checkpoint import store
     from ebft_megatron.data.tokenizers import Tokenizer
-    from ebft_megatron.generate import generate_ids
+    from ebft_megatron.evaluation.completions import complete_ids
+    from ebft_megatron.rollouts.sampling import SamplingSettings
     from ebft_megatron.models.gpt import build_model
     from ebft_megatron.runtime import distributed
 
@@ -27,7 +28,7 @@ def test_greedy_generation_matches_transformers():
     reference = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt)
-        ours = generate_ids(model, arch, ids, max_new_tokens=16)
+        ours = complete_ids(model, ids, 1, 16, arch.vocab_size, SamplingSettings(0.0, 1.0), None, pad_id=0)[0]
         theirs = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
                                     eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
         assert ours == theirs, (prompt, ours, theirs)

@@ -1,10 +1,12 @@
-"""Downstream accuracy of a policy: unit-test tasks and HumanEval, from batched in-context
-completions (``completions.complete_in_context``), scored in the sandbox.
+"""Downstream accuracy of a policy: unit-test tasks, HumanEval and translation, scored in the
+sandbox or with BLEU/chrF; what ``python -m ebft_megatron.evaluate`` runs besides CE and CFM.
 
-Both evaluations place each prompt after the documents before it in its list (earlier tasks'
-prompt + original body; earlier HumanEval problems' prompt + canonical solution), so that many
-prompts decode together. That is a few-shot protocol, not HumanEval's usual zero-shot one: the
-numbers compare checkpoints with each other, not with published zero-shot scores.
+The in-context evaluations place each prompt after the documents before it in its list (earlier
+tasks' prompt + original body; earlier HumanEval problems' prompt + canonical solution; earlier
+pairs' source + target), so that many prompts decode together
+(``completions.complete_in_context``). That is a few-shot protocol, not HumanEval's usual zero-shot
+one: the numbers compare checkpoints with each other, not with published zero-shot scores.
+:func:`humaneval_zero_shot` is the zero-shot protocol, one prompt at a time.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from ebft_megatron.rollouts.sampler import SamplingSettings
 
 @dataclass(frozen=True)
 class DownstreamSettings:
-    anchor: int = 384  # prompts longer than this many tokens are left out
-    max_new_tokens: int = 128
-    samples: int = 4  # completions per prompt; pass@k for k = 1 and samples
-    temperature: float = 0.6
-    top_p: float = 0.95
-    batch_size: int = 16  # prompts decoded together
+    """How completions are drawn (the evaluate command's flags say it)."""
+
+    anchor: int  # prompts longer than this many tokens are left out
+    max_new_tokens: int
+    samples: int  # completions per prompt; pass@k for k = 1 and samples
+    temperature: float
+    top_p: float
+    batch_size: int  # prompts decoded together
     seed: int = 1234
 
     @property
@@ -85,3 +89,32 @@ def translation_quality(model, tokenizer, documents: Sequence[tuple[str, str]], 
                                 [documents[i][1] for i in which])
     scores["translation/pairs"] = len(which)
     return scores
+
+
+def humaneval_zero_shot(model, tokenizer, settings: DownstreamSettings, vocab_size: int,
+                        limit: Optional[int] = None) -> dict:
+    """pass@k over the first ``limit`` HumanEval problems, each prompt completed alone (zero-shot)."""
+    from ebft_megatron.evaluation.completions import complete_text
+    from ebft_megatron.evaluation.humaneval import evaluate_humaneval, load_problems
+
+    sampling = SamplingSettings(settings.temperature, settings.top_p)
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    def generate(prompt: str, num_samples: int) -> list[str]:
+        return complete_text(model, tokenizer, prompt, num_samples, settings.max_new_tokens, vocab_size, sampling,
+                             generator)
+
+    report = evaluate_humaneval(generate, load_problems()[:limit], settings.samples, settings.ks)
+    return report.metrics()
+
+
+def translation_documents(path, data) -> list[tuple[str, str]]:
+    """(prompt, target) pairs of a translation file, rendered with the data settings' template."""
+    from ebft_megatron.data.sources import SkipReport, read_translation_pairs
+    from ebft_megatron.errors import UsageError
+
+    if not (data.source_lang.strip() and data.target_lang.strip()):
+        raise UsageError("--translation needs data.source_lang and data.target_lang (e.g. data.source_lang=English "
+                         "data.target_lang=Spanish), the languages the prompt template names")
+    return [tuple(document.segments) for document in
+            read_translation_pairs(path, data.translation_format(), False, SkipReport())]

@@ -21,33 +21,17 @@ class TrainingAborted(UserError, RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
-def _policy_config_overrides(recompute: str) -> dict:
-    if recompute == "selective":
-        # the core attention, and the norms' outputs (the next linear layer's input), which
-        # megatron discards after use and recomputes before backward
-        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "layernorm"]}
-    if recompute == "full":
-        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
-    return {}
-
-
 class Trainer:
     def __init__(self, config: Config, log=None):
-        from ebft_megatron.checkpoint import store
-        from ebft_megatron.data.dataset import ChunkLoader, load_chunks
-        from ebft_megatron.data.packing import check_tokenizer_matches
-        from ebft_megatron.data.tokenizers import Tokenizer
-        from ebft_megatron.features.network import load_feature_network
-        from ebft_megatron.models.gpt import build_model
+        from ebft_megatron.data.dataset import ChunkLoader
         from ebft_megatron.objective.objectives import ObjectiveContext, build_objective
         from ebft_megatron.rollouts.sampler import rollout_generator
         from ebft_megatron.runtime.timing import PhaseTimer
+        from ebft_megatron.training import builder
         from ebft_megatron.training.logging import MetricsLogger
-        from ebft_megatron.training.optimizer import build_optimizer, wrap_ddp
 
         self.config = c = config
-        distributed.initialize(c.parallel.tp, c.parallel.pp, seed=c.train.seed)
-        self.info = distributed.parallel_info()
+        self.info = builder.initialize(c)
         self.is_rank0 = distributed.is_rank0()
         self.logger = MetricsLogger(c.train.save or None, c.train.steps, enabled=self.is_rank0,
                                     tensorboard=c.train.tensorboard, wandb_mode=c.train.wandb,
@@ -55,43 +39,27 @@ class Trainer:
         self.log = log or self.logger.note
         self.layout = layout_of(c)
         self.source = Path(c.model.load)
-        self.arch = store.architecture_of(self.source)
-        self.arch.check_parallel(c.parallel.tp, c.parallel.pp)
+        self.arch = builder.architecture(c)
         if c.train.chunks_per_step % (self.info.dp_size * c.train.micro_batch):
             from ebft_megatron.errors import UsageError
 
             raise UsageError(f"train.chunks_per_step={c.train.chunks_per_step} must be a multiple of data-parallel "
                              f"size {self.info.dp_size} x train.micro_batch {c.train.micro_batch}")
-        self.params_dtype = c.model.params_dtype
 
         # data
-        tokenizer = Tokenizer(self.source / "tokenizer")
-        check_tokenizer_matches(tokenizer, self.arch.vocab_size, str(self.source / "tokenizer"))
-        P = c.rollout.chunk_len
-        self.train_chunks = load_chunks(c.data, tokenizer, P, "train", verbose=self.is_rank0)
-        self.val_chunks = load_chunks(c.data, tokenizer, P, "validation", verbose=self.is_rank0)
+        tokenizer = builder.tokenizer(c, self.arch)
+        self.train_chunks = builder.chunks(c, tokenizer, "train", verbose=self.is_rank0)
+        self.val_chunks = builder.chunks(c, tokenizer, "validation", verbose=self.is_rank0)
         self.loader = ChunkLoader(len(self.train_chunks.tokens), c.train.chunks_per_step, self.info.dp_rank,
                                   self.info.dp_size, c.train.seed)
         self.log(f"data: {len(self.train_chunks.tokens)} training chunks, {len(self.val_chunks.tokens)} validation "
-                 f"chunks of {P} tokens; {self.loader.steps_per_epoch} steps per epoch")
+                 f"chunks of {c.rollout.chunk_len} tokens; {self.loader.steps_per_epoch} steps per epoch")
 
         # models
-        from ebft_megatron.models.gpt import fp8_overrides, sequence_parallel_overrides
-
-        parallel_overrides = sequence_parallel_overrides(c.parallel.sequence_parallel)
-        self.policy = build_model(self.arch, params_dtype=self.params_dtype, block_attention=c.model.attention,
-                                  logit_chunk_rows=c.model.logit_chunk_rows, **fp8_overrides(c.model.fp8),
-                                  **_policy_config_overrides(c.model.recompute), **parallel_overrides)
-        store.load_model_weights(self.policy, self.source)
-        self.ddp = wrap_ddp(self.policy, c.optimizer.distributed)
-        o = c.optimizer
-        self.optimizer = build_optimizer(self.ddp, o, self.params_dtype)
+        self.policy = builder.policy(c, self.arch)
+        self.ddp, self.optimizer = builder.optimizer(c, self.policy)
         self.scheduler = self._scheduler()
-        feature_source = c.model.feature_load or c.model.load
-        self.feature_model = load_feature_network(feature_source, c.model.feature_layers or None, self.params_dtype,
-                                                  block_attention=c.model.attention,
-                                                  **(fp8_overrides(c.model.fp8) if c.model.feature_fp8 else {}),
-                                                  **parallel_overrides)
+        self.feature_model = builder.feature_network(c)
         self.generator = rollout_generator(c.train.seed, self.info.dp_rank)
         self.timer = PhaseTimer()
         self.objective = build_objective(c, ObjectiveContext(self.layout, self.arch.vocab_size, self.generator,

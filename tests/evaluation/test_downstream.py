@@ -29,7 +29,8 @@ def test_translation_scores_the_first_line_of_each_completion(monkeypatch):
                  ("Translate: tres\n", "and the earth was without form")]
     complete, calls = fake_completions(lambda document: document[1] + "\nTranslate: more text")
     monkeypatch.setattr(downstream, "complete_in_context", complete)
-    settings = downstream.DownstreamSettings(anchor=3, samples=4)
+    settings = downstream.DownstreamSettings(anchor=3, max_new_tokens=128, samples=4, temperature=0.6, top_p=0.95,
+                                             batch_size=16)
     scores = downstream.translation_quality(None, WordTokenizer(), documents, settings, 10)
     # the 8-word prompt does not fit the anchor of 3 tokens; one completion per pair; the targets
     # follow their prompts on one line each in the in-context documents
@@ -43,14 +44,15 @@ def test_wrong_translations_score_low(monkeypatch):
     documents = [("Translate: uno\n", "the first one here"), ("Translate: dos\n", "the second one here")]
     complete, _ = fake_completions(lambda document: "completely unrelated words")
     monkeypatch.setattr(downstream, "complete_in_context", complete)
-    scores = downstream.translation_quality(None, WordTokenizer(), documents, downstream.DownstreamSettings(), 10)
+    scores = downstream.translation_quality(
+        None, WordTokenizer(), documents, downstream.DownstreamSettings(384, 128, 4, 0.6, 0.95, 16), 10)
     assert scores["translation/bleu"] < 5.0
 
 
 def test_translation_files_need_the_prompt_languages(tmp_path):
     from ebft_megatron.cli import UsageError
     from ebft_megatron.data.config import DataConfig
-    from ebft_megatron.evaluate import translation_documents
+    from ebft_megatron.evaluation.downstream import translation_documents
 
     path = tmp_path / "test.jsonl"
     path.write_text('{"source": "In the beginning", "target": "En el principio"}\n')

@@ -22,10 +22,10 @@ def _kept_per_token(recompute, layers):
     from ebft_megatron.models.attention import packed_attention
     from ebft_megatron.models.gpt import build_model, model_forward
     from ebft_megatron.runtime import distributed
-    from ebft_megatron.training.loop import _policy_config_overrides
+    from ebft_megatron.training.builder import recompute_overrides
 
     distributed.initialize(1, 1)
-    model = build_model(_arch(layers), **_policy_config_overrides(recompute))
+    model = build_model(_arch(layers), **recompute_overrides(recompute))
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
