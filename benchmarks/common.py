@@ -37,6 +37,7 @@ class StepBench:
         from ebft_megatron.config import load_config
         from ebft_megatron.data.sources import python_stdlib_dir
         from ebft_megatron.features.network import build_feature_network, truncate
+        from ebft_megatron.models.gpt import set_block_attention
         from ebft_megatron.objective.objectives import EBFT, SFT, Batch, ObjectiveContext
         from ebft_megatron.rollouts.sampler import rollout_generator
         from ebft_megatron.runtime.timing import PhaseTimer
@@ -54,8 +55,9 @@ class StepBench:
         self.arch = arch = builder.architecture(config)
         self.policy = builder.policy(config, arch, load=not random_weights)
         if random_weights:
-            self.features = build_feature_network(arch, arch.default_feature_layers(), block_attention=attention)
+            self.features = build_feature_network(arch, arch.default_feature_layers())
             truncate(self.features)
+            set_block_attention(self.features, attention)
         else:
             self.features = builder.feature_network(config)
         self.ddp, self.optimizer = builder.optimizer(config, self.policy)

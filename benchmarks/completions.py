@@ -36,7 +36,7 @@ def main() -> None:
 
     from ebft_megatron.config import load_config
     from ebft_megatron.data.sources import python_stdlib_dir
-    from ebft_megatron.data.stdlib_functions import extract
+    from tools.preparation.stdlib_functions import extract
     from ebft_megatron.evaluation.completions import complete_in_context, complete_text
     from ebft_megatron.evaluation.unit_tests import candidate_tasks
     from ebft_megatron.rollouts.sampler import SamplingSettings

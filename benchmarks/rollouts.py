@@ -5,7 +5,7 @@
   python benchmarks/rollouts.py --random-weights      # same shapes, no download
   python benchmarks/rollouts.py --layers 4 --chunk-len 256   # a quick look
 
-The reference's method (spec §1.5): for each of the n sample copies, G full forwards of the chunk
+The reference's method (reference §1.5): for each of the n sample copies, G full forwards of the chunk
 plus all blocks' tokens so far, dense block mask, logits only at the rows that are sampled.
 Ours: one prefill of the chunk (LM head on NB rows), then G-1 decode steps of n*NB tokens against
 the cached prefix. Both draw from the same random numbers, so they must produce the same tokens

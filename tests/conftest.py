@@ -26,3 +26,18 @@ def tiny_models(tmp_path_factory):
         ckpt = convert.hf_to_mcore(hf_dir, root / f"{family}-mcore", log=lambda *_: None)
         models[family] = (hf_dir, ckpt)
     return models
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A small byte-level BPE tokenizer trained on a few lines of code (tests.fixtures)."""
+    from tests.fixtures import make_tokenizer
+
+    return make_tokenizer(tmp_path_factory.mktemp("data_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from ebft_megatron.data.tokenizers import Tokenizer
+
+    return Tokenizer(tokenizer_dir)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ebft_megatron.data import bible  # noqa: E402  (light: no torch, no megatron)
+from tools.preparation import bible  # noqa: E402  (light: no torch, no megatron)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -85,7 +85,7 @@ def data_settings(args):
 
 def prepare(args) -> None:
     from ebft_megatron.errors import UsageError
-    from ebft_megatron.data.dataset import Progress, open_documents, tokenized_documents
+    from ebft_megatron.data.reading import Progress, open_documents, tokenized_documents
     from ebft_megatron.data.indexed import IndexedCorpusInfo, IndexedCorpusWriter
     from ebft_megatron.data.sources import DataError, SkipReport
     from ebft_megatron.data.tokenizers import Tokenizer

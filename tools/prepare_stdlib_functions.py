@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     def job():
         from ebft_megatron.data.sources import python_stdlib_dir
         from ebft_megatron.data.sources import split_hash
-        from ebft_megatron.data.stdlib_functions import extract
+        from tools.preparation.stdlib_functions import extract
 
         source = Path(args.source) if args.source else python_stdlib_dir()
         if not source.is_dir():

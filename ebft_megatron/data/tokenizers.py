@@ -51,6 +51,8 @@ class Tokenizer:
         self.eos_id = self._hf.convert_tokens_to_ids(eos) if eos else None
         self.vocab_size = len(self._hf)
         self._encode = lambda text: self._hf.encode(text, add_special_tokens=False)
+        backend = self._hf.backend_tokenizer
+        self._encode_batch = lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
         self._decode = lambda ids: self._hf.decode(ids, skip_special_tokens=False)
 
     def _load_sentencepiece(self, model_file: Path) -> None:
@@ -64,10 +66,15 @@ class Tokenizer:
         self.eos_id = eos if eos >= 0 else None
         self.vocab_size = self._sp.get_piece_size()
         self._encode = lambda text: self._sp.encode(text)
+        self._encode_batch = lambda texts: self._sp.encode(list(texts))
         self._decode = lambda ids: self._sp.decode(ids)
 
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` of each text, in one call (no Python round trip per text)."""
+        return [list(ids) for ids in self._encode_batch(list(texts))]
 
     def decode(self, ids) -> str:
         return self._decode([int(i) for i in ids])

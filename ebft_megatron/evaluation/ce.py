@@ -1,4 +1,4 @@
-"""Validation cross-entropy (spec §5.1): teacher-forced next-token CE at T = 1 on the validation
+"""Validation cross-entropy (reference §5.1): teacher-forced next-token CE at T = 1 on the validation
 chunks, pooled per token across chunks (the reference's ``full_ce_loss``, and ``full_perplexity``
 = its exp), plus the CE on response targets only (``answer_ce_loss``) when the chunks carry a
 response mask.

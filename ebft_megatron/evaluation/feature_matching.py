@@ -1,5 +1,5 @@
 """Conditional feature-matching loss as a function of completion length (the paper's Figures 1-2;
-spec §5.2 and §7).
+reference §5.2 and §7).
 
 For every validation chunk the policy samples n rollouts per block (the strided block layout),
 the frozen feature network embeds ground truth and rollouts in one packed forward, and

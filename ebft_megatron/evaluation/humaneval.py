@@ -19,7 +19,7 @@ With an ebft_megatron checkpoint, ``generate`` can wrap ``ebft_megatron.generate
                                               seed=seed, eos_id=tokenizer.eos_id))
                 for seed in range(num_samples)]
 
-As in the reference (spec §5.3) the prompt is the raw problem text (no chat template); the
+As in the reference (reference §5.3) the prompt is the raw problem text (no chat template); the
 program run is prompt + completion + the problem's tests + ``check(entry_point)``. Completions
 are cut at the usual HumanEval stop sequences first, so a model that goes on to write more
 top-level code is judged on the function it was asked for. Where the reference differs: it uses

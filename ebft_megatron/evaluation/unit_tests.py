@@ -1,6 +1,6 @@
 """Unit tests for generated function bodies: the doctest examples in standard-library docstrings.
 
-The replication's verifiable reward (RLVR, issue 8) and its in-domain downstream metric. A task
+The replication's verifiable reward (RLVR) and its in-domain downstream metric. A task
 is a standard-library function or method whose docstring holds ``>>>`` examples; the prompt is a
 one-line header naming it, then its ``def`` line(s) and docstring, exactly as in the file::
 
@@ -151,7 +151,7 @@ def run_many(pairs: Sequence[tuple[Task, str]], workers: int = 2,
 
 
 def candidate_tasks(pairs) -> list[Task]:
-    """Tasks from ``data.stdlib_functions.FunctionPair``s whose docstring holds examples."""
+    """Tasks from ``tools.preparation.stdlib_functions.FunctionPair``s whose docstring holds examples."""
     tasks = []
     for pair in pairs:
         if ">>>" in pair.prompt:

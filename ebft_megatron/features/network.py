@@ -5,7 +5,7 @@ TP/PP layout on the same ranks, and kept only up to its deepest feature layer: t
 are never needed, so they are dropped right after loading.
 
 A feature of a token is the residual stream after each feature layer (no final norm),
-concatenated over the layers and L2-normalized jointly (spec §2). Features are read, in one
+concatenated over the layers and L2-normalized jointly (reference §2). Features are read, in one
 packed forward of the chunk and all rollouts (``rollouts.layout``), at the completion rows:
 - ground truth of block b: chunk rows a_b .. a_b+G-1 (they see x[:a_b+G]);
 - rollout (b, i): its own G rows (they see x[:a_b] and the rollout).

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import replace
 from typing import Optional
@@ -26,7 +25,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ebft_megatron.config import ModelSettings
 from ebft_megatron.models import layers
 from ebft_megatron.models.architecture import ModelArchitecture
 from ebft_megatron.models.attention import BlockCoreAttention
@@ -113,9 +111,8 @@ def sequence_parallel_overrides(enabled: bool) -> dict:
     return {"sequence_parallel": True}
 
 
-def layer_spec(use_te: bool, block_attention: str = ModelSettings.attention):
-    """The layer spec with our core attention plugged in (``block_attention``: its packed-mode
-    implementation, fused or generic)."""
+def layer_spec(use_te: bool):
+    """The layer spec with our layer parts and core attention plugged in."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:  # TE fuses the norms into its linear layers
@@ -126,7 +123,7 @@ def layer_spec(use_te: bool, block_attention: str = ModelSettings.attention):
         spec.submodules.pre_mlp_layernorm = layers.RMSNorm
     attention = spec.submodules.self_attention
     attention.module = layers.self_attention_class()
-    attention.submodules.core_attention = functools.partial(BlockCoreAttention, implementation=block_attention)
+    attention.submodules.core_attention = BlockCoreAttention
     spec.submodules.mlp.submodules.activation_func = layers.SwiGLU  # with use_te_activation_func
     return spec
 
@@ -197,15 +194,14 @@ def build_model(
     use_te: Optional[bool] = None,
     num_layers: Optional[int] = None,
     post_process: Optional[bool] = None,
-    block_attention: str = ModelSettings.attention,
-    logit_chunk_rows: int = ModelSettings.logit_chunk_rows,
     **config_overrides,
 ):
     """Build this rank's pipeline stage of the model. Parallel state must be initialized.
 
     ``num_layers`` truncates the model (the feature network stops at its deepest feature layer);
-    ``post_process=False`` then drops the final norm and output layer on the last stage.
-    ``block_attention`` and ``logit_chunk_rows``: see ``ModelSettings``.
+    ``post_process=False`` then drops the final norm and output layer on the last stage. The
+    model starts with fused block attention and full logits; a run's settings change both
+    (``set_block_attention``, ``logit_chunk_rows``).
     """
     from megatron.core import parallel_state as ps
 
@@ -219,7 +215,7 @@ def build_model(
     is_last = ps.is_pipeline_last_stage()
     model = _gpt_model_class()(
         config=config,
-        transformer_layer_spec=layer_spec(use_te, block_attention),
+        transformer_layer_spec=layer_spec(use_te),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -234,7 +230,6 @@ def build_model(
         model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
     if model.post_process and arch.padded_vocab_size != arch.vocab_size:
         model.output_layer.register_forward_hook(_mask_padded_vocab(arch.vocab_size, tp))
-    model.logit_chunk_rows = logit_chunk_rows
     model.architecture = arch
     return model
 

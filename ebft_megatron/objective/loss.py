@@ -1,6 +1,6 @@
 """Policy losses from one forward of the packed sequence (chunk once, then every rollout).
 
-EBFT (spec §4): L = rl_coef * L_RL + ce_coef * L_CE with
+EBFT (reference §4): L = rl_coef * L_RL + ce_coef * L_CE with
 - L_RL = -mean over (chunk, block, sample, step) of advantage_b * log pi_T(y_{b,t} | prefix),
   where pi_T is the policy at the sampling temperature (logits / T);
 - L_CE = the ordinary next-token cross entropy on the chunk at T = 1, over its real tokens.

@@ -111,7 +111,7 @@ def block_rewards(gram: torch.Tensor, settings: RewardSettings, valid: Optional[
 
 def cfm_loss(gram: torch.Tensor) -> torch.Tensor:
     """Unbiased estimate of the conditional feature-matching loss ||E phi(c:y) - phi(c:y*)||^2
-    per group, from the unwhitened Gram [..., n+1, n+1] (spec §5.2):
+    per group, from the unwhitened Gram [..., n+1, n+1] (reference §5.2):
     1/(n(n-1)) sum_{i != j} phi_i.phi_j - 2/n sum_i phi_i.g + g.g."""
     gram = gram.double()
     n = gram.shape[-1] - 1
@@ -121,7 +121,7 @@ def cfm_loss(gram: torch.Tensor) -> torch.Tensor:
 
 
 def reward_metrics(rewards: BlockRewards, gram: torch.Tensor, settings: RewardSettings) -> dict[str, float]:
-    """Means over valid groups, with the reference's metric names where they exist (spec §5.2)."""
+    """Means over valid groups, with the reference's metric names where they exist (reference §5.2)."""
     valid = rewards.valid
     count = valid.sum().clamp_min(1)
 

@@ -4,7 +4,7 @@ Everything that needs to know where a rollout token sits, which position id it c
 logit predicts it, or what it may attend to, asks this module: the sampler, the attention module,
 the feature network and the loss.
 
-Symbols (spec §1.2): P = ``chunk_len``, C = ``first_anchor``, s = ``stride``, G = ``rollout_len``,
+Symbols (reference §1.2): P = ``chunk_len``, C = ``first_anchor``, s = ``stride``, G = ``rollout_len``,
 n = ``num_samples``. Block b = 0..NB-1 has anchor a_b = C + b*s with NB = (P - G - C)/s + 1.
 Block b continues the ground-truth prefix x[:a_b]; its ground-truth window is x[a_b : a_b + G].
 

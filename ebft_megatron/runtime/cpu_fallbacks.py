@@ -5,7 +5,7 @@ spots raise "Torch not compiled with CUDA enabled". ``apply()`` patches exactly 
 nothing else; it is a no-op when ``torch.cuda.is_available()``, so GPU runs execute megatron-core
 unmodified.
 
-The patches (numbered as in shared/notes/megatron-core-on-cpu.md):
+The patches:
 
 P2  ``torch.cuda.current_device/synchronize/current_stream/Event``: megatron allocates with
     ``device=torch.cuda.current_device()`` (p2p buffers, DDP grad buffers, global memory buffer,

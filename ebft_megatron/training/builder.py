@@ -62,12 +62,13 @@ def policy(config: Config, arch, load: bool = True):
     """This rank's pipeline stage of the policy, with the run's recompute, FP8, attention and output
     settings, and (``load``) the weights of ``model.load``."""
     from ebft_megatron.checkpoint import store
-    from ebft_megatron.models.gpt import build_model
+    from ebft_megatron.models.gpt import build_model, set_block_attention
 
     m = config.model
-    model = build_model(arch, params_dtype=torch_dtype(m.dtype), block_attention=m.attention,
-                        logit_chunk_rows=m.logit_chunk_rows, **recompute_overrides(m.recompute),
+    model = build_model(arch, params_dtype=torch_dtype(m.dtype), **recompute_overrides(m.recompute),
                         **_gpu_overrides(config, fp8=True))
+    set_block_attention(model, m.attention)
+    model.logit_chunk_rows = m.logit_chunk_rows
     if load:
         store.load_model_weights(model, m.load)
     return model
@@ -77,10 +78,13 @@ def feature_network(config: Config):
     """The frozen feature network: ``model.feature_load`` (else ``model.load``), kept up to its
     deepest feature layer."""
     from ebft_megatron.features.network import load_feature_network
+    from ebft_megatron.models.gpt import set_block_attention
 
     m = config.model
-    return load_feature_network(m.feature_load or m.load, m.feature_layers or None, torch_dtype(m.dtype),
-                                block_attention=m.attention, **_gpu_overrides(config, fp8=m.feature_fp8))
+    model = load_feature_network(m.feature_load or m.load, m.feature_layers or None, torch_dtype(m.dtype),
+                                 **_gpu_overrides(config, fp8=m.feature_fp8))
+    set_block_attention(model, m.attention)
+    return model
 
 
 def optimizer(config: Config, model):

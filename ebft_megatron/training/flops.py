@@ -4,7 +4,7 @@ Counted: the linear layers per token, attention per query-key pair (QK^T and PV)
 per row whose logits are computed. Backward = 2x forward. Norms, rotary, softmax and sampling
 are left out (small next to these). Per chunk of P tokens; EBFT with the block layout's n, NB, G.
 
-Three ways to run an EBFT step are modelled (issue 5's comparison):
+Three ways to run an EBFT step are modelled:
 - ``reference``: the authors' code. n copies of the chunk; generation by G full forwards of the
   growing sequence (dense attention, logits for the NB sampled rows); the feature network runs the
   whole model over each copy's chunk + NB*G tokens with dense attention; the policy forward and

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ebft_megatron.data.config import DataConfig
-from ebft_megatron.data.dataset import load_chunks, open_documents, tokenized_documents
+from ebft_megatron.data.dataset import load_chunks
+from ebft_megatron.data.reading import open_documents, tokenized_documents
 from ebft_megatron.data.indexed import IndexedCorpusInfo, IndexedCorpusWriter, corpus_files, read_indexed
 from ebft_megatron.data.sources import DataError, SkipReport
 from tests.data.helpers import write_code_tree

@@ -5,7 +5,8 @@ import torch
 
 from ebft_megatron.data.sources import python_stdlib_dir
 from ebft_megatron.data.config import DataConfig
-from ebft_megatron.data.dataset import batch_encoder, load_chunks
+from ebft_megatron.data.dataset import load_chunks
+from ebft_megatron.data.reading import batch_encoder
 from ebft_megatron.data.packing import check_tokenizer_matches, pack_documents
 from ebft_megatron.data.sources import DataError
 from tests.data.helpers import jsonl_line, write_lines

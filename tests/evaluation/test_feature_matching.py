@@ -61,7 +61,7 @@ def test_curve_at_full_length_equals_embed_and_cfm_loss(qwen2_policy, qwen2_feat
     assert abs(curve.alignment[-1] - reference["reward/alignment"]) < 1e-10
     assert abs(curve.diversity[-1] - reference["reward/diversity"]) < 1e-10
     assert curve.cfm[-1] > 1e-3  # rollouts at T = 1 are not the ground truth
-    # unit features (last-token pooling): mean(2a) - mean(2d)/2 = 1 - CFM at every length (spec §5.2)
+    # unit features (last-token pooling): mean(2a) - mean(2d)/2 = 1 - CFM at every length (reference §5.2)
     for t in range(G):
         assert abs(curve.alignment[t] - curve.diversity[t] / 2 - (1 - curve.cfm[t])) < 1e-9
     assert curve.as_metrics() == {"eval/cfm": curve.cfm[-1], "eval/alignment": curve.alignment[-1],

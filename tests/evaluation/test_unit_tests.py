@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ebft_megatron.data.stdlib_functions import ExtractionReport, function_pairs
+from tools.preparation.stdlib_functions import ExtractionReport, function_pairs
 from ebft_megatron.evaluation import unit_tests as ut
 from ebft_megatron.rollouts.layout import BlockLayout
 

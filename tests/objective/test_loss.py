@@ -37,7 +37,7 @@ def grads_of(model):
 
 
 def unpacked_reference_loss(model, layout, chunk, lengths, rollouts, advantages, settings):
-    """The reference's way (spec §1.4, §4), written independently of objective.loss: for each of
+    """The reference's way (reference §1.4, §4), written independently of objective.loss: for each of
     the n copies, the chunk plus that sample's blocks (block-major, G tokens each), a dense block
     mask, plain log_softmax; per-copy mean of -adv * log pi_T over (block, step) and per-copy CE at
     T = 1, then the mean over copies and chunks."""

@@ -1,4 +1,4 @@
-"""Reward, baseline, whitening and CFM identities (spec §3, §5.2, §7), and the unbiasedness of the
+"""Reward, baseline, whitening and CFM identities (reference §3, §5.2, §7), and the unbiasedness of the
 REINFORCE estimator, checked against direct feature-space computations and exact expectations."""
 
 import itertools
@@ -27,7 +27,7 @@ def unit(x):
 
 
 def reference_rewards(gt, X, alpha, beta, whiten, threshold=1e-5):
-    """The reference's computation in feature space (spec §2-3), for one group: X [n, D], gt [D]."""
+    """The reference's computation in feature space (reference §2-3), for one group: X [n, D], gt [D]."""
     X, gt = X.double(), gt.double()
     n = X.shape[0]
     G = gt.expand(n, -1)

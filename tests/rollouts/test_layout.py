@@ -1,6 +1,6 @@
 """BlockLayout: sizes, index maps, the dense reference mask, packing, and refused settings.
 
-The expected values are built here from the definitions (spec §1.2), by explicit loops over
+The expected values are built here from the definitions (reference §1.2), by explicit loops over
 (block, sample, step), not from the vectorised code under test.
 """
 

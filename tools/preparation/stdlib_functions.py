@@ -1,5 +1,5 @@
 """Python function bodies with their docstrings as prompts, from the standard library's source
-(the replication data of issue 8): prompt = the ``def`` line(s) and the docstring, response =
+(the replication data): prompt = the ``def`` line(s) and the docstring, response =
 the rest of the function, both as written in the file (indentation kept).
 
 Functions are taken from top-level definitions and class methods; nested functions stay part of

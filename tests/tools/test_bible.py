@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ebft_megatron.data import bible
+from tools.preparation import bible
 from ebft_megatron.data.config import DataConfig
 from ebft_megatron.data.sources import SkipReport, read_translation_pairs
 

@@ -2,7 +2,7 @@
 
 import textwrap
 
-from ebft_megatron.data.stdlib_functions import ExtractionReport, extract, function_pairs
+from tools.preparation.stdlib_functions import ExtractionReport, extract, function_pairs
 
 SOURCE = textwrap.dedent('''
     import os

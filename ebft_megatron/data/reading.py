@@ -1,0 +1,186 @@
+"""Reading and tokenizing documents: from a data setting's files to token ids, in input order.
+
+``open_documents`` reads the raw documents of a kind (code files, JSONL pairs, translation pairs);
+``tokenized_documents`` tokenizes them in batches (optionally in worker processes) and shows
+progress. Packing them into chunks is ``dataset``'s.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ebft_megatron.data.config import DataConfig
+from ebft_megatron.data.packing import response_start
+from ebft_megatron.data.sources import (
+    DataError, Document, SkipReport, list_code_files, read_code_folder, read_jsonl_pairs, read_translation_pairs,
+    split_hash,
+)
+
+ENCODE_BATCH_DOCUMENTS = 64  # enough texts per call for the fast tokenizer to amortize its overhead
+
+
+@dataclass
+class DocumentSource:
+    documents: Iterator[Document]
+    total_units: int  # files (code) or lines (jsonl, translation): what the progress line counts
+    unit: str
+
+
+def open_documents(config: DataConfig, path, report: SkipReport, count_units: bool = False) -> DocumentSource:
+    """The documents at ``path`` (config.path or config.eval_path) for a raw ``config.kind``."""
+    if config.kind == "code":
+        units = len(list_code_files(path, config.extensions, config.resolved_exclude_dirs())) if count_units else 0
+        documents = read_code_folder(path, config.extensions, config.resolved_exclude_dirs(), config.skip_bad, report)
+        return DocumentSource(documents, units, "files")
+    if config.kind == "jsonl":
+        documents = read_jsonl_pairs(path, config.prompt_key, config.response_key, config.skip_bad, report)
+    elif config.kind == "translation":
+        documents = read_translation_pairs(path, config.translation_format(), config.skip_bad, report)
+    else:
+        raise DataError(f"data.kind={config.kind} has no raw documents; it is read with read_indexed")
+    return DocumentSource(documents, _count_lines(path) if count_units else 0, "lines")
+
+
+def _count_lines(path) -> int:
+    try:
+        with open(path, "rb") as handle:
+            return sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+    except OSError:
+        return 0  # the reader reports the problem itself
+
+
+def batch_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
+    """The tokenizer's ``encode_batch`` (many texts per call), or ``encode`` text by text for a
+    tokenizer without one."""
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    if callable(encode_batch):
+        return encode_batch
+    return lambda texts: [tokenizer.encode(text) for text in texts]
+
+
+def encode_documents(documents: list[Document],
+                     encode: Callable[[list[str]], list[list[int]]]) -> list[tuple[np.ndarray, int]]:
+    """Each document's segments are encoded separately and their ids concatenated (the reference
+    tokenizes question and answer apart: tokens(q) + tokens(a), not tokens(q + a)); with each, the
+    index where its response (last segment) begins, for response-only metrics."""
+    texts = [segment for document in documents for segment in document.segments]
+    encoded = encode(texts)
+    out, start = [], 0
+    for document in documents:
+        parts = encoded[start:start + len(document.segments)]
+        start += len(document.segments)
+        ids = np.concatenate([np.asarray(part, dtype=np.int64) for part in parts])
+        out.append((ids, response_start([len(part) for part in parts])))
+    return out
+
+
+# Worker processes (prepare_data --workers): the encoder is inherited through fork.
+_WORKER_ENCODE = None
+
+
+def _worker_init(encode) -> None:
+    global _WORKER_ENCODE
+    _WORKER_ENCODE = encode
+
+
+def _worker_encode(documents: list[Document]) -> list[np.ndarray]:
+    return encode_documents(documents, _WORKER_ENCODE)
+
+
+class Progress:
+    """One self-overwriting stderr line: done/total, rate, ETA. Silent unless enabled."""
+
+    def __init__(self, label: str, total: int, unit: str, enabled: bool, interval_s: float = 0.5):
+        self.label, self.total, self.unit, self.enabled, self.interval_s = label, total, unit, enabled, interval_s
+        self.done = 0
+        self.start = self._last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        self.done = done
+        now = time.monotonic()
+        if self.enabled and now - self._last >= self.interval_s:
+            self._last = now
+            self._print(end="")
+
+    def close(self) -> None:
+        if self.enabled:
+            self._print(end="\n")
+
+    def _print(self, end: str) -> None:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = self.done / elapsed
+        if self.total and end == "":
+            remaining = max(self.total - self.done, 0) / rate if rate > 0 else float("inf")
+            tail = f", ETA {_seconds(remaining)}"
+        else:
+            tail = f", {_seconds(elapsed)}"
+        total = f"/{self.total}" if self.total else ""
+        print(f"\r{self.label}: {self.done}{total} {self.unit} ({rate:.1f} {self.unit}/s{tail})  ", end=end,
+              file=sys.stderr, flush=True)
+
+
+def _seconds(value: float) -> str:
+    if value == float("inf"):
+        return "?"
+    minutes, seconds = divmod(int(round(value)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+@dataclass
+class TokenizedDocument:
+    token_ids: np.ndarray  # int64, without EOS
+    key_hash: int  # split_hash(document.split_key)
+    response_start: int = 0  # index of the first response token (== len(token_ids) when none)
+
+
+def tokenized_documents(source: DocumentSource, tokenizer, report: SkipReport, *,
+                        keep: Callable[[int], bool] | None = None, max_documents: int | None = None,
+                        workers: int = 1, progress: Progress | None = None) -> Iterator[TokenizedDocument]:
+    """Documents in input order, the first ``max_documents`` of them, those with ``keep(hash)``."""
+    encode = batch_encoder(tokenizer)
+
+    def batches() -> Iterator[tuple[list[Document], list[int]]]:
+        batch, hashes, seen = [], [], 0
+        for document in source.documents:
+            seen += 1
+            if progress is not None:
+                progress.update(seen + report.total)
+            key_hash = split_hash(document.split_key)
+            if keep is None or keep(key_hash):
+                batch.append(document)
+                hashes.append(key_hash)
+            if len(batch) >= ENCODE_BATCH_DOCUMENTS:
+                yield batch, hashes
+                batch, hashes = [], []
+            if max_documents is not None and seen >= max_documents:
+                break
+        if batch:
+            yield batch, hashes
+
+    if workers <= 1:
+        for batch, hashes in batches():
+            for (ids, start), key_hash in zip(encode_documents(batch, encode), hashes):
+                yield TokenizedDocument(ids, key_hash, start)
+        return
+    import multiprocessing
+
+    # Batches are read and checked here, encoded in the workers; imap keeps the input order, so the
+    # output does not depend on the number of workers.
+    pending_hashes: list[list[int]] = []
+
+    def feed() -> Iterator[list[Document]]:
+        for batch, hashes in batches():
+            pending_hashes.append(hashes)
+            yield batch
+
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(encode,)) as pool:
+        for encoded in pool.imap(_worker_encode, feed()):
+            for (ids, start), key_hash in zip(encoded, pending_hashes.pop(0)):
+                yield TokenizedDocument(ids, key_hash, start)
+
+
