@@ -4,7 +4,7 @@ the document of the token it continues), in the mask, the model and a trainer st
 import torch
 
 from ebft_megatron.rollouts.layout import BlockLayout
-from ebft_megatron.objective.objectives import Batch, packed_inputs
+from ebft_megatron.objective.objectives import Batch, chunk_inputs, packed_inputs
 
 
 def test_mask_keeps_attention_inside_documents():
@@ -45,6 +45,33 @@ def test_other_documents_do_not_change_the_logits(tiny_models):
     doc1_rows = torch.cat([torch.arange(6, 16), torch.arange(layout.rollout_index(1, 0, 0), layout.packed_len)])
     assert (before[0, doc1_rows] - after[0, doc1_rows]).abs().max() < 1e-5
     assert (before[0, :6] - after[0, :6]).abs().max() > 1e-3  # document 0 itself did change
+
+
+def test_sft_forward_keeps_attention_inside_documents(tiny_models):
+    """The SFT forward (the chunk alone) with document masking: a document's logits do not depend on
+    the documents before it."""
+    from ebft_megatron.models.gpt import model_forward
+    from tests.fixtures import load_megatron_model
+
+    model, arch = load_megatron_model(tiny_models["qwen2"][1])
+    layout = BlockLayout(16, 4, 4, 4, 2)
+    chunk = torch.randint(0, arch.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5))
+    doc_ids = torch.tensor([[0] * 6 + [1] * 10])
+
+    def logits(chunk_tokens, docs=doc_ids):
+        tokens, positions, params, mask = chunk_inputs(layout, Batch(chunk_tokens, torch.tensor([16]), docs))
+        params.return_hidden = False
+        with torch.no_grad():
+            return model_forward(model, tokens, positions, attention_mask=mask, block_params=params)[..., : arch.vocab_size]
+
+    changed = chunk.clone()
+    changed[0, :6] = (changed[0, :6] + 1) % arch.vocab_size  # rewrite document 0
+    before, after = logits(chunk), logits(changed)
+    assert (before[0, 6:] - after[0, 6:]).abs().max() < 1e-5
+    assert (before[0, :6] - after[0, :6]).abs().max() > 1e-3
+    unmasked = logits(chunk, None)  # without document ids: document 1 does see document 0
+    assert (before[0, 6:] - unmasked[0, 6:]).abs().max() > 1e-3
+    assert (before[0, :6] - unmasked[0, :6]).abs().max() < 1e-5
 
 
 def test_a_trainer_step_with_document_masking(tiny_models, tmp_path):
