@@ -15,9 +15,11 @@ the probabilities from them as exp(q.k * scale - lse). Given the *merged* output
 of all parts, the backward of one part is that part's exact share of the gradient (the way ring
 attention computes its backward one key block at a time).
 
-Tensors are [batch, heads, rows, head_dim] with equal query and key heads (callers expand
-grouped keys); masks are additive, in the query's dtype, broadcastable to [batch, heads, rows,
-keys], and prepared once with :func:`prepare_mask`.
+Tensors are [batch, heads, rows, head_dim]; keys and values may have fewer heads than the queries
+(grouped-query attention: query head h uses key head h // (heads / key heads), megatron's
+grouping). The CPU kernels take grouped keys as they are; the CUDA ones get them expanded here and
+their gradients summed back. Masks are additive, in the query's dtype, broadcastable to [batch,
+heads, rows, keys], and prepared once with :func:`prepare_mask`.
 """
 
 from __future__ import annotations
@@ -51,10 +53,21 @@ def prepare_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     take on this device (0 where visible, -inf where not). On CUDA the rows are stored with an
     aligned stride; the returned tensor is a view of the visible width."""
     keys = allowed.shape[-1]
-    pad = (-keys) % _CUDA_MASK_ALIGNMENT if allowed.device.type == "cuda" else 0
+    pad = 0 if _uses_cpu_kernels(allowed) else (-keys) % _CUDA_MASK_ALIGNMENT
     mask = torch.zeros(*allowed.shape[:-1], keys + pad, dtype=dtype, device=allowed.device)
     mask[..., :keys].masked_fill_(~allowed, float("-inf"))
     return mask[..., :keys]
+
+
+def _expand_heads(x, heads: int):
+    """[B, Hkv, L, d] -> [B, heads, L, d] (a copy) for the CUDA kernels, which need equal heads."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _sum_heads(grad, key_heads: int):
+    """The gradient of :func:`_expand_heads`."""
+    B, H, L, d = grad.shape
+    return grad if H == key_heads else grad.view(B, key_heads, H // key_heads, L, d).sum(2)
 
 
 def _cuda_bias(mask, q, k):
@@ -65,27 +78,34 @@ def _cuda_bias(mask, q, k):
     return mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
+def _uses_cpu_kernels(tensor) -> bool:
+    return tensor.device.type == "cpu"
+
+
 def attend(q, k, v, scale: float, mask=None, causal: bool = False):
     """-> (out [B, H, L, d] in q's dtype, lse [B, H, L] fp32). ``causal`` aligns the first query
     with the first key (used for square parts only)."""
-    if q.device.type == "cpu":
+    if _uses_cpu_kernels(q):
         return _cpu_forward(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+    k, v = _expand_heads(k, q.shape[1]), _expand_heads(v, q.shape[1])
     out, lse, _, _ = _cuda_forward(q, k, v, _cuda_bias(mask, q, k), True, 0.0, causal, scale=scale)
     return out, lse[..., : q.shape[2]]
 
 
 def attend_backward(grad_out, q, k, v, out, lse, scale: float, mask=None, causal: bool = False):
     """-> (dq, dk, dv) of this key part, given the merged ``out`` and ``lse`` of all parts."""
-    if q.device.type == "cpu":
+    if _uses_cpu_kernels(q):
         return _cpu_backward(grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
     rows = lse.shape[-1]
     padded = torch.nn.functional.pad(lse, (0, (-rows) % _CUDA_LSE_ALIGNMENT)).contiguous()
     unused = torch.empty((), dtype=torch.long)  # dropout's RNG seed and offset (no dropout)
+    key_heads = k.shape[1]
+    k, v = _expand_heads(k, q.shape[1]), _expand_heads(v, q.shape[1])
     dq, dk, dv, _ = _cuda_backward(
         grad_out, q, k, v, _cuda_bias(mask, q, k), out, padded, unused, unused, 0.0,
         [True, True, True, False], causal, scale=scale,
     )
-    return dq, dk, dv
+    return dq, _sum_heads(dk, key_heads), _sum_heads(dv, key_heads)
 
 
 def merge(out_a, lse_a, out_b, lse_b):

@@ -56,22 +56,6 @@ def packed_masks(layout: BlockLayout, tile_blocks: int, dtype, device,
     return PackedMasks(chunk, tiles, None)
 
 
-def _expand_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
-    """[L, B, Hkv, d] -> [L, B, Hkv*rep, d]: query head h uses key group h // rep (megatron)."""
-    if rep == 1:
-        return x
-    L, B, Hkv, d = x.shape
-    return x[:, :, :, None].expand(L, B, Hkv, rep, d).reshape(L, B, Hkv * rep, d)
-
-
-def _sum_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
-    """The gradient of :func:`_expand_heads`."""
-    if rep == 1:
-        return x
-    L, B, H, d = x.shape
-    return x.view(L, B, H // rep, rep, d).sum(3)
-
-
 def _bhld(x: torch.Tensor) -> torch.Tensor:
     """[L, B, H, d] -> [B, H, L, d] (a view)."""
     return x.permute(1, 2, 0, 3)
@@ -98,15 +82,14 @@ class _OwnRows:
 
 
 class _Operands:
-    """What forward and backward both derive from the inputs: key and value expanded to the query
-    heads, [B, H, L, d] views of all three, the chunk length and the own-block batching."""
+    """What forward and backward both derive from the inputs: [B, H, L, d] views of the query and
+    of the (grouped) key and value, the chunk length and the own-block batching."""
 
     def __init__(self, query, key, value, layout: BlockLayout):
         S, B, H, d = query.shape
-        self.shape, self.rep, self.P = (S, B, H, d), H // key.shape[2], layout.chunk_len
+        self.shape, self.P = (S, B, H, d), layout.chunk_len
         self.own = _OwnRows(layout, B)
-        self.k_all, self.v_all = _expand_heads(key, self.rep), _expand_heads(value, self.rep)
-        self.q, self.k, self.v = _bhld(query), _bhld(self.k_all), _bhld(self.v_all)
+        self.q, self.k, self.v = _bhld(query), _bhld(key), _bhld(value)
 
 
 class PackedBlockAttention(torch.autograd.Function):
@@ -115,7 +98,7 @@ class PackedBlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, layout: BlockLayout, masks: PackedMasks, scale: float):
         x = _Operands(query, key, value, layout)
-        (S, B, H, d), P, own, k_all, v_all, q, k, v = x.shape, x.P, x.own, x.k_all, x.v_all, x.q, x.k, x.v
+        (S, B, H, d), P, own, q, k, v = x.shape, x.P, x.own, x.q, x.k, x.v
 
         output = query.new_empty(S, B, H, d)
         chunk_out, chunk_lse = kernels.attend(q[:, :, :P], k[:, :, :P], v[:, :, :P], scale,
@@ -127,8 +110,8 @@ class PackedBlockAttention(torch.autograd.Function):
             out, lse = kernels.attend(q[:, :, P + first:P + stop], k[:, :, :key_len], v[:, :, :key_len], scale, mask)
             prefix_out.append(out.permute(2, 0, 1, 3))  # [rows, B, H, d]
             prefix_lse.append(lse.permute(2, 0, 1))  # [rows, B, H]
-        own_out, own_lse = kernels.attend(own.to_entries(query[P:]), own.to_entries(k_all[P:]),
-                                          own.to_entries(v_all[P:]), scale, masks.own, causal=masks.own is None)
+        own_out, own_lse = kernels.attend(own.to_entries(query[P:]), own.to_entries(key[P:]),
+                                          own.to_entries(value[P:]), scale, masks.own, causal=masks.own is None)
         rollout_out, rollout_lse = kernels.merge(
             own.from_entries(own_out), own.from_entries(own_lse.unsqueeze(-1)).squeeze(-1),
             torch.cat(prefix_out), torch.cat(prefix_lse),
@@ -144,19 +127,18 @@ class PackedBlockAttention(torch.autograd.Function):
         query, key, value, output, chunk_lse, rollout_lse = ctx.saved_tensors
         masks, scale = ctx.masks, ctx.scale
         x = _Operands(query, key, value, ctx.layout)
-        (S, B, H, d), P, own, k_all, v_all, q, k, v = x.shape, x.P, x.own, x.k_all, x.v_all, x.q, x.k, x.v
-        rep = x.rep
+        (S, B, H, d), P, own, q, k, v = x.shape, x.P, x.own, x.q, x.k, x.v
         grad = grad_output.reshape(S, B, H, d)
         out = output.view(S, B, H, d)
         g, o = _bhld(grad), _bhld(out)
 
         d_query = torch.empty_like(query)
-        d_key = torch.empty_like(k_all)
-        d_value = torch.empty_like(v_all)
+        d_key = torch.empty_like(key)
+        d_value = torch.empty_like(value)
         dq, dk, dv = kernels.attend_backward(g[:, :, :P], q[:, :, :P], k[:, :, :P], v[:, :, :P], o[:, :, :P],
                                              chunk_lse, scale, masks.chunk, causal=masks.chunk is None)
         d_query[:P] = dq.permute(2, 0, 1, 3)
-        chunk_dk, chunk_dv = dk.permute(2, 0, 1, 3), dv.permute(2, 0, 1, 3)  # [P, B, H, d], accumulated below
+        chunk_dk, chunk_dv = dk.permute(2, 0, 1, 3), dv.permute(2, 0, 1, 3)  # [P, B, Hkv, d], accumulated below
         if not chunk_dk.is_contiguous():
             chunk_dk, chunk_dv = chunk_dk.contiguous(), chunk_dv.contiguous()
 
@@ -173,14 +155,14 @@ class PackedBlockAttention(torch.autograd.Function):
         d_key[:P], d_value[:P] = chunk_dk, chunk_dv
 
         dq, dk, dv = kernels.attend_backward(
-            own.to_entries(grad[P:]), own.to_entries(query[P:]), own.to_entries(k_all[P:]),
-            own.to_entries(v_all[P:]), own.to_entries(out[P:]),
+            own.to_entries(grad[P:]), own.to_entries(query[P:]), own.to_entries(key[P:]),
+            own.to_entries(value[P:]), own.to_entries(out[P:]),
             own.to_entries(rollout_lse.unsqueeze(-1)).squeeze(-1).contiguous(),
             scale, masks.own, causal=masks.own is None,
         )
         d_query[P:] += own.from_entries(dq)
         d_key[P:], d_value[P:] = own.from_entries(dk), own.from_entries(dv)
-        return d_query, _sum_heads(d_key, rep), _sum_heads(d_value, rep), None, None, None
+        return d_query, d_key, d_value, None, None, None
 
 
 def packed_block_attention(query, key, value, layout: BlockLayout, masks: PackedMasks, scale: float):
