@@ -166,6 +166,11 @@ class TrainSettings(Section):
     wandb: Literal["disabled", "offline", "online"] = setting(
         "offline", "wandb: disabled, offline (files under train.save/wandb) or online.")
     wandb_project: str = setting("ebft_megatron", "The wandb project.")
+    timeout_minutes: float = setting(
+        20.0, "A rank that makes no progress for this long (a stopped process, a lost node, a stuck reader) ends the "
+              "job: every rank waiting on it says which rank and phase it was in and exits (code 3), so that "
+              "torchrun's restarts resume from the last checkpoint. Also the collectives' timeout. Raise it for "
+              "evaluations or saves that take longer.", above=0)
     peak_tflops: float = setting(989.0, "Peak dense TFLOP/s of one GPU in the training dtype, for the logged MFU "
                                         "(989 = H100 SXM bf16).", above=0)
 
@@ -219,17 +224,35 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         where = str(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        data = path.read_bytes()
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            raise ConfigError(f"{path}: line {line} is not valid UTF-8 (byte {data[err.start]:#04x}); save the file "
+                              "as UTF-8") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{line} is not valid YAML ({getattr(err, 'problem', err)})") from None
+            if isinstance(err, yaml.reader.ReaderError):  # a character YAML refuses; the error has its offset
+                line = " line %d" % (text.count("\n", 0, err.position) + 1)
+            # a reader error's text runs over two lines; its first line says the problem
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{path}:{line} is not valid YAML ({problem})") from None
+        except ValueError as err:  # well-formed, but Python cannot hold it: 2001-02-30, a 5000-digit number
+            raise ConfigError(f"{path}: a value cannot be read ({str(err).split(';')[0]}); fix it") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to read; a config holds sections of settings") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
-        unknown = sorted(set(loaded) - set(SECTIONS))
+        unknown = sorted(set(loaded) - set(SECTIONS), key=str)  # keys may be numbers too
         if unknown:
             raise ConfigError(f"{path}: unknown section(s) {unknown}; valid sections: {', '.join(SECTIONS)}")
+        for name, values in loaded.items():
+            if values is not None and not isinstance(values, dict):
+                raise ConfigError(f"{path}: section '{name}' must be a mapping of settings, got {values!r}")
         raw = {name: dict(values or {}) for name, values in loaded.items()}
     for override in overrides:
         key, sep, value = override.partition("=")
@@ -239,12 +262,12 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
                               f"{', '.join(SECTIONS)} (e.g. train.steps=10)")
         raw.setdefault(section, {})[name] = value
     config = Config(**{name: build(SECTIONS[name], raw.get(name, {}), where) for name in SECTIONS})
-    _expand_user_paths(config)
+    _expand_user_paths(config, where)
     validate(config, where)
     return config
 
 
-def _expand_user_paths(config: Config) -> None:
+def _expand_user_paths(config: Config, where: str = "config") -> None:
     """``~`` in path settings means the home folder, as in a shell."""
     import os
 
@@ -252,6 +275,8 @@ def _expand_user_paths(config: Config) -> None:
                           ("data", "eval_path")):
         holder = getattr(config, section)
         value = getattr(holder, name)
+        if isinstance(value, str) and "\0" in value:  # the OS refuses such a path wherever it is used
+            raise ConfigError(f"{where}: {section}.{name}: {value!r} holds a NUL character, which no path can hold")
         if isinstance(value, str) and value.startswith("~"):
             setattr(holder, name, os.path.expanduser(value))
 

@@ -87,15 +87,17 @@ def test_two_nodes_train_as_two_pipeline_stages(tiny_models, tmp_path):
 # --- plumbing: what each script hands to torchrun ----------------------------------------------
 @pytest.fixture
 def recorder(tmp_path):
-    """A stand-in interpreter that writes its arguments (and NODE_RANK) to RECORD_DIR and exits 0."""
+    """A stand-in interpreter that appends its arguments to RECORD_DIR/<NODE_RANK>.args (one call
+    after the other, each ended by a line '--') and exits 0; ``read`` gives the calls in order."""
     record = tmp_path / "record"
     record.mkdir()
     fake = tmp_path / "fake_python"
-    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$RECORD_DIR/${NODE_RANK:-single}.args"\n')
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" -- >> "$RECORD_DIR/${NODE_RANK:-single}.args"\n')
     fake.chmod(0o755)
 
-    def read(name: str) -> list[str]:
-        return (record / f"{name}.args").read_text().splitlines()
+    def read(name: str) -> list[list[str]]:
+        calls = (record / f"{name}.args").read_text().split("--\n")
+        return [call.splitlines() for call in calls if call]
 
     env = dict(os.environ, PYTHON=str(fake), RECORD_DIR=str(record))
     for name in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RUN_ID", "GPUS"):
@@ -115,8 +117,30 @@ def test_single_node_script(recorder):
     env, read = recorder
     proc = run(["bash", str(EXAMPLES / "train_single_node.sh"), CONFIG, *OVERRIDES], dict(env, GPUS="4"))
     assert proc.returncode == 0, proc.stderr
-    assert read("single") == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                              "-m", "ebft_megatron.train", "--config", CONFIG, *OVERRIDES]
+    assert read("single") == [  # the check first, then torchrun with restarts
+        ["-m", "ebft_megatron.train", "--check", "--gpus", "4", "--config", CONFIG, *OVERRIDES],
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "--max-restarts=3",
+         "-m", "ebft_megatron.train", "--config", CONFIG, *OVERRIDES]]
+    proc = run(["bash", str(EXAMPLES / "train_single_node.sh"), CONFIG], dict(env, GPUS="2", MAX_RESTARTS="0",
+                                                                                SKIP_CHECK="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert read("single")[2] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "--max-restarts=0", "-m", "ebft_megatron.train", "--config", CONFIG]
+
+
+def test_a_failed_check_stops_the_launch(tmp_path):
+    """A stand-in interpreter whose check fails: its exit code is the script's, torchrun never runs."""
+    record = tmp_path / "calls"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$3" >> {record}\n'
+                    '[[ $3 == --check ]] && { echo "error: model.load is required" >&2; exit 2; }\nexit 0\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), NNODES="1", NODE_RANK="0", MASTER_ADDR="n0", MASTER_PORT="1",
+               RUN_ID="r")
+    for script in ("train_single_node.sh", "train_multi_node.sh"):
+        proc = run(["bash", str(EXAMPLES / script), CONFIG], env)
+        assert proc.returncode == 2 and proc.stderr.strip() == "error: model.load is required", proc.stderr
+    assert record.read_text().split() == ["--check", "--check"]
 
 
 def test_multi_node_script_builds_the_rendezvous(recorder):
@@ -124,9 +148,11 @@ def test_multi_node_script_builds_the_rendezvous(recorder):
     proc = run(["bash", str(EXAMPLES / "train_multi_node.sh"), CONFIG, *OVERRIDES], dict(
         env, NNODES="4", NODE_RANK="3", MASTER_ADDR="node0", MASTER_PORT="29500", RUN_ID="job7"))
     assert proc.returncode == 0, proc.stderr
-    assert read("3") == ["-m", "torch.distributed.run", "--nnodes=4", "--node_rank=3", "--nproc_per_node=8",
-                         "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29500", "--rdzv-id=job7",
-                         "-m", "ebft_megatron.train", "--config", CONFIG, *OVERRIDES]
+    assert read("3") == [
+        ["-m", "ebft_megatron.train", "--check", "--gpus", "32", "--config", CONFIG, *OVERRIDES],
+        ["-m", "torch.distributed.run", "--nnodes=4", "--node_rank=3", "--nproc_per_node=8", "--max-restarts=3",
+         "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29500", "--rdzv-id=job7",
+         "-m", "ebft_megatron.train", "--config", CONFIG, *OVERRIDES]]
 
 
 @pytest.mark.parametrize("env_update, message", [
@@ -173,7 +199,11 @@ def test_slurm_script_starts_one_multi_node_launch_per_node(recorder, tmp_path):
     proc = run(["bash", str(EXAMPLES / "train_slurm.sbatch"), CONFIG, *OVERRIDES], slurm, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "2 nodes x 8 GPUs, rendezvous at node1:21234" in proc.stdout
+    # the check once, for the whole job, before srun; then each node's torchrun without it
+    assert read("single") == [["-m", "ebft_megatron.train", "--check", "--gpus", "16", "--config", CONFIG,
+                               *OVERRIDES]]
     for node in ("0", "1"):
-        assert read(node) == ["-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
-                              "--nproc_per_node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node1:21234",
-                              "--rdzv-id=41234", "-m", "ebft_megatron.train", "--config", CONFIG, *OVERRIDES]
+        assert read(node) == [["-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                               "--nproc_per_node=8", "--max-restarts=3", "--rdzv-backend=c10d",
+                               "--rdzv-endpoint=node1:21234", "--rdzv-id=41234", "-m", "ebft_megatron.train",
+                               "--config", CONFIG, *OVERRIDES]]

@@ -53,8 +53,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 10) -> ParallelInfo:
-    """Set up torch.distributed and megatron's parallel groups; seed every RNG.
+# The collectives wait this much longer than the stall watchdog (``runtime.watchdog``), so that
+# it is the watchdog, which names the rank and phase, that reports a stalled rank.
+COLLECTIVE_GRACE_MINUTES = 1.0
+
+
+def _launcher_store(timeout: datetime.timedelta):
+    """The key-value store the processes meet in, fresh for each of torchrun's restarts.
+
+    torchrun's agent keeps one store for the whole job, and the processes of a restarted attempt
+    would find the addresses the dead attempt left there (a restarted rank then connects to a
+    port nobody listens on any more). Keys are therefore kept under the attempt's number.
+    """
+    import torch.distributed as dist
+
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # the agent serves the store
+        store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    else:  # rank 0 serves it (as env:// would)
+        store = dist.TCPStore(host, port, int(os.environ["WORLD_SIZE"]), os.environ["RANK"] == "0", timeout=timeout,
+                              multi_tenant=True)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"ebft_megatron/attempt_{attempt}", store)
+
+
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: float = 20.0) -> ParallelInfo:
+    """Set up torch.distributed and megatron's parallel groups; seed every RNG. Every process group
+    times out its collectives ``timeout_minutes`` (+ a grace minute) after they start.
 
     Idempotent for the same layout within a process (tests call it repeatedly).
     """
@@ -66,9 +91,10 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int 
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        timeout = datetime.timedelta(minutes=timeout_minutes)
+        timeout = datetime.timedelta(minutes=timeout_minutes + COLLECTIVE_GRACE_MINUTES)
         if "RANK" in os.environ:  # launched by torchrun
-            dist.init_process_group(backend=backend, timeout=timeout)
+            dist.init_process_group(backend=backend, timeout=timeout, store=_launcher_store(timeout),
+                                    rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         else:
             # Single process (python script or pytest): a private rendezvous on loopback. The
             # environment is left alone so that child processes do not inherit a taken port.
@@ -95,7 +121,7 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int 
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
-            distributed_timeout_minutes=timeout_minutes,
+            distributed_timeout_minutes=timeout_minutes + COLLECTIVE_GRACE_MINUTES,
         )
     info = parallel_info()
     seed_everything(seed, info)

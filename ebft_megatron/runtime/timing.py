@@ -2,13 +2,16 @@
 
 The objectives time their phases (rollouts, features, rewards), the trainer the policy's forward
 and backward and the optimizer; the progress line, the metrics files and the benchmarks all read
-the same figures.
+the same figures. Entering a phase is also progress for the stall watchdog
+(``runtime.watchdog``), which names the phase a stalled rank was in.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+
+from ebft_megatron.runtime import watchdog
 
 
 class PhaseTimer:
@@ -17,6 +20,7 @@ class PhaseTimer:
 
     @contextmanager
     def phase(self, name: str):
+        watchdog.progress(name)
         started = time.perf_counter()
         try:
             yield

@@ -27,7 +27,8 @@ def initialize(config: Config):
     """torch.distributed and megatron's parallel groups for ``config.parallel``; the rank's place."""
     from ebft_megatron.runtime import distributed
 
-    distributed.initialize(config.parallel.tp, config.parallel.pp, seed=config.train.seed)
+    distributed.initialize(config.parallel.tp, config.parallel.pp, seed=config.train.seed,
+                           timeout_minutes=config.train.timeout_minutes)
     return distributed.parallel_info()
 
 

@@ -27,11 +27,13 @@ class Trainer:
         from ebft_megatron.objective.objectives import ObjectiveContext, build_objective
         from ebft_megatron.rollouts.sampler import rollout_generator
         from ebft_megatron.runtime.timing import PhaseTimer
+        from ebft_megatron.runtime.watchdog import Watchdog, default_store
         from ebft_megatron.training import builder
         from ebft_megatron.training.logging import MetricsLogger
 
         self.config = c = config
         self.info = builder.initialize(c)
+        self.watchdog = Watchdog(60 * c.train.timeout_minutes, self.info.rank, default_store()).start()
         self.is_rank0 = distributed.is_rank0()
         self.logger = MetricsLogger(c.train.save or None, c.train.steps, enabled=self.is_rank0,
                                     tensorboard=c.train.tensorboard, wandb_mode=c.train.wandb,
@@ -118,6 +120,7 @@ class Trainer:
 
         c = self.config
         started = time.perf_counter()
+        self.watchdog.beat("data", step=self.step + 1)
         indices = self.loader.next_indices()
         experiences = [self.objective.experience(batch, self.ddp) for batch in self._micro_batches(indices)]
         self.ddp.zero_grad_buffer()
@@ -166,6 +169,7 @@ class Trainer:
         from ebft_megatron import evaluation
 
         c = self.config
+        self.watchdog.beat("evaluation")
         result = evaluation.evaluate_run(c, self.ddp, self.feature_model, self.val_chunks, self.arch.vocab_size,
                                          self.info.dp_rank)
         if c.train.save:
@@ -179,6 +183,7 @@ class Trainer:
 
         if not self.config.train.save:
             return None
+        self.watchdog.beat("checkpoint")
         state = {"loader": self.loader.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "skipped_steps": self.skipped_steps, "seed": self.config.train.seed,
                  "config": self.config.to_dict()}
@@ -212,4 +217,5 @@ class Trainer:
             history["eval_after"] = after
         self.save()
         self.logger.close()
+        self.watchdog.close()
         return history

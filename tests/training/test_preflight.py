@@ -1,0 +1,80 @@
+"""``train --check``: one process validates settings, checkpoints and data before a launch, and says
+what it found or the one thing that is wrong."""
+
+import pytest
+
+from ebft_megatron.train import main
+from tests.training.common import make_code_folder, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def run_setup(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("preflight")
+    return tiny_models["llama"][1], make_code_folder(root / "code"), root
+
+
+def check(capsys, *args):
+    """(exit code, stdout, the error line) of a check; the data's progress lines are left out, and
+    anything else on stderr fails the test (one line, no traceback)."""
+    code = main(["--check", *args])
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip() and not line.lstrip("\r").startswith("[data]")]
+    assert len(lines) <= 1 and "Traceback" not in err, err
+    return code, out, "".join(f"{line}\n" for line in lines)
+
+
+def test_a_good_run_is_summarised(run_setup, capsys):
+    ckpt, code, root = run_setup
+    status, out, err = check(capsys, "--gpus", "4", *tiny_overrides(ckpt, code, root / "run"), "parallel.tp=2")
+    assert status == 0, err
+    assert "llama, 4 layers, hidden 64" in out
+    assert "7 blocks x 3 samples x 4 tokens; policy forward of 116 tokens" in out  # (32 - 4 - 4) / 4 + 1 = 7
+    assert "4 processes = TP2 x PP1 x DP2" in out
+    assert "60 training chunks (30 steps per epoch), 18 validation chunks" in out
+    assert "memory per process: peak" in out and out.rstrip().endswith("check passed")
+    assert not (root / "run").exists()  # nothing written
+
+
+@pytest.mark.parametrize("gpus, overrides, message", [
+    ("3", ["parallel.tp=2"], "3 processes cannot hold parallel.tp=2 x parallel.pp=1"),
+    ("3", ["parallel.tp=3"], "tensor parallel size 3 does not divide num_attention_heads=4"),
+    ("8", ["train.chunks_per_step=4"], "train.chunks_per_step=4 must be a multiple of data-parallel size 8"),
+    ("1", ["train.chunks_per_step=64"], "60 training chunks, fewer than train.chunks_per_step=64"),
+    ("1", ["rollout.stride=5"], "is not divisible by stride=5"),
+])
+def test_a_bad_setting_is_one_line(run_setup, capsys, gpus, overrides, message):
+    ckpt, code, root = run_setup
+    status, out, err = check(capsys, "--gpus", gpus, *tiny_overrides(ckpt, code, root / "run"), *overrides)
+    assert status == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_missing_or_truncated_weights_are_named(run_setup, capsys, tmp_path):
+    import shutil
+
+    ckpt, code, root = run_setup
+    broken = shutil.copytree(ckpt, tmp_path / "ckpt")
+    shard = sorted((broken / "model").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    status, _, err = check(capsys, *tiny_overrides(broken, code, root / "run"))
+    assert status == 2 and f"model/{shard.name} is truncated" in err and err.count("\n") == 1, err
+    shard.unlink()
+    status, _, err = check(capsys, *tiny_overrides(broken, code, root / "run"))
+    assert status == 2 and f"model/{shard.name} is missing" in err, err
+    (broken / "model" / ".metadata").write_bytes(b"\x80\x04garbage")
+    status, _, err = check(capsys, *tiny_overrides(broken, code, root / "run"))
+    assert status == 2 and "model/.metadata cannot be read" in err and err.count("\n") == 1, err
+
+
+def test_bad_data_is_found_before_launch(run_setup, capsys, tmp_path):
+    ckpt, _, root = run_setup
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"question": "a", "answer": "b"}\n{"question": 1\n')
+    status, _, err = check(capsys, *tiny_overrides(ckpt, data, root / "run"), "data.kind=jsonl")
+    assert status == 2 and f"{data}:2" in err, err
+
+
+def test_gpus_needs_check(capsys):
+    with pytest.raises(SystemExit):
+        main(["--gpus", "4"])
+    assert "--gpus takes a positive count and goes with --check" in capsys.readouterr().err
