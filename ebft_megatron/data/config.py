@@ -48,8 +48,11 @@ class DataConfig(Section):
                                                  "null keeps all.", minimum=1)
     skip_bad: bool = setting(False, "Skip (and count) malformed inputs instead of stopping at the first one.")
     document_masking: bool = setting(
-        False, "Restrict attention to the same document inside a chunk (the paper runs without it). Applies to the "
-               "training forwards; validation CE stays causal.")
+        False, "Keep attention inside documents, as the reference does it (the paper runs without it): position ids "
+               "restart at every document start; a chunk token sees the earlier tokens of its document; a rollout "
+               "token belongs to the document of the ground-truth token it is scored against, carries that token's "
+               "position and sees only that document's part of the block's prefix and of its own earlier tokens. "
+               "Applies to the rollouts, the feature network, the policy forward and the evaluation.")
     eval_path: Optional[str] = setting(None, "A separate validation input of the same kind; the whole of path is "
                                              "then used for training.", expect="a file or folder path")
     response_anchor: Optional[int] = setting(

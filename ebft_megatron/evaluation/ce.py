@@ -8,6 +8,10 @@ target counts (prompt, response, EOS, predictions across document boundaries), a
 reference; the padding of a short last chunk does not. A response target is a target k whose
 token is a response token (the reference's answer mask shifted by one).
 
+With document masking (as training runs with ``data.document_masking``) the forward masks and
+positions the chunk as training does (``rollouts.layout``, reference §1.4): each token sees only
+its own document, with positions restarting at every document start; the targets stay the same.
+
 Each micro-batch is one forward through megatron's pipeline schedule; the last stage reduces its
 vocab-parallel logits to four numbers (NLL sums and target counts) with megatron's vocab-parallel
 cross entropy, so no rank ever holds the full logits and the result is the same at any TP/PP.
@@ -26,6 +30,7 @@ from ebft_megatron.evaluation.sharding import model_device, replica_share
 from ebft_megatron.models.attention import BlockAttentionParams
 from ebft_megatron.models.output import model_output
 from ebft_megatron.objective.loss import next_token_nll, real_targets
+from ebft_megatron.rollouts.layout import document_causal_visibility, document_position_ids
 from ebft_megatron.runtime import pipeline
 from ebft_megatron.runtime.distributed import sum_over_data_parallel
 
@@ -61,10 +66,11 @@ def _exp(value: float) -> float:
 
 
 def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
-                  response_mask: Optional[torch.Tensor] = None) -> dict[str, float]:
+                  response_mask: Optional[torch.Tensor] = None, document_masking: bool = False) -> dict[str, float]:
     """Pooled next-token CE over ``chunks`` (every rank calls this; every rank gets the result).
 
-    ``response_mask`` [N, P] defaults to ``chunks.response_mask``. Returns ``eval/ce``,
+    ``response_mask`` [N, P] defaults to ``chunks.response_mask``; ``document_masking`` keeps
+    attention inside the documents of ``chunks.doc_ids``. Returns ``eval/ce``,
     ``eval/perplexity`` and ``eval/tokens`` (targets counted), and with a response mask
     ``eval/response_tokens`` and, when there are any, ``eval/response_ce`` and
     ``eval/response_perplexity``."""
@@ -79,10 +85,15 @@ def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
         chunk, lengths = chunks.tokens[index].to(device), chunks.lengths[index]
         response = None if response_mask is None else response_mask[index]
         B, P = chunk.shape
-        positions = torch.arange(P, device=device).expand(B, P)
+        positions, mask = torch.arange(P, device=device).expand(B, P), None
+        if document_masking:
+            doc_ids = chunks.doc_ids[index].to(device)
+            positions = document_position_ids(doc_ids)
+            mask = ~document_causal_visibility(doc_ids)[:, None]  # megatron: True = masked out
         totals += pipeline.forward(
             model, chunk, positions, block_params=BlockAttentionParams(mode="dense", return_hidden=True),
             reduce=lambda output: nll_sums(model_output(output, model), chunk, lengths, response),
+            attention_mask=mask,
         ).to(device)
     nll, count, response_nll, response_count = sum_over_data_parallel(totals).tolist()
     if count == 0:

@@ -12,6 +12,9 @@ ground-truth window lies in real tokens), the curve reports the mean of
   averaged over the n samples (the reference's reward_pass1_gt / reward_pass1_diversity),
 all without whitening, so the numbers are the plain feature-matching quantities whatever the
 training used. With unit features (last-token pooling) 2a - d = 1 - CFM exactly.
+
+With document masking the rollouts and the feature forward follow the chunks' documents
+(``chunks.doc_ids``), as training does (``rollouts.layout``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation.files import atomic_write
 from ebft_megatron.evaluation.sharding import replica_share
-from ebft_megatron.features.network import embed
+from ebft_megatron.features.network import FeatureMoments, embed
 from ebft_megatron.objective.rewards import alignment_and_diversity, cfm_loss
 from ebft_megatron.rollouts.layout import BlockLayout
 from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
@@ -89,11 +92,11 @@ class _CurveSums:
         self.sums = torch.zeros(len(SERIES), rollout_len, dtype=torch.float64)
         self.groups = 0
 
-    def add(self, gram_by_length: torch.Tensor, valid: torch.Tensor) -> None:
-        """gram_by_length [B, NB, G, n+1, n+1] (ground truth at 0), valid [B, NB]."""
-        gram = gram_by_length.double().cpu()
-        a, d = alignment_and_diversity(gram, whiten=False)  # [B, NB, G, n]
-        per_group = torch.stack([cfm_loss(gram), 2 * a.mean(-1), 2 * d.mean(-1)])  # [3, B, NB, G]
+    def add(self, moments: FeatureMoments, valid: torch.Tensor) -> None:
+        """The feature moments of a micro-batch, valid [B, NB]."""
+        a, d = alignment_and_diversity(moments.coordinates_by_length.cpu(), whiten=False)  # [B, NB, G, n]
+        cfm = cfm_loss(moments.gram_by_length.cpu())
+        per_group = torch.stack([cfm, 2 * a.mean(-1), 2 * d.mean(-1)])  # [3, B, NB, G]
         weight = valid.to(torch.float64).cpu()[None, :, :, None]
         self.sums += (per_group * weight).sum(dim=(1, 2))
         self.groups += int(valid.sum())
@@ -121,10 +124,11 @@ def check_layout(layout: BlockLayout, chunks: PackedChunks) -> None:
 
 
 def feature_matching_curve(feature_model, layout: BlockLayout, chunks: PackedChunks,
-                           rollouts_of: Callable[[torch.Tensor], torch.Tensor], pooling: str = "last_token",
-                           micro_batch_size: int = 1) -> FeatureMatchingCurve:
+                           rollouts_of: Callable[..., torch.Tensor], pooling: str = "last_token",
+                           micro_batch_size: int = 1, document_masking: bool = False) -> FeatureMatchingCurve:
     """The curve for rollouts from any source: ``rollouts_of(chunk [B, P]) -> tokens [B, NB, n, G]``
-    (a collective call on every rank of the replica). Chunks without a valid block are skipped."""
+    (a collective call on every rank of the replica), called as ``rollouts_of(chunk, doc_ids)``
+    with ``document_masking``. Chunks without a valid block are skipped."""
     check_layout(layout, chunks)
     sums = _CurveSums(layout.rollout_len)
     for batch in micro_batches(replica_share(len(chunks)), micro_batch_size):
@@ -134,21 +138,24 @@ def feature_matching_curve(feature_model, layout: BlockLayout, chunks: PackedChu
         if not keep.any():
             continue
         chunk, valid = chunks.tokens[index][keep], valid[keep]
-        rollouts = rollouts_of(chunk)
-        moments = embed(feature_model, layout, layout.pack(chunk, rollouts), pooling)
-        sums.add(moments.gram_by_length, valid)
+        doc_ids = chunks.doc_ids[index][keep] if document_masking else None
+        rollouts = rollouts_of(chunk) if doc_ids is None else rollouts_of(chunk, doc_ids)
+        moments = embed(feature_model, layout, layout.pack(chunk, rollouts), pooling, doc_ids=doc_ids)
+        sums.add(moments, valid)
     return sums.curve()
 
 
 def feature_matching_by_length(policy, feature_model, layout: BlockLayout, chunks: PackedChunks, vocab_size: int,
                                sampling: SamplingSettings, generator: Optional[torch.Generator],
-                               pooling: str = "last_token", micro_batch_size: int = 1) -> FeatureMatchingCurve:
+                               pooling: str = "last_token", micro_batch_size: int = 1,
+                               document_masking: bool = False) -> FeatureMatchingCurve:
     """CFM, alignment and diversity vs completion length for rollouts sampled from ``policy``.
 
     Every rank calls this. ``generator`` drives the draws; it must be in the same state on the
     ranks of one replica (``rollouts.sampler.rollout_generator(seed, dp_rank)``)."""
     return feature_matching_curve(
         feature_model, layout, chunks,
-        lambda chunk: sample_rollouts(policy, layout, chunk, vocab_size, sampling, generator).tokens,
-        pooling, micro_batch_size,
+        lambda chunk, doc_ids=None: sample_rollouts(policy, layout, chunk, vocab_size, sampling, generator,
+                                                    doc_ids=doc_ids).tokens,
+        pooling, micro_batch_size, document_masking,
     )

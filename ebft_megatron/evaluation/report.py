@@ -44,12 +44,15 @@ def first_chunks(chunks: PackedChunks, count: int) -> PackedChunks:
 
 def evaluate(policy, feature_model, layout: BlockLayout, chunks: PackedChunks, vocab_size: int,
              sampling: SamplingSettings, generator: Optional[torch.Generator], pooling: str = "last_token",
-             micro_batch_size: int = 1, ce_chunks: int = 0, cfm_chunks: int = 0) -> Evaluation:
+             micro_batch_size: int = 1, ce_chunks: int = 0, cfm_chunks: int = 0,
+             document_masking: bool = False) -> Evaluation:
     """Validation CE of ``policy`` on the first ``ce_chunks`` chunks and its feature-matching
-    curve on the first ``cfm_chunks`` (0 = all) (collective)."""
-    ce = validation_ce(policy, first_chunks(chunks, ce_chunks), micro_batch_size)
+    curve on the first ``cfm_chunks`` (0 = all) (collective); with ``document_masking`` both keep
+    attention inside documents, as training does."""
+    ce = validation_ce(policy, first_chunks(chunks, ce_chunks), micro_batch_size, document_masking=document_masking)
     curve = feature_matching_by_length(policy, feature_model, layout, first_chunks(chunks, cfm_chunks), vocab_size,
-                                       sampling, generator, pooling, micro_batch_size)
+                                       sampling, generator, pooling, micro_batch_size,
+                                       document_masking=document_masking)
     return Evaluation(ce, curve)
 
 
@@ -63,7 +66,7 @@ def evaluate_run(config, policy, feature_model, chunks: PackedChunks, vocab_size
                     SamplingSettings(config.eval.temperature, config.rollout.top_p),
                     rollout_generator(config.train.seed + EVAL_SEED_OFFSET, dp_rank), pooling=config.objective.pooling,
                     micro_batch_size=config.train.micro_batch, ce_chunks=config.eval.ce_chunks,
-                    cfm_chunks=max(config.eval.cfm_chunks, 1))
+                    cfm_chunks=max(config.eval.cfm_chunks, 1), document_masking=config.data.document_masking)
 
 
 def _json_safe(value):

@@ -13,10 +13,12 @@ Pooling over the G completion tokens is ``last_token`` or ``mean`` (of the unit 
 renormalized), as in the reference.
 
 Nothing gathers the features. Each pipeline stage holds some of the feature layers; it computes
-its part of every token's squared norm, those are summed over the pipeline group, and then its
-part of the (n+1)x(n+1) Gram matrix of pooled features per block (ground truth first), also
-summed over the pipeline group. Dot products split over concatenated layers, so the sum is the
-exact Gram matrix of the full features. Rewards, whitening and the CFM metric need nothing else.
+its part of every token's squared norm, those are summed over the pipeline group, and then, per
+block, the coordinates of its part of the n+1 pooled features (ground truth first) in an
+orthonormal basis of their span: (n+1) x (n+1) numbers from a QR decomposition, whatever the
+width. The stages' coordinates, side by side, are the coordinates of the full features, reduced
+once more to n+1 columns. They keep the features' inner products and singular values exactly,
+which is all that rewards, whitening and the CFM metric need.
 
 Gram matrices are computed for every completion length 1..G (the pooled feature of the first
 t+1 tokens), which gives the CFM-vs-completion-length curve for free; training uses length G.
@@ -99,15 +101,43 @@ def load_feature_network(checkpoint, feature_layers: Optional[Sequence[int]] = N
 
 @dataclass
 class FeatureMoments:
-    """gram_by_length[B, NB, G, n+1, n+1] (float64): the Gram matrix of the pooled features of the
-    first t+1 completion tokens, index 0 = ground truth, 1..n = the samples."""
+    """coordinates_by_length [B, NB, G, n+1, n+1] (float64): the pooled features of the first t+1
+    completion tokens (index 0 = ground truth, 1..n = the samples), as coordinates in an
+    orthonormal basis of their span. They have the features' inner products and singular values
+    (their Gram matrix is the features' Gram matrix), in (n+1) numbers per row instead of D."""
 
-    gram_by_length: torch.Tensor
+    coordinates_by_length: torch.Tensor
+
+    @property
+    def coordinates(self) -> torch.Tensor:
+        """[B, NB, n+1, n+1] at the full rollout length G (what the rewards use)."""
+        return self.coordinates_by_length[:, :, -1]
+
+    @property
+    def gram_by_length(self) -> torch.Tensor:
+        """[B, NB, G, n+1, n+1] the Gram matrices."""
+        coordinates = self.coordinates_by_length
+        return coordinates @ coordinates.transpose(-1, -2)
 
     @property
     def gram(self) -> torch.Tensor:
-        """[B, NB, n+1, n+1] at the full rollout length G (what the rewards use)."""
+        """[B, NB, n+1, n+1] at the full rollout length G."""
         return self.gram_by_length[:, :, -1]
+
+
+def span_coordinates(rows: torch.Tensor, known: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """rows [..., m, D] (with ``known`` [..., m, k], coordinates of more columns of the same rows)
+    -> [..., m, m] coordinates C with C C^T = [known rows] [known rows]^T + rows rows^T.
+
+    From the R factor of a QR decomposition (C = R^T) rather than from the Gram matrix, which
+    would square the condition number that the whitening's small singular values depend on."""
+    m = rows.shape[-2]
+    columns = rows.transpose(-1, -2)
+    if known is not None:
+        columns = torch.cat([known.transpose(-1, -2), columns], dim=-2)
+    if columns.shape[-2] < m:  # fewer columns than rows: pad, so that R is square
+        columns = torch.cat([columns, columns.new_zeros(*columns.shape[:-2], m - columns.shape[-2], m)], dim=-2)
+    return torch.linalg.qr(columns, mode="r")[1].transpose(-1, -2)
 
 
 def completion_rows(layout: BlockLayout) -> torch.Tensor:
@@ -167,7 +197,7 @@ class _LayerTaps:
 def moments_from_hidden(hidden_by_layer: Sequence[torch.Tensor], layout: BlockLayout, pooling: str,
                         batch_size: int, device=None) -> FeatureMoments:
     """This stage's feature layers' completion rows ([NB*(n+1)*G, B, H] each, possibly none)
-    -> the Gram matrices of the full features, summed over the pipeline stages."""
+    -> the coordinates of the full features (every stage's layers), the same on every stage."""
     NB, n, G, B = layout.num_blocks, layout.num_samples, layout.rollout_len, batch_size
     R = NB * (n + 1) * G
     squared_norm = torch.zeros(R, B, dtype=torch.float64, device=device)
@@ -175,15 +205,29 @@ def moments_from_hidden(hidden_by_layer: Sequence[torch.Tensor], layout: BlockLa
         squared_norm += hidden.double().square().sum(-1)
     sum_over_pipeline(squared_norm)
     inverse_norm = squared_norm.clamp_min(1e-24).rsqrt()
-    gram = torch.zeros(B, NB, G, n + 1, n + 1, dtype=torch.float64, device=device)
-    for hidden in hidden_by_layer:
+    coordinates = torch.zeros(B, NB, G, n + 1, n + 1, dtype=torch.float64, device=device)
+    for index, hidden in enumerate(hidden_by_layer):  # this stage's layers, one at a time
         unit = (hidden.double() * inverse_norm[..., None]).view(NB, n + 1, G, B, -1).permute(3, 0, 2, 1, 4)
         if pooling == "mean":  # mean of the first t+1 unit vectors, for every length t+1
             steps = torch.arange(1, G + 1, dtype=unit.dtype, device=unit.device)
             unit = unit.cumsum(dim=2) / steps[None, None, :, None, None]
-        gram += unit @ unit.transpose(-1, -2)  # [B, NB, G, n+1, n+1]
-    sum_over_pipeline(gram)
-    return FeatureMoments(gram_by_length=gram)
+        coordinates = span_coordinates(unit, coordinates if index else None)  # [B, NB, G, n+1, n+1]
+    return FeatureMoments(coordinates_by_length=_over_pipeline_stages(coordinates))
+
+
+def _over_pipeline_stages(coordinates: torch.Tensor) -> torch.Tensor:
+    """Each stage's coordinates of its own layers' columns -> the coordinates of all columns: the
+    stages' (n+1)-column blocks side by side, reduced once more to n+1 columns."""
+    from megatron.core import parallel_state as ps
+
+    stages = ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    if stages == 1:
+        return coordinates
+    by_stage = coordinates.new_zeros(stages, *coordinates.shape)
+    by_stage[ps.get_pipeline_model_parallel_rank()] = coordinates
+    sum_over_pipeline(by_stage)
+    side_by_side = torch.cat(list(by_stage), dim=-1)  # [..., n+1, stages*(n+1)]
+    return span_coordinates(side_by_side)
 
 
 def embed(feature_model, layout: BlockLayout, packed_tokens: torch.Tensor, pooling: str = "last_token",
@@ -197,7 +241,7 @@ def embed(feature_model, layout: BlockLayout, packed_tokens: torch.Tensor, pooli
     rows = completion_rows(layout).reshape(-1)
     taps = _LayerTaps(feature_model, feature_model.feature_layers, rows, S)
     try:
-        pipeline.forward(feature_model, packed_tokens, layout.position_ids.expand(B, -1),
+        pipeline.forward(feature_model, packed_tokens, layout.batch_position_ids(B, doc_ids),
                          reduce=lambda output: None, block_params=packed_attention(layout, doc_ids))
     finally:
         taps.remove()

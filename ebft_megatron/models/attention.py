@@ -24,6 +24,11 @@ Prefix scores are computed for tiles of consecutive blocks against keys [0, a_la
 so the masked-out work is only the staircase inside a tile; the prefix and own-block scores are
 concatenated and normalised by one softmax, which keeps it exact and differentiable.
 
+Document masking (``BlockAttentionParams.doc_ids``) follows the layout's rule (reference §1.4) on
+every path: the prefill masks the chunk per document, a decode step sees the prefix and own keys
+of the document of the ground-truth token it is scored against, and the packed mode uses the
+layout's per-chunk masks (fused) or its dense mask (generic).
+
 Decode steps under no-grad on CPU take a fused path (:func:`decode_attention`): torch's CPU
 flash-attention kernel returns each row's log-sum-exp next to its output, so the prefix
 attention (per tile, staircase as a cached additive mask) and the own-block attention run as two
@@ -63,13 +68,14 @@ IMPLEMENTATIONS = ("fused", "generic")
 class RolloutKVCache:
     """Per-layer keys/values of the chunk and of the rollout tokens decoded so far.
 
-    Keys are stored after rotary embedding: positions are absolute per token (a_b + t), so a
-    cached key never needs re-rotation.
+    Keys are stored after rotary embedding: positions are absolute per token (a_b + t, or the
+    document-relative position under document masking), so a cached key never needs re-rotation.
     """
 
     layers: dict = field(default_factory=dict)
-    # decode fast path: prefix tiles with their additive staircase masks, built at the first decode
-    # call and reused by every layer and step (key: layout, dtype, device)
+    # decode fast path: (prefix tiles with their additive staircase masks, own-block mask), built at
+    # the first decode call and reused by every layer and step (key: layout, dtype, device; and the
+    # step under document masking, where what a step sees depends on it)
     decode_tiles: dict = field(default_factory=dict)
 
 
@@ -85,7 +91,8 @@ class BlockAttentionParams(PackedSeqParams):
     # Sequence rows whose logits are wanted; the LM head then runs on these rows only (the
     # prefill needs NB of its P rows). None = all rows.
     logit_rows: Optional[torch.Tensor] = None
-    # packed mode: [B, P] document ids (document masking); None = one document
+    # [B, P] document ids (document masking), any mode but "dense"; None = one document. A cached
+    # rollout (prefill + decode) must pass the same ids to every forward.
     doc_ids: Optional[torch.Tensor] = None
     # Return the final hidden states [b, s, h] instead of logits; the loss then applies the output
     # layer itself, in row chunks (``models.output``).
@@ -123,14 +130,17 @@ def causal_attention(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
-def rollout_attention(q, k_prefix, v_prefix, k_own, v_own, anchors, own_allowed, scale):
+def rollout_attention(q, k_prefix, v_prefix, k_own, v_own, anchors, own_allowed, scale, prefix_visible=None):
     """Rollout queries against their chunk prefix and their own block, real pairs only.
 
     q:        [B, Hkv, NB, rep, n, Gq, d]   queries, grouped by block (rep = query heads per KV head)
     k_prefix: [B, Hkv, P', d]              chunk keys (P' >= the last anchor)
     k_own:    [B, Hkv, NB, n, Gk, d]        each (block, sample)'s own rollout keys
     anchors:  list[int] of length NB       block b sees chunk keys [0, a_b)
-    own_allowed: [Gq, Gk] bool             which own keys each query step sees
+    own_allowed: bool, [Gq, Gk] or (document masking) [B, 1, NB, 1, 1, Gq, Gk]: which own keys
+              each query step sees
+    prefix_visible: None, or (document masking) (first block, stop block, key_len) -> bool
+              [B, blocks, Gq, key_len], what the query steps see of chunk keys [0, key_len)
     returns   [B, Hkv, NB, rep, n, Gq, d]
 
     Query heads that share a KV head are folded into the rows of one matmul per tile, so the
@@ -151,9 +161,12 @@ def rollout_attention(q, k_prefix, v_prefix, k_own, v_own, anchors, own_allowed,
         prefix_scores = torch.matmul(
             q[:, :, start:stop].reshape(B, Hkv, rows, d), k_prefix[:, :, :key_len].transpose(-1, -2)
         ).view(B, Hkv, blocks, rep, n, Gq, key_len)
-        tile_anchors = torch.as_tensor(anchors[start:stop], device=q.device)
-        hidden = positions[None, :key_len] >= tile_anchors[:, None]  # [blocks, key_len]
-        prefix_scores.masked_fill_(hidden[:, None, None, None, :], float("-inf"))
+        if prefix_visible is None:
+            tile_anchors = torch.as_tensor(anchors[start:stop], device=q.device)
+            hidden = (positions[None, :key_len] >= tile_anchors[:, None])[:, None, None, None, :]  # [blocks, key_len]
+        else:  # a row may see no key here; the softmax below also covers its own keys, itself included
+            hidden = ~prefix_visible(start, stop, key_len)[:, None, :, None, None]
+        prefix_scores.masked_fill_(hidden, float("-inf"))
         scores = torch.cat([prefix_scores, own_scores[:, :, start:stop]], dim=-1)
         probs = torch.softmax(scores, dim=-1)
         prefix_probs, own_probs = probs.split([key_len, Gk], dim=-1)
@@ -163,33 +176,57 @@ def rollout_attention(q, k_prefix, v_prefix, k_own, v_own, anchors, own_allowed,
     return torch.cat(outputs, dim=2)
 
 
-def decode_tiles(layout: BlockLayout, tile_rows: int, dtype, device):
-    """Prefix tiles for :func:`decode_attention`: (first row, end row, key_len, additive mask).
+def decode_tiles(layout: BlockLayout, tile_rows: int, dtype, device, doc_ids=None, step: int = 0):
+    """Prefix tiles for :func:`decode_attention`: (first row, end row, key_len, additive mask, blind).
 
     Rows are (block, sample) pairs in block-major order; a tile of whole blocks sees keys
     [0, a_last) and its mask [rows, key_len] hides what ``BlockLayout.prefix_visibility`` hides
     (None when the tile holds a single block, which needs no mask). Every decode step sees the
     same prefix, so the tiles are built once per layout.
+
+    With ``doc_ids`` [B, P] (document masking) the masks are [B, 1, rows, key_len] and hold for
+    rollout step ``step`` only; ``blind`` [B, 1, rows] marks the rows that see no key of the tile
+    (None when there are none, and always None without documents).
     """
     n = layout.num_samples
     tiles = []
     for start, stop in layout.prefix_tiles(max(1, tile_rows // n)):
         key_len = int(layout.anchor_positions[stop - 1])
-        mask = None
-        if stop - start > 1:
+        mask = blind = None
+        if doc_ids is not None:
+            visible = layout.prefix_visibility(start, stop, key_len, doc_ids.to(device))[:, :, step]
+            visible = visible.repeat_interleave(n, dim=1)[:, None]  # [B, 1, rows, key_len]
+            blind = ~visible.any(dim=-1)
+            blind = blind if blind.any() else None
+            mask = kernels.prepare_mask(visible, dtype)
+        elif stop - start > 1:
             visible = layout.prefix_visibility(start, stop, key_len)[:, 0].to(device)  # [blocks, key_len]
             mask = kernels.prepare_mask(visible.repeat_interleave(n, dim=0), dtype)
-        tiles.append((start * n, stop * n, key_len, mask))
+        tiles.append((start * n, stop * n, key_len, mask, blind))
     return tiles
 
 
-def decode_attention(query, chunk_k, chunk_v, own_k, own_v, tiles, scale):
+def decode_own_mask(layout: BlockLayout, doc_ids, step: int, dtype, device):
+    """Document masking: the additive mask [NB*n*B, 1, 1, step + 1] of a decode step's own keys,
+    rows in (block, sample, batch) order as :func:`decode_attention` takes them; None when every
+    row sees all its earlier tokens."""
+    visible = layout.own_visibility(doc_ids=doc_ids.to(device))[:, :, step, : step + 1]  # [B, NB, step+1]
+    if bool(visible.all()):
+        return None
+    B, NB = visible.shape[:2]
+    rows = visible.transpose(0, 1).unsqueeze(1).expand(NB, layout.num_samples, B, step + 1)
+    return kernels.prepare_mask(rows.reshape(-1, 1, 1, step + 1), dtype)
+
+
+def decode_attention(query, chunk_k, chunk_v, own_k, own_v, tiles, scale, own_mask=None, per_chunk=False):
     """One decode step of real-pair attention, no grad, on the CPU flash kernel.
 
     query:    [R, B, H, d]          R = NB*n rows in (block, sample) order (as megatron hands them)
     chunk_k:  [B, Hkv, P, d]        cached chunk keys/values (after RoPE)
     own_k:    [R, B, Hkv, T, d]     each row's own rollout keys so far (the current one included)
     tiles:    :func:`decode_tiles`
+    own_mask: None, or (document masking) :func:`decode_own_mask`
+    per_chunk: the tiles were built with document ids (per-chunk masks)
     returns   [R, B, H*d]
 
     The own-block attention and each prefix tile give an output and its row log-sum-exp; the
@@ -197,7 +234,9 @@ def decode_attention(query, chunk_k, chunk_v, own_k, own_v, tiles, scale):
     out = out_own + sigmoid(lse_prefix - lse_own) * (out_prefix - out_own), one in-place lerp.
     Nothing is copied on the way in: the own call takes the rows as its batch; the prefix calls
     take the query heads of a KV head as their batch, against the same keys expanded with stride 0,
-    so the kernel's rows are the (block, sample) pairs of one query head.
+    so the kernel's rows are the (block, sample) pairs of one query head. Under document masking
+    the prefix masks differ per chunk, so the prefix calls take the chunks as their batch instead
+    (the kernel groups the query heads itself).
     """
     R, B, H, d = query.shape
     Hkv = chunk_k.shape[1]
@@ -206,14 +245,28 @@ def decode_attention(query, chunk_k, chunk_v, own_k, own_v, tiles, scale):
     out, own_lse = kernels.attend(
         query.reshape(R * B, Hkv, rep, d),  # views for megatron's contiguous query
         own_k.reshape(R * B, Hkv, T, d), own_v.reshape(R * B, Hkv, T, d),
-        scale,
+        scale, own_mask,
     )  # [R*B, Hkv, rep, d] (contiguous), [R*B, Hkv, rep] (strided)
+    if per_chunk:
+        prefix_out, prefix_lse = _document_prefix(query, chunk_k, chunk_v, tiles, scale)
+    else:
+        prefix_out, prefix_lse = _shared_prefix(query, chunk_k, chunk_v, tiles, scale)
+    weight = torch.sigmoid(prefix_lse - own_lse.unflatten(0, (R, B))).unsqueeze(-1)
+    out = out.view(R, B, Hkv, rep, d).lerp_(prefix_out, weight.to(out.dtype))
+    return out.view(R, B, H * d)
+
+
+def _shared_prefix(query, chunk_k, chunk_v, tiles, scale):
+    """Prefix tiles whose masks every chunk shares -> out [R, B, Hkv, rep, d], lse [R, B, Hkv, rep]."""
+    R, B, H, d = query.shape
+    Hkv = chunk_k.shape[1]
+    rep = H // Hkv
     q_heads = query.reshape(R, B * Hkv, rep, d).permute(2, 1, 0, 3)  # [rep, B*Hkv, R, d]
     P = chunk_k.shape[2]
     keys = chunk_k.reshape(1, B * Hkv, P, d).expand(rep, -1, -1, -1)
     values = chunk_v.reshape(1, B * Hkv, P, d).expand(rep, -1, -1, -1)
     outs, lses = [], []
-    for row_start, row_stop, key_len, mask in tiles:
+    for row_start, row_stop, key_len, mask, _ in tiles:
         tile_out, tile_lse = kernels.attend(
             q_heads[:, :, row_start:row_stop], keys[:, :, :key_len], values[:, :, :key_len], scale, mask,
         )  # [rep, B*Hkv, rows, d], [rep, B*Hkv, rows]
@@ -225,9 +278,28 @@ def decode_attention(query, chunk_k, chunk_v, own_k, own_v, tiles, scale):
     prefix_lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
     prefix_out = prefix_out.permute(2, 1, 0, 3).unflatten(1, (B, Hkv))  # [R, B, Hkv, rep, d]
     prefix_lse = prefix_lse.permute(2, 1, 0).unflatten(1, (B, Hkv))  # [R, B, Hkv, rep]
-    weight = torch.sigmoid(prefix_lse - own_lse.unflatten(0, (R, B))).unsqueeze(-1)
-    out = out.view(R, B, Hkv, rep, d).lerp_(prefix_out, weight.to(out.dtype))
-    return out.view(R, B, H * d)
+    return prefix_out, prefix_lse
+
+
+def _document_prefix(query, chunk_k, chunk_v, tiles, scale):
+    """Prefix tiles with per-chunk masks (document masking) -> as :func:`_shared_prefix`. Rows that
+    see no key of a tile get output 0 and log-sum-exp -inf, so the merge takes their own part only
+    (the CPU kernel would report log-sum-exp 0 for them)."""
+    R, B, H, d = query.shape
+    Hkv = chunk_k.shape[1]
+    q_rows = query.permute(1, 2, 0, 3)  # [B, H, R, d]
+    outs, lses = [], []
+    for row_start, row_stop, key_len, mask, blind in tiles:
+        tile_out, tile_lse = kernels.attend(
+            q_rows[:, :, row_start:row_stop], chunk_k[:, :, :key_len], chunk_v[:, :, :key_len], scale, mask,
+        )  # [B, H, rows, d], [B, H, rows]
+        if blind is not None:
+            tile_out, tile_lse = tile_out.masked_fill(blind[..., None], 0.0), tile_lse.masked_fill(blind, float("-inf"))
+        outs.append(tile_out)
+        lses.append(tile_lse)
+    prefix_out = torch.cat(outs, dim=2).permute(2, 0, 1, 3).reshape(R, B, Hkv, H // Hkv, d)
+    prefix_lse = torch.cat(lses, dim=2).permute(2, 0, 1).reshape(R, B, Hkv, H // Hkv)
+    return prefix_out, prefix_lse
 
 
 class BlockCoreAttention(MegatronModule):
@@ -298,6 +370,7 @@ class BlockCoreAttention(MegatronModule):
         rep = H // Hkv
         scale = self.softmax_scale
 
+        docs = None if params.doc_ids is None else params.doc_ids.to(query.device)
         if params.mode == "prefill":
             q, k, v = _bhsd(query), _bhsd(key), _bhsd(value)
             params.cache.layers[self.layer_number] = {
@@ -310,6 +383,9 @@ class BlockCoreAttention(MegatronModule):
                 "rollout_k": k.new_empty(NB, n, B, Hkv, G, d),
                 "rollout_v": v.new_empty(NB, n, B, Hkv, G, d),
             }
+            if docs is not None:
+                allowed = layout.chunk_visibility(docs)[:, None]
+                return _sbh(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True))
             return _sbh(causal_attention(q, k, v, scale))
 
         if params.mode == "decode":
@@ -322,22 +398,31 @@ class BlockCoreAttention(MegatronModule):
             own_v = cache["rollout_v"][..., : t + 1, :]
             # (CPU only: the CUDA kernel may not take the stride-0 key batch decode_attention uses)
             if query.device.type == "cpu" and kernels.available(query.device) and not torch.is_grad_enabled():
-                tiles_key = (layout, query.dtype, query.device)
+                # without documents every step sees the same prefix: one entry for all steps
+                tiles_key = (layout, query.dtype, query.device) + (() if docs is None else (t,))
                 tiles = params.cache.decode_tiles.get(tiles_key)
                 if tiles is None:
-                    tiles = decode_tiles(layout, DECODE_TILE_ROWS, query.dtype, query.device)
-                    params.cache.decode_tiles[tiles_key] = tiles
+                    tiles = decode_tiles(layout, DECODE_TILE_ROWS, query.dtype, query.device, docs, t)
+                    own_mask = None if docs is None else decode_own_mask(layout, docs, t, query.dtype, query.device)
+                    tiles = params.cache.decode_tiles[tiles_key] = (tiles, own_mask)
                 return decode_attention(
                     query, cache["chunk_k"], cache["chunk_v"],
                     own_k.reshape(NB * n, B, Hkv, t + 1, d), own_v.reshape(NB * n, B, Hkv, t + 1, d),
-                    tiles, scale,
+                    tiles[0], scale, tiles[1], per_chunk=docs is not None,
                 )
             q = query.view(NB, n, B, Hkv, rep, 1, d).permute(2, 3, 0, 4, 1, 5, 6)
-            own_allowed = torch.ones(1, t + 1, dtype=torch.bool, device=query.device)
+            prefix_visible = None
+            if docs is None:
+                own_allowed = torch.ones(1, t + 1, dtype=torch.bool, device=query.device)
+            else:
+                own_allowed = layout.own_visibility(doc_ids=docs)[:, None, :, None, None, t:t + 1, : t + 1]
+
+                def prefix_visible(first, stop, key_len):
+                    return layout.prefix_visibility(first, stop, key_len, docs)[:, :, t:t + 1]
             out = rollout_attention(
                 q, cache["chunk_k"], cache["chunk_v"],
                 own_k.permute(2, 3, 0, 1, 4, 5), own_v.permute(2, 3, 0, 1, 4, 5),
-                anchors, own_allowed, scale,
+                anchors, own_allowed, scale, prefix_visible,
             )  # [B, Hkv, NB, rep, n, 1, d]
             return out.permute(2, 4, 5, 0, 1, 3, 6).reshape(NB * n, B, H * d)
 
@@ -349,8 +434,8 @@ class BlockCoreAttention(MegatronModule):
                 masks = packed_masks(layout, TILE_BLOCKS, query.dtype, query.device, params.doc_ids)
                 params.fused_masks[masks_key] = masks
             return packed_block_attention(query, key, value, layout, masks, scale)
-        if params.doc_ids is not None:  # generic with document masking: the dense reference
-            allowed = layout.dense_attention_mask(params.doc_ids.to(query.device))[:, None]
+        if docs is not None:  # generic with document masking: the dense reference
+            allowed = layout.dense_attention_mask(docs)[:, None]
             return _sbh(F.scaled_dot_product_attention(_bhsd(query), _bhsd(key), _bhsd(value), attn_mask=allowed,
                                                        scale=scale, enable_gqa=True))
         q, k, v = _bhsd(query), _bhsd(key), _bhsd(value)

@@ -6,6 +6,10 @@ A packed sequence holds the chunk (P rows) and then every rollout token (R = NB*
 - rollout rows against the chunk prefix x[:a_b] of their block, in tiles of consecutive blocks
   (``BlockLayout.prefix_tiles``) with the staircase inside a tile masked;
 - rollout rows against the earlier tokens of their own (block, sample), causally.
+With document masking (``doc_ids``) each part gets a per-chunk mask from the layout; a rollout
+step whose document starts at or after its anchor then sees no prefix key at all, so its prefix
+part is emptied explicitly (output 0, log-sum-exp -inf) rather than trusting what a kernel returns
+for a row without keys (torch's CPU kernel gives log-sum-exp 0 there).
 Each part is one fused kernel call (``attention_kernels``) that returns its output and row
 log-sum-exp; a rollout row's two parts are merged exactly through their log-sum-exps. Backward
 calls each part's backward kernel with the merged output and log-sum-exp, which gives that part's
@@ -30,8 +34,9 @@ from ebft_megatron.rollouts.layout import BlockLayout
 class PackedMasks:
     """The additive masks of one packed forward, prepared once and shared by every layer.
 
-    ``chunk`` / ``own`` None = plain causal; ``tiles`` = [(first row, stop row, key_len, mask)],
-    rows counted from the first rollout row; a tile's mask is None when it needs none."""
+    ``chunk`` / ``own`` None = plain causal; ``tiles`` = [(first row, stop row, key_len, mask,
+    blind)], rows counted from the first rollout row; a tile's mask is None when it needs none;
+    ``blind`` [B, 1, rows] bool marks rows that see no key of the tile (None: there are none)."""
 
     chunk: Optional[torch.Tensor]
     tiles: list
@@ -45,15 +50,32 @@ def packed_masks(layout: BlockLayout, tile_blocks: int, dtype, device,
     tiles = []
     for first, stop in layout.prefix_tiles(tile_blocks):
         key_len = int(layout.anchor_positions[stop - 1])
-        mask = None
+        mask = blind = None
         if stop - first > 1 or docs is not None:
             visible = layout.rollout_rows(layout.prefix_visibility(first, stop, key_len, docs)).to(device)
-            mask = kernels.prepare_mask(visible if docs is None else visible[:, None], dtype)
-        tiles.append((first * rows_per_block, stop * rows_per_block, key_len, mask))
-    chunk = None
+            if docs is not None:
+                visible = visible[:, None]  # [B, 1, rows, key_len]: the same for every head
+                blind = ~visible.any(dim=-1)
+                blind = blind if blind.any() else None
+            mask = kernels.prepare_mask(visible, dtype)
+        tiles.append((first * rows_per_block, stop * rows_per_block, key_len, mask, blind))
+    chunk = own = None
     if docs is not None:
         chunk = kernels.prepare_mask(layout.chunk_visibility(docs)[:, None], dtype)
-    return PackedMasks(chunk, tiles, None)
+        own = _own_mask(layout, docs, dtype)
+    return PackedMasks(chunk, tiles, own)
+
+
+def _own_mask(layout: BlockLayout, doc_ids: torch.Tensor, dtype) -> Optional[torch.Tensor]:
+    """The own-block mask under document masking, one per kernel batch entry (:class:`_OwnRows`
+    order: block, sample, batch): [NB*n*B, 1, G, G]; None when no block's window crosses a document
+    boundary (then it is the plain causal one)."""
+    visible = layout.own_visibility(doc_ids=doc_ids)  # [B, NB, G, G]
+    if bool(visible.equal(layout.own_visibility(doc_ids.device).expand_as(visible))):
+        return None
+    B, NB, G = visible.shape[0], layout.num_blocks, layout.rollout_len
+    entries = visible.transpose(0, 1).unsqueeze(1).expand(NB, layout.num_samples, B, G, G)
+    return kernels.prepare_mask(entries.reshape(-1, 1, G, G), dtype)
 
 
 def _bhld(x: torch.Tensor) -> torch.Tensor:
@@ -106,8 +128,10 @@ class PackedBlockAttention(torch.autograd.Function):
         output[:P] = chunk_out.permute(2, 0, 1, 3)
 
         prefix_out, prefix_lse = [], []
-        for first, stop, key_len, mask in masks.tiles:
+        for first, stop, key_len, mask, blind in masks.tiles:
             out, lse = kernels.attend(q[:, :, P + first:P + stop], k[:, :, :key_len], v[:, :, :key_len], scale, mask)
+            if blind is not None:  # rows without a key in this part: it contributes nothing
+                out, lse = out.masked_fill(blind[..., None], 0.0), lse.masked_fill(blind, float("-inf"))
             prefix_out.append(out.permute(2, 0, 1, 3))  # [rows, B, H, d]
             prefix_lse.append(lse.permute(2, 0, 1))  # [rows, B, H]
         own_out, own_lse = kernels.attend(own.to_entries(query[P:]), own.to_entries(key[P:]),
@@ -143,7 +167,7 @@ class PackedBlockAttention(torch.autograd.Function):
             chunk_dk, chunk_dv = chunk_dk.contiguous(), chunk_dv.contiguous()
 
         lse_rows = rollout_lse.permute(1, 2, 0)  # [B, H, R]
-        for first, stop, key_len, mask in masks.tiles:
+        for first, stop, key_len, mask, _ in masks.tiles:
             rows = slice(P + first, P + stop)
             dq, dk, dv = kernels.attend_backward(
                 g[:, :, rows], q[:, :, rows], k[:, :, :key_len], v[:, :, :key_len], o[:, :, rows],

@@ -71,10 +71,11 @@ def chunk_inputs(layout: BlockLayout, batch: Batch):
     from ebft_megatron.models.attention import BlockAttentionParams
 
     B, P = batch.chunk.shape
-    mask = None
+    mask, positions = None, torch.arange(P).expand(B, P)
     if batch.doc_ids is not None:  # causal inside each document (megatron: True = masked out)
         mask = ~layout.chunk_visibility(batch.doc_ids)[:, None]
-    return batch.chunk, torch.arange(P).expand(B, P), BlockAttentionParams(mode="dense", return_hidden=True), mask
+        positions = layout.chunk_position_ids(batch.doc_ids)
+    return batch.chunk, positions, BlockAttentionParams(mode="dense", return_hidden=True), mask
 
 
 def packed_inputs(layout: BlockLayout, batch: Batch, rollout_tokens: torch.Tensor):
@@ -83,7 +84,7 @@ def packed_inputs(layout: BlockLayout, batch: Batch, rollout_tokens: torch.Tenso
 
     tokens = layout.pack(batch.chunk, rollout_tokens)
     params = packed_attention(layout, batch.doc_ids, return_hidden=True)
-    return tokens, layout.position_ids.expand(tokens.shape[0], -1), params, None
+    return tokens, layout.batch_position_ids(tokens.shape[0], batch.doc_ids), params, None
 
 
 class Objective:
@@ -196,7 +197,7 @@ class EBFT(_RolloutObjective):
             moments = embed(self.feature_model, self.layout, self.layout.pack(batch.chunk, tokens), self.pooling,
                             doc_ids=batch.doc_ids)
         with self.timer.phase("rewards"):
-            scored = block_rewards(moments.gram, self.reward_settings, self.layout.valid_blocks(batch.lengths))
+            scored = block_rewards(moments.coordinates, self.reward_settings, self.layout.valid_blocks(batch.lengths))
             metrics = reward_metrics(scored, moments.gram, self.reward_settings)
         return Experience(batch, tokens, scored.advantage, metrics)
 
@@ -221,10 +222,14 @@ class RLVR(_RolloutObjective):
         return cls(reward=resolve_reward(config.objective.reward, context.tokenizer), **cls._common(config, context))
 
     def experience(self, batch: Batch, policy) -> Experience:
+        from ebft_megatron.runtime.distributed import once_per_replica
+
         tokens = self.rollouts(batch, policy)
         with self.timer.phase("rewards"):
             valid = self.layout.valid_blocks(batch.lengths)
-            scores = self.reward(batch.chunk, tokens, self.layout).double()
+            # scored on one rank of the replica: a reward that runs programs could time out on one
+            # rank and not another, and the model's shards would then step with different advantages
+            scores = once_per_replica(lambda: self.reward(batch.chunk, tokens, self.layout), tokens.shape[:-1])
             count = valid.sum().clamp_min(1)
             metrics = {"reward/verifiable": float((scores.mean(-1) * valid).sum() / count)}
         return Experience(batch, tokens, verifiable_advantages(scores, valid), metrics)

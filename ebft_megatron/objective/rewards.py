@@ -1,16 +1,19 @@
-"""EBFT rewards, the RLOO baseline and the feature-matching metrics, all from Gram matrices.
+"""EBFT rewards, the RLOO baseline and the feature-matching metrics.
 
-Input: per (chunk, block) group the (n+1)x(n+1) Gram matrix of pooled features, ground truth at
-index 0 and the n samples at 1..n (``features.FeatureMoments.gram``). Everything below is a
-function of those inner products, so it runs identically on every rank after the pipeline
-all-reduce, with no feature vectors gathered anywhere.
+Input: per (chunk, block) group the n+1 pooled features, ground truth at index 0 and the n samples
+at 1..n, as rows of any width with the right inner products: the feature network hands over their
+coordinates in an orthonormal basis of their span ((n+1) x (n+1), ``features.FeatureMoments``),
+which have exactly the features' inner products and singular values, so the rewards run
+identically on every rank after the pipeline reduction with no feature vectors gathered.
 
-Spec §2-3 (the reference's code), per group with samples phi_i and ground truth g:
+Reference §2-3 (the reference's code), per group with samples phi_i and ground truth g:
 - optional whitening across the n samples: X = U S V^T (thin SVD of the n x D sample matrix),
-  W = U diag(1/S) U^T keeping singular values above ``whiten_threshold`` * S_max; whitened
-  samples W X and whitened ground truth rows c_i * g with c = W 1. From the Gram matrix: the
-  singular values of X are the square roots of the eigenvalues of K = X X^T (eigh in float64);
-- alignment a_i = cos(phi_i, g_i); diversity d_i = 1/(n-1) sum_{j != i} phi_i . phi_j;
+  W = U diag(1/(S + 1e-12)) U^T keeping singular values above ``whiten_threshold`` * S_max;
+  whitened samples W X and whitened ground truth rows c_i * g with c = W 1. The SVD is of the
+  sample rows themselves (float64), not an eigendecomposition of their Gram matrix, which would
+  square the condition number: nearly duplicated samples stay accurate to ~1e-15;
+- alignment a_i = cos(phi_i, g_i), each norm clamped at 1e-8 on its own as
+  ``torch.nn.functional.cosine_similarity`` does; diversity d_i = 1/(n-1) sum_{j != i} phi_i . phi_j;
 - reward r_i = 2 alpha a_i - 2 beta d_i;
 - RLOO baseline b_i = alpha (sum_{j != i} A_j)/(n-1) - beta (sum_j D_j - 2 D_i)/(n-2) with
   A = 2a, D = 2d (diversity part 0 when n <= 2 or beta = 0); advantage = r - b.
@@ -55,33 +58,29 @@ class BlockRewards:
     valid: torch.Tensor
 
 
-def whitening_matrix(sample_gram: torch.Tensor, threshold: float = 1e-5) -> torch.Tensor:
-    """K = X X^T [..., n, n] -> W = U diag(1/S) U^T [..., n, n] for X = U S V^T."""
-    eigenvalues, U = torch.linalg.eigh(sample_gram.double())
-    singular = eigenvalues.clamp_min(0).sqrt()
-    keep = singular > threshold * singular.amax(dim=-1, keepdim=True)
-    inverse = torch.where(keep, 1.0 / (singular + 1e-12), torch.zeros_like(singular))
-    return (U * inverse[..., None, :]) @ U.transpose(-1, -2)
+def whiten_samples(samples: torch.Tensor, threshold: float = WHITEN_THRESHOLD):
+    """X [..., n, D] -> (W X [..., n, D], c = W 1 [..., n]) for W = U diag(1/(S + 1e-12)) U^T, X = U S V^T."""
+    U, S, Vh = torch.linalg.svd(samples, full_matrices=False)
+    keep = S > threshold * S.amax(dim=-1, keepdim=True)
+    inverse = torch.where(keep, 1.0 / (S + 1e-12), torch.zeros_like(S))
+    whitened = (U * (S * inverse)[..., None, :]) @ Vh  # = W X, without forming W X's cancellations
+    c = (U * inverse[..., None, :]) @ U.sum(dim=-2)[..., :, None]  # W 1 = U diag(inv) U^T 1
+    return whitened, c[..., 0]
 
 
-def alignment_and_diversity(gram: torch.Tensor, whiten: bool, threshold: float = 1e-5):
-    """gram [..., n+1, n+1] -> (a, d), each [..., n]."""
-    gram = gram.double()
-    n = gram.shape[-1] - 1
-    K = gram[..., 1:, 1:]  # samples . samples
-    k = gram[..., 1:, 0]  # samples . ground truth
-    gg = gram[..., 0, 0]
+def alignment_and_diversity(features: torch.Tensor, whiten: bool, threshold: float = WHITEN_THRESHOLD):
+    """features [..., n+1, D] (ground truth first) -> (a, d), each [..., n]."""
+    features = features.double()
+    n = features.shape[-2] - 1
+    truth, samples = features[..., :1, :], features[..., 1:, :]
     if whiten:
-        W = whitening_matrix(K, threshold)
-        c = W.sum(-1)  # whitened ground-truth row i = c_i * g
-        K = W @ K @ W
-        dot = c * (W @ k[..., None])[..., 0]  # (W phi)_i . (c_i g)
-        gt_norm = c.abs() * gg.clamp_min(0).sqrt()[..., None]
-    else:
-        dot = k
-        gt_norm = gg.clamp_min(0).sqrt()[..., None].expand_as(k)
-    sample_norm = torch.diagonal(K, dim1=-2, dim2=-1).clamp_min(0).sqrt()
-    alignment = dot / (sample_norm * gt_norm).clamp_min(COSINE_EPS)
+        samples, c = whiten_samples(samples, threshold)
+        truth = c[..., None] * truth  # row i: c_i g
+    dot = (samples * truth).sum(-1)
+    sample_norm = samples.norm(dim=-1).clamp_min(COSINE_EPS)
+    truth_norm = truth.norm(dim=-1).clamp_min(COSINE_EPS)
+    alignment = dot / (sample_norm * truth_norm)
+    K = samples @ samples.transpose(-1, -2)
     diversity = (K.sum(-1) - torch.diagonal(K, dim1=-2, dim2=-1)) / max(n - 1, 1)
     return alignment, diversity
 
@@ -97,14 +96,16 @@ def rloo_baseline(A: torch.Tensor, D: torch.Tensor, alpha: float, beta: float) -
     return baseline
 
 
-def block_rewards(gram: torch.Tensor, settings: RewardSettings, valid: Optional[torch.Tensor] = None) -> BlockRewards:
-    """gram [B, NB, n+1, n+1] -> rewards and RLOO advantages per (chunk, block, sample)."""
-    a, d = alignment_and_diversity(gram, settings.whiten, settings.whiten_threshold)
+def block_rewards(features: torch.Tensor, settings: RewardSettings,
+                  valid: Optional[torch.Tensor] = None) -> BlockRewards:
+    """features [B, NB, n+1, D] (ground truth first) -> rewards and RLOO advantages per (chunk,
+    block, sample)."""
+    a, d = alignment_and_diversity(features, settings.whiten, settings.whiten_threshold)
     A, D = 2 * a, 2 * d
     reward = settings.alignment_coef * A - settings.diversity_coef * D
     baseline = rloo_baseline(A, D, settings.alignment_coef, settings.diversity_coef)
     if valid is None:
-        valid = torch.ones(gram.shape[:-2], dtype=torch.bool, device=gram.device)
+        valid = torch.ones(features.shape[:-2], dtype=torch.bool, device=features.device)
     advantage = torch.where(valid[..., None], reward - baseline, torch.zeros_like(reward))
     return BlockRewards(a, d, reward, baseline, advantage, valid)
 

@@ -19,6 +19,16 @@ real-pair attention wants; the reference's interleaving has the same semantics.
 
 Which logit predicts which token: token t of (b, i) is predicted by the logit at ground-truth
 index a_b - 1 when t == 0, and at its predecessor ``rollout_index(b, i, t - 1)`` otherwise.
+
+Document masking (``doc_ids`` [B, P], -1 on padding; reference §1.4), as the reference does it:
+a rollout token belongs to the document of the ground-truth token it is scored against,
+x[a_b + t], so the steps of one block may belong to different documents.
+- Positions restart at every document start: chunk token k carries k - start(doc(k)), rollout
+  token (b, i, t) the position of x[a_b + t].
+- Chunk token k sees chunk tokens <= k of its document.
+- Rollout token (b, i, t) sees the prefix keys j < a_b of the document of x[a_b + t] (none when
+  that document starts at or after a_b), and its own tokens t' <= t of the same document.
+Without ``doc_ids`` everything is one document and the rules above reduce to the plain ones.
 """
 
 from __future__ import annotations
@@ -34,6 +44,23 @@ from ebft_megatron.errors import UserError
 
 class LayoutError(UserError, ValueError):
     """Rollout settings that do not define a valid layout."""
+
+
+# --- the chunk under document masking (any forward of chunks alone uses these too) -------------
+def document_position_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, P] document ids -> [B, P] positions k - start(doc(k)): they restart at every document
+    start (a run of equal ids is one document)."""
+    index = torch.arange(doc_ids.shape[-1], device=doc_ids.device)
+    starts_here = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts_here[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return index - torch.where(starts_here, index, 0).cummax(dim=-1).values
+
+
+def document_causal_visibility(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, P] document ids -> [B, P, P] bool: token k sees tokens <= k of its own document."""
+    P = doc_ids.shape[-1]
+    causal = torch.ones(P, P, dtype=torch.bool, device=doc_ids.device).tril()
+    return causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
 
 
 @dataclass(frozen=True)
@@ -93,11 +120,31 @@ class BlockLayout:
     @cached_property
     def position_ids(self) -> torch.Tensor:
         """[packed_len] position ids: 0..P-1 for the chunk, a_b + t for rollout token (b, i, t)."""
-        steps = torch.arange(self.rollout_len)
-        rollout = (self.anchor_positions[:, None, None] + steps[None, None, :]).expand(
-            self.num_blocks, self.num_samples, self.rollout_len
-        )
-        return torch.cat([torch.arange(self.chunk_len), rollout.reshape(-1)])
+        return torch.cat([torch.arange(self.chunk_len), self._rollout_rows(self.ground_truth_windows)])
+
+    def chunk_position_ids(self, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[P] 0..P-1, or with ``doc_ids`` [B, P] the [B, P] positions k - start(doc(k)), which
+        restart at every document start."""
+        return torch.arange(self.chunk_len) if doc_ids is None else document_position_ids(doc_ids)
+
+    def batch_position_ids(self, batch: int, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[batch, packed_len] position ids of packed sequences: :attr:`position_ids` on every row,
+        or with ``doc_ids`` [batch, P] per row: chunk token k at k - start(doc(k)), rollout token
+        (b, i, t) at the position of x[a_b + t], the token it is scored against."""
+        if doc_ids is None:
+            return self.position_ids.expand(batch, -1)
+        chunk = self.chunk_position_ids(doc_ids)
+        rollout = self._rollout_rows(chunk[:, self.ground_truth_windows.to(chunk.device)])
+        return torch.cat([chunk, rollout], dim=-1)
+
+    def _rollout_rows(self, per_step: torch.Tensor) -> torch.Tensor:
+        """[..., NB, G] per (block, step) -> [..., NB*n*G] per rollout token, in packed order."""
+        *lead, NB, G = per_step.shape
+        return per_step.unsqueeze(-2).expand(*lead, NB, self.num_samples, G).reshape(*lead, NB * self.num_samples * G)
+
+    def window_doc_ids(self, doc_ids: torch.Tensor) -> torch.Tensor:
+        """[B, P] -> [B, NB, G]: the document of each rollout step, that of x[a_b + t]."""
+        return doc_ids[:, self.ground_truth_windows.to(doc_ids.device)]
 
     @cached_property
     def rollout_predictor_index(self) -> torch.Tensor:
@@ -133,27 +180,25 @@ class BlockLayout:
 
     def chunk_visibility(self, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[P, P] (or [B, P, P]): chunk token k sees chunk tokens <= k (in its own document)."""
-        P = self.chunk_len
-        device = None if doc_ids is None else doc_ids.device
-        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
         if doc_ids is None:
-            return causal
-        return causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
+            return torch.ones(self.chunk_len, self.chunk_len, dtype=torch.bool).tril()
+        return document_causal_visibility(doc_ids)
 
     def prefix_visibility(self, first_block: int, stop_block: int, key_len: int,
                           doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[blocks, G, key_len] (or [B, blocks, G, key_len]): what rollout step t of blocks
         [first_block, stop_block) sees of chunk keys [0, key_len). Block b sees x[:a_b], every step
-        alike; with document masking only the keys in the document of x[a_b - 1], the token the
-        block continues. The n samples of a block see the same (:meth:`rollout_rows`)."""
+        alike; with document masking step t sees only the keys in the document of x[a_b + t], so a
+        step whose document starts at or after a_b sees no prefix key at all. The n samples of a
+        block see the same (:meth:`rollout_rows`)."""
         device = None if doc_ids is None else doc_ids.device
         anchors = self.anchor_positions[first_block:stop_block].to(device)
         keys = torch.arange(key_len, device=device)
         visible = keys[None, :] < anchors[:, None]  # [blocks, key_len]
-        if doc_ids is not None:
-            continued = doc_ids[:, anchors - 1]  # [B, blocks]
-            visible = visible & (doc_ids[:, None, :key_len] == continued[:, :, None])
-        return visible.unsqueeze(-2).expand(*visible.shape[:-1], self.rollout_len, key_len)
+        if doc_ids is None:
+            return visible.unsqueeze(-2).expand(*visible.shape[:-1], self.rollout_len, key_len)
+        scored = self.window_doc_ids(doc_ids)[:, first_block:stop_block]  # [B, blocks, G]
+        return visible[:, None, :] & (doc_ids[:, None, None, :key_len] == scored[..., None])
 
     def rollout_rows(self, per_step: torch.Tensor) -> torch.Tensor:
         """[..., blocks, G, X] per (block, step) -> [..., blocks*n*G, X] per packed rollout row
@@ -162,10 +207,18 @@ class BlockLayout:
         expanded = per_step.unsqueeze(-3).expand(*lead, blocks, self.num_samples, G, X)
         return expanded.reshape(*lead, blocks * self.num_samples * G, X)
 
-    def own_visibility(self, device=None) -> torch.Tensor:
-        """[G, G]: rollout token t of a (block, sample) sees its own tokens 0..t."""
+    def own_visibility(self, device=None, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[G, G]: rollout token t of a (block, sample) sees its own tokens 0..t. With ``doc_ids``
+        [B, NB, G, G]: only those t' <= t whose ground-truth token x[a_b + t'] lies in the document
+        of x[a_b + t] (itself always); the n samples of a block see the same."""
         G = self.rollout_len
-        return torch.ones(G, G, dtype=torch.bool, device=device).tril()
+        if doc_ids is not None:
+            device = doc_ids.device
+        causal = torch.ones(G, G, dtype=torch.bool, device=device).tril()
+        if doc_ids is None:
+            return causal
+        scored = self.window_doc_ids(doc_ids)  # [B, NB, G]
+        return causal & (scored[..., :, None] == scored[..., None, :])
 
     def prefix_tiles(self, tile_blocks: int) -> list[tuple[int, int]]:
         """Consecutive blocks grouped for the prefix attention: [(first_block, stop_block)]. A tile
@@ -186,9 +239,9 @@ class BlockLayout:
         allowed = torch.zeros(*lead, S, S, dtype=torch.bool, device=device)
         allowed[..., :P, :P] = self.chunk_visibility(doc_ids)
         allowed[..., P:, :P] = self.rollout_rows(self.prefix_visibility(0, self.num_blocks, P, doc_ids))
-        own = self.own_visibility(device)
-        for start in range(P, S, G):
-            allowed[..., start:start + G, start:start + G] = own
+        own = self.own_visibility(device, doc_ids)
+        for row, start in enumerate(range(P, S, G)):
+            allowed[..., start:start + G, start:start + G] = own if doc_ids is None else own[:, row // self.num_samples]
         return allowed
 
     # --- convenience ------------------------------------------------------------------------

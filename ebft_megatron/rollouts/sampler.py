@@ -6,6 +6,9 @@ For a micro-batch of chunks [B, P]:
    of every block, drawn n times (the n samples share this prefill);
 2. decode: G - 1 forwards of the n*NB newest tokens each (positions a_b + t), attending to the
    cached chunk prefix x[:a_b] and to their own earlier tokens; each gives the next token.
+With document masking (``doc_ids``) both follow the layout's rule (``rollouts.layout``): positions
+restart per document, and a step sees only the keys of the document of the ground-truth token it
+is scored against.
 
 Cost: one prefill per chunk plus n*NB*(G-1) decoded tokens, against the reference's G full
 forwards of the whole growing sequence for each of the n copies. Every forward goes through
@@ -69,11 +72,7 @@ def sample_rollouts(
 ) -> Rollouts:
     """KV-cached rollouts for ``chunk`` [B, P]. ``uniforms`` [B, NB, n, G] fixes the draws.
 
-    With ``doc_ids`` [B, P] (document masking) attention stays inside documents; the cache path
-    does not model that yet, so the exact dense recompute path runs instead (slower)."""
-    if doc_ids is not None:
-        return sample_rollouts_recompute(model, layout, chunk, vocab_size, settings, generator, uniforms,
-                                         return_logits, doc_ids=doc_ids)
+    With ``doc_ids`` [B, P] (document masking) attention and positions follow the documents."""
     B, P = chunk.shape
     if P != layout.chunk_len:
         raise ValueError(f"chunk length {P} does not match the layout's chunk_len={layout.chunk_len}")
@@ -83,17 +82,19 @@ def sample_rollouts(
     kept: list[torch.Tensor] = []
     draw = _drawer(vocab_size, settings, generator, uniforms, return_logits, kept)
 
-    prefill = BlockAttentionParams(layout=layout, mode="prefill", cache=cache, logit_rows=anchors - 1)
-    positions = torch.arange(P).expand(B, P)
+    prefill = BlockAttentionParams(layout=layout, mode="prefill", cache=cache, logit_rows=anchors - 1,
+                                   doc_ids=doc_ids)
+    all_positions = layout.batch_position_ids(B, doc_ids)  # [B, packed_len]
+    positions = all_positions[:, :P]
     first = pipeline.forward(
         model, chunk, positions, block_params=prefill,
         reduce=lambda logits: draw(logits, (B, NB, 1), num_samples=n, step=0),
     )  # [B, NB, 1, n]
     steps = [first.reshape(B, NB, n)]
     for t in range(1, G):
-        decode = BlockAttentionParams(layout=layout, mode="decode", cache=cache, step=t - 1)
+        decode = BlockAttentionParams(layout=layout, mode="decode", cache=cache, step=t - 1, doc_ids=doc_ids)
         fed = steps[-1].reshape(B, NB * n)
-        fed_positions = (anchors[:, None] + (t - 1)).expand(NB, n).reshape(1, NB * n).expand(B, -1)
+        fed_positions = all_positions[:, layout.rollout_index(torch.arange(NB)[:, None], torch.arange(n), t - 1).reshape(-1)]
         steps.append(pipeline.forward(
             model, fed, fed_positions, block_params=decode,
             reduce=lambda logits, t=t: draw(logits, (B, NB, n), step=t),
@@ -125,7 +126,7 @@ def sample_rollouts_recompute(
     allowed = single.dense_attention_mask(doc_ids)
     if allowed.dim() == 2:
         allowed = allowed[None]  # [1 or B, S, S]
-    positions_full = single.position_ids
+    positions_full = single.batch_position_ids(B, doc_ids)  # [B, S]
     predictors = single.rollout_predictor_index[:, 0, :]  # [NB, G]
     tokens = torch.zeros(B, NB, n, G, dtype=torch.long)
     kept = torch.zeros(B, NB, n, G, vocab_size) if return_logits else None
@@ -145,7 +146,7 @@ def sample_rollouts_recompute(
                 return full, sample_tokens(full, settings.temperature, settings.top_p, generator, uniforms=u)
 
             full, step_tokens = pipeline.forward(
-                model, seq, positions_full[index].expand(B, -1), reduce=draw,
+                model, seq, positions_full[:, index], reduce=draw,
                 attention_mask=mask[:, None], block_params=params,
             )
             tokens[:, :, i, t] = step_tokens

@@ -208,6 +208,50 @@ def mean_over_data_parallel(values: dict[str, float]) -> dict[str, float]:
     return {key: float(value) / dp_size for key, value in zip(keys, summed)}
 
 
+class ReplicaLeaderFailed(RuntimeError):
+    """What the other ranks of a replica raise when its leader's computation failed."""
+
+
+def once_per_replica(compute, shape, dtype=torch.float64) -> torch.Tensor:
+    """``compute()`` on the first rank of this model replica (its TP x PP group) only, the result
+    ([shape], ``dtype``) broadcast to the replica's other ranks.
+
+    For what must be identical on every rank of a replica and need not be computed on each: a
+    verifiable reward that runs programs (a timeout on one loaded rank and not on another would
+    otherwise give the shards of one model different advantages). If ``compute`` raises, the
+    leader raises it and the others raise :class:`ReplicaLeaderFailed` instead of waiting."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return compute().to(dtype)
+    group = ps.get_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return compute().to(dtype)
+    leader = dist.get_global_rank(group, 0)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    failed = torch.zeros(1, device=device)
+    result = torch.empty(tuple(shape), dtype=dtype, device=device)
+    error = None
+    if dist.get_rank() == leader:
+        try:
+            value = compute()
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(f"expected a result of shape {tuple(shape)}, got {tuple(value.shape)}")
+            result.copy_(value)
+        except Exception as err:  # tell the others before raising, so that they do not wait for it
+            error = err
+            failed.fill_(1)
+    dist.broadcast(failed, src=leader, group=group)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise ReplicaLeaderFailed(f"the computation failed on rank {leader}, the first of this model replica; its "
+                                  "error is in that rank's output")
+    dist.broadcast(result, src=leader, group=group)
+    return result.cpu()
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank."""
     import torch.distributed as dist

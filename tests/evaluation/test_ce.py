@@ -96,3 +96,32 @@ def test_explicit_mask_overrides_and_no_mask_gives_no_response_metrics(qwen2_pol
 
     with pytest.raises(ValueError, match="response_mask has shape"):
         validation_ce(model, chunks, response_mask=chunks.response_mask[:, :-1])
+
+
+def test_document_masking_ce_equals_each_document_alone(qwen2_policy, chunks):
+    """With document masking every logit is that of Hugging Face's model on its document alone
+    (positions from 0); the targets stay every real next token, the first token of a document
+    predicted from the end of the one before it included."""
+    from transformers import AutoModelForCausalLM
+
+    model, _, hf_dir = qwen2_policy
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    nll_sum, targets = 0.0, 0
+    with torch.no_grad():
+        for row, docs, length in zip(chunks.tokens, chunks.doc_ids.tolist(), chunks.lengths.tolist()):
+            start = 0
+            while start < length:
+                end = start
+                while end < length and docs[end] == docs[start]:
+                    end += 1
+                logp = torch.log_softmax(hf(input_ids=row[start:end][None]).logits[0].double(), dim=-1)
+                for k in range(start, min(end, length - 1)):  # row k predicts x[k + 1]
+                    nll_sum -= float(logp[k - start, row[k + 1]])
+                    targets += 1
+                start = end
+    assert max(len(set(docs[:n])) for docs, n in zip(chunks.doc_ids.tolist(), chunks.lengths.tolist())) > 1
+    masked = validation_ce(model, chunks, micro_batch_size=2, response_mask=None, document_masking=True)
+    assert masked["eval/tokens"] == targets
+    assert abs(masked["eval/ce"] - nll_sum / targets) < 1e-5
+    plain = validation_ce(model, chunks, micro_batch_size=2, response_mask=None)
+    assert abs(plain["eval/ce"] - masked["eval/ce"]) > 1e-4  # the documents matter

@@ -43,14 +43,15 @@ def test_curve_at_full_length_equals_embed_and_cfm_loss(qwen2_policy, qwen2_feat
     curve = feature_matching_by_length(model, qwen2_features, LAYOUT, chunks, arch.vocab_size, sampling,
                                        torch.Generator().manual_seed(3), micro_batch_size=2)
     # The same draws by hand: the same micro-batches from the same generator state.
-    generator, grams = torch.Generator().manual_seed(3), []
+    generator, moments = torch.Generator().manual_seed(3), []
     for index in ([0, 1], [2]):
         chunk = chunks.tokens[index]
         rollouts = sample_rollouts(model, LAYOUT, chunk, arch.vocab_size, sampling, generator).tokens
-        grams.append(embed(qwen2_features, LAYOUT, LAYOUT.pack(chunk, rollouts)).gram)
-    gram, valid = torch.cat(grams), LAYOUT.valid_blocks(chunks.lengths)
+        moments.append(embed(qwen2_features, LAYOUT, LAYOUT.pack(chunk, rollouts)))
+    valid = LAYOUT.valid_blocks(chunks.lengths)
+    gram, coordinates = torch.cat([m.gram for m in moments]), torch.cat([m.coordinates for m in moments])
     settings = RewardSettings(alignment_coef=1.0, diversity_coef=1.0, whiten=False)
-    reference = reward_metrics(block_rewards(gram, settings, valid), gram, settings)
+    reference = reward_metrics(block_rewards(coordinates, settings, valid), gram, settings)
 
     G = LAYOUT.rollout_len
     assert curve.lengths == list(range(1, G + 1))

@@ -9,6 +9,7 @@ import torch
 from ebft_megatron.models import attention as attention_module
 from ebft_megatron.models.attention import BlockAttentionParams, BlockCoreAttention, RolloutKVCache
 from ebft_megatron.rollouts.layout import BlockLayout
+from tests.rollouts.test_layout import document_ids_with_every_case, reference_document_mask
 
 H, HKV, D, B = 4, 2, 16, 2
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -129,27 +130,40 @@ def test_fused_equals_generic_forward_and_backward(core, settings, monkeypatch):
 
 
 def _document_ids(layout, seed):
-    """[B, P] document ids with a few random boundaries per chunk (one chunk has none)."""
-    gen = torch.Generator().manual_seed(seed)
-    starts = (torch.rand(B, layout.chunk_len, generator=gen) < 0.15).long()
-    starts[0] = 0
-    return starts.cumsum(-1)
+    return document_ids_with_every_case(layout, B, seed)
 
 
-@pytest.mark.parametrize("settings", LAYOUTS[:3], ids=IDS[:3])
-def test_fused_document_masking_equals_dense_forward_and_backward(core, settings):
+def _document_reference(q, k, v, layout, doc_ids):
+    """Hand-written attention under the brute-force document mask, chunk by chunk."""
+    outs = []
+    for row in range(B):
+        allowed = reference_document_mask(*_settings_of(layout), doc_ids[row].tolist())
+        outs.append(_manual_attention(q[:, row:row + 1], k[:, row:row + 1], v[:, row:row + 1], allowed,
+                                      1.0 / math.sqrt(D)))
+    return torch.cat(outs, dim=1)
+
+
+def _settings_of(layout):
+    return layout.chunk_len, layout.first_anchor, layout.stride, layout.rollout_len, layout.num_samples
+
+
+@pytest.mark.parametrize("implementation", ["fused", "generic"])
+@pytest.mark.parametrize("settings", LAYOUTS, ids=IDS)
+def test_document_masking_packed_equals_dense_forward_and_backward(core, settings, implementation):
     layout = BlockLayout(*settings)
     doc_ids = _document_ids(layout, seed=sum(settings))
-    assert doc_ids[1].max() > 0, "the second chunk must hold several documents"
 
     def dense(core, q, k, v, layout):
         return core(q, k, v, ~layout.dense_attention_mask(doc_ids)[:, None])
 
     expected = _forward_backward(core, layout, dense)
-    fused = _forward_backward(core, layout, lambda *a: _packed(*a, doc_ids=doc_ids))
-    _assert_all_close(fused, expected)
+    packed = _forward_backward(core, layout, lambda *a: _packed(*a, implementation=implementation, doc_ids=doc_ids))
+    _assert_all_close(packed, expected)
+    # the rule itself, from its statement (not from the layout under test)
+    q, k, v = _qkv(layout.packed_len, seed=2)
+    torch.testing.assert_close(packed[0], _document_reference(q, k, v, layout, doc_ids), **TOL)
     # ... and the documents matter: without them the result differs
-    plain = _forward_backward(core, layout, _packed)
+    plain = _forward_backward(core, layout, lambda *a: _packed(*a, implementation=implementation))
     assert not torch.allclose(plain[0], expected[0], atol=1e-3)
 
 
@@ -180,12 +194,14 @@ def test_only_the_generic_path_keeps_score_matrices_for_backward(core, implement
 DECODE_PATHS = {"fused-rows1": 1, "fused-rows5": 5, "fused-default": None, "generic": "generic"}
 
 
+@pytest.mark.parametrize("documents", [False, True], ids=["", "documents"])
 @pytest.mark.parametrize("path", DECODE_PATHS, ids=list(DECODE_PATHS))
 @pytest.mark.parametrize("settings", LAYOUTS, ids=IDS)
-def test_prefill_then_decode_reproduces_packed(core, settings, path, monkeypatch):
+def test_prefill_then_decode_reproduces_packed(core, settings, path, documents, monkeypatch):
     layout = BlockLayout(*settings)
     P, NB, n, G = layout.chunk_len, layout.num_blocks, layout.num_samples, layout.rollout_len
     q, k, v = _qkv(layout.packed_len, seed=4)
+    doc_ids = _document_ids(layout, seed=sum(settings)) if documents else None
     tile_rows = DECODE_PATHS[path]
     fused_calls = []
     if tile_rows != "generic":
@@ -196,10 +212,12 @@ def test_prefill_then_decode_reproduces_packed(core, settings, path, monkeypatch
         monkeypatch.setattr(attention_module, "decode_attention",
                             lambda *a, **kw: fused_calls.append(1) or fused(*a, **kw))
     with torch.no_grad():
-        packed = _packed(core, q, k, v, layout)
+        packed = _packed(core, q, k, v, layout, doc_ids=doc_ids)
+        if documents:  # the packed path itself is checked against the dense mask above
+            torch.testing.assert_close(packed, core(q, k, v, ~layout.dense_attention_mask(doc_ids)[:, None]), **TOL)
         cache = RolloutKVCache()
-        prefill = core(q[:P], k[:P], v[:P], None,
-                       packed_seq_params=BlockAttentionParams(layout=layout, mode="prefill", cache=cache))
+        prefill = core(q[:P], k[:P], v[:P], None, packed_seq_params=BlockAttentionParams(
+            layout=layout, mode="prefill", cache=cache, doc_ids=doc_ids))
         torch.testing.assert_close(prefill, packed[:P], **TOL)
         # the rollout slots are allocated uninitialised: a step must read only slots written so far
         for layer in cache.layers.values():
@@ -207,7 +225,7 @@ def test_prefill_then_decode_reproduces_packed(core, settings, path, monkeypatch
             layer["rollout_v"].fill_(float("nan"))
     for t in range(G):
         rows = torch.tensor([layout.rollout_index(b, i, t) for b in range(NB) for i in range(n)])
-        params = BlockAttentionParams(layout=layout, mode="decode", cache=cache, step=t)
+        params = BlockAttentionParams(layout=layout, mode="decode", cache=cache, step=t, doc_ids=doc_ids)
         with torch.set_grad_enabled(tile_rows == "generic"):
             out = core(q[rows], k[rows], v[rows], None, packed_seq_params=params)
         assert tuple(out.shape) == (NB * n, B, H * D)
@@ -222,9 +240,10 @@ def test_decode_tiles_cover_rows_and_mask_the_staircase():
     assert anchors == [2, 5, 8, 11, 14]
     tiles = attention_module.decode_tiles(layout, 7, torch.float32, torch.device("cpu"))
     # 7 rows -> 2 whole blocks (6 rows) per tile; the last tile holds one block and needs no mask
-    assert [(a, b, L) for a, b, L, _ in tiles] == [(0, 6, 5), (6, 12, 11), (12, 15, 14)]
+    assert [(a, b, L) for a, b, L, _, _ in tiles] == [(0, 6, 5), (6, 12, 11), (12, 15, 14)]
     assert tiles[-1][3] is None
-    for row_start, row_stop, key_len, mask in tiles[:-1]:
+    assert all(blind is None for *_, blind in tiles)
+    for row_start, row_stop, key_len, mask, _ in tiles[:-1]:
         assert tuple(mask.shape) == (row_stop - row_start, key_len)
         for row in range(row_start, row_stop):
             visible = torch.arange(key_len) < anchors[row // n]

@@ -203,10 +203,10 @@ def check_objective(models_dir: Path, name: str) -> dict:
     chunk = torch.randint(0, arch.vocab_size, (2, 24), generator=gen)
     rollouts = torch.randint(0, arch.vocab_size, (2, layout.num_blocks, 3, 4), generator=gen)
     lengths = torch.tensor([24, 21])
-    gram = embed(features, layout, layout.pack(chunk, rollouts), "last_token").gram
+    moments = embed(features, layout, layout.pack(chunk, rollouts), "last_token")
     settings = RewardSettings(1.0, 0.5, whiten=True)
-    rewards = block_rewards(gram, settings, layout.valid_blocks(lengths))
-    metrics = reward_metrics(rewards, gram, settings)
+    rewards = block_rewards(moments.coordinates, settings, layout.valid_blocks(lengths))
+    metrics = reward_metrics(rewards, moments.gram, settings)
     micro = [Experience(Batch(chunk[i:i + 1], lengths[i:i + 1]), rollouts[i:i + 1], rewards.advantage[i:i + 1])
              for i in range(2)]
     objective = EBFT(layout, arch.vocab_size, SamplingSettings(0.7, 1.0),
@@ -214,7 +214,7 @@ def check_objective(models_dir: Path, name: str) -> dict:
     ddp.zero_grad_buffer()
     terms = forward_backward(ddp, micro, objective)
     grads = full_grads(policy, arch.tie_word_embeddings)
-    current = {"gram": gram, "advantage": rewards.advantage, "loss": torch.tensor(terms["loss"]),
+    current = {"gram": moments.gram, "advantage": rewards.advantage, "loss": torch.tensor(terms["loss"]),
                "cfm": torch.tensor(metrics["cfm"]), **{f"grad/{k}": v for k, v in grads.items()}}
     if not _OBJECTIVE_REFERENCE:
         _OBJECTIVE_REFERENCE.update(current)
@@ -302,6 +302,57 @@ def check_fused_paths(models_dir: Path) -> dict:
     return result
 
 
+def check_replica_rewards() -> dict:
+    """An RLVR reward that gives every rank different scores (as a program timing out on one rank
+    and not another would) still gives every rank of a model replica the same advantages: it is
+    scored once, on the replica's first rank. A reward that fails there stops every rank of the
+    replica with an error instead of leaving them waiting."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from ebft_megatron.objective.loss import LossSettings
+    from ebft_megatron.objective.objectives import RLVR, Batch
+    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.rollouts.sampling import SamplingSettings
+
+    rank = dist.get_rank()
+    layout = BlockLayout(16, 4, 4, 4, 3)
+    gen = torch.Generator().manual_seed(5)
+    chunk = torch.randint(0, 300, (2, 16), generator=gen)
+    tokens = torch.randint(0, 300, (2, layout.num_blocks, 3, 4), generator=gen)
+    calls = torch.zeros(1)
+
+    def rank_dependent(chunk, rollout_tokens, layout):
+        calls.add_(1)
+        return torch.rand(rollout_tokens.shape[:-1], generator=torch.Generator().manual_seed(100 + rank))
+
+    def failing(chunk, rollout_tokens, layout):
+        raise ValueError("the sandbox is gone")
+
+    def experience_with(reward):
+        objective = RLVR(layout, 300, SamplingSettings(0.7, 1.0), LossSettings(1.0, 0.0, 0.7), None, reward)
+        objective.rollouts = lambda batch, policy: tokens  # the scoring is what is checked here
+        return objective.experience(Batch(chunk, torch.tensor([16, 16])), policy=None)
+
+    advantages = experience_with(rank_dependent).advantages.contiguous()
+    group = ps.get_model_parallel_group()
+    size = dist.get_world_size(group)
+    gathered = [torch.empty_like(advantages) for _ in range(size)]
+    dist.all_gather(gathered, advantages, group=group)
+    dist.all_reduce(calls, group=group)
+    try:
+        experience_with(failing)
+        failure = "none"
+    except Exception as err:
+        failure = type(err).__name__
+    failures = [None] * size
+    dist.all_gather_object(failures, failure, group=group)
+    return {"replica_size": size, "reward_calls": int(calls.item()),
+            "advantage_spread": max(float((g - gathered[0]).abs().max()) for g in gathered),
+            "advantage_abs": float(advantages.abs().max()), "failures": failures}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", required=True)
@@ -331,6 +382,7 @@ def main() -> None:
         results[name]["dp_sampling"] = check_dp_sampling(models_dir, seed=99)
         results[name]["objective"] = check_objective(models_dir, name)
         results[name]["fused_paths"] = check_fused_paths(models_dir)
+        results[name]["replica_rewards"] = check_replica_rewards()
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     distributed.destroy()

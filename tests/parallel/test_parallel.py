@@ -83,3 +83,13 @@ def test_fused_attention_and_chunked_logits_equal_the_generic_paths(results, lay
     assert fused["cases"] == 2 * 2 * 2 * 2 and fused["grads_compared"] > 100
     assert fused["loss_diff"] <= 1e-6
     assert fused["grad_max_rel_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_verifiable_rewards_are_scored_once_per_replica(results, layout):
+    """Scores that differ by rank still give one set of advantages per TP x PP replica."""
+    check = results[layout]["replica_rewards"]
+    assert check["replica_size"] == {"tp1pp1": 1, "tp2pp1": 2, "tp1pp2": 2, "tp2pp2": 4}[layout]
+    assert check["reward_calls"] == 1  # the replica's first rank only
+    assert check["advantage_spread"] == 0.0 and check["advantage_abs"] > 0.05
+    assert check["failures"] == ["ValueError"] + ["ReplicaLeaderFailed"] * (check["replica_size"] - 1)

@@ -225,3 +225,98 @@ def test_non_divisible_message_suggests_valid_chunk_lengths():
 
 def test_layout_error_is_a_value_error():
     assert issubclass(LayoutError, ValueError)
+
+
+# --- document masking (reference §1.4) -----------------------------------------------------------
+def random_document_ids(batch, chunk_len, seed, boundary_rate=0.25):
+    """[batch, P] document ids with random boundaries (the first chunk holds one document), the
+    tail of the last chunk padding (-1) as a short last chunk has it."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = (torch.rand(batch, chunk_len, generator=gen) < boundary_rate).long()
+    starts[0] = 0
+    doc_ids = starts.cumsum(-1)
+    doc_ids[-1, chunk_len - max(1, chunk_len // 6):] = -1
+    return doc_ids
+
+
+def document_ids_with_every_case(layout, batch, seed):
+    """[batch, P] random document ids (one chunk holds several documents) where some rollout step
+    sees no prefix key (its document starts at or after its anchor) and, when G > 1, some block's
+    window crosses a document boundary: the cases the plain layout lacks. The first draw that has
+    them, so deterministic."""
+    P, NB = layout.chunk_len, layout.num_blocks
+    for attempt in range(100):
+        doc_ids = random_document_ids(batch, P, seed * 100 + attempt)
+        blind = ~layout.prefix_visibility(0, NB, P, doc_ids).any(dim=-1)
+        own = layout.own_visibility(doc_ids=doc_ids)
+        crossing = layout.rollout_len == 1 or not torch.equal(own, layout.own_visibility().expand_as(own))
+        if doc_ids[-1].max() > 0 and blind.any() and crossing:
+            return doc_ids
+    raise AssertionError("no draw of document ids has every case")
+
+
+def reference_document_mask(P, C, s, G, n, docs):
+    """Brute force over the roles of query and key, for one chunk's document ids (a list):
+    a chunk token sees the earlier tokens of its document; rollout token (b, i, t) belongs to the
+    document of x[a_b + t] and sees the prefix x[:a_b] of that document and its own tokens
+    t' <= t of that document."""
+    rows = _enumerate(P, C, s, G, n)
+    S = P + len(rows)
+    role = {j: ("chunk", j) for j in range(P)}
+    for index, b, i, t, anchor in rows:
+        role[index] = ("rollout", b, i, t, anchor)
+    allowed = torch.zeros(S, S, dtype=torch.bool)
+    for q in range(S):
+        for k in range(S):
+            rq, rk = role[q], role[k]
+            if rq[0] == "chunk":
+                ok = rk[0] == "chunk" and rk[1] <= rq[1] and docs[rk[1]] == docs[rq[1]]
+            else:
+                doc = docs[rq[4] + rq[3]]
+                if rk[0] == "chunk":
+                    ok = rk[1] < rq[4] and docs[rk[1]] == doc
+                else:
+                    ok = rk[1:3] == rq[1:3] and rk[3] <= rq[3] and docs[rq[4] + rk[3]] == doc
+            allowed[q, k] = ok
+    return allowed
+
+
+def reference_document_positions(P, C, s, G, n, docs):
+    """Positions restart at every document start; a rollout token takes that of x[a_b + t]."""
+    chunk = []
+    for k in range(P):
+        start = k
+        while start > 0 and docs[start - 1] == docs[k]:
+            start -= 1
+        chunk.append(k - start)
+    return chunk + [chunk[anchor + t] for _, _, _, t, anchor in _enumerate(P, C, s, G, n)]
+
+
+@pytest.mark.parametrize("settings", LAYOUTS, ids=IDS)
+def test_document_mask_and_positions_match_definition(settings):
+    layout = BlockLayout(*settings)
+    doc_ids = document_ids_with_every_case(layout, 2, seed=sum(settings))
+    mask = layout.dense_attention_mask(doc_ids)
+    positions = layout.batch_position_ids(2, doc_ids)
+    assert tuple(mask.shape) == (2, layout.packed_len, layout.packed_len)
+    assert tuple(positions.shape) == (2, layout.packed_len)
+    for row in range(2):
+        docs = doc_ids[row].tolist()
+        assert torch.equal(mask[row], reference_document_mask(*settings, docs)), row
+        assert positions[row].tolist() == reference_document_positions(*settings, docs), row
+    # the pieces the fused attention uses agree with the assembled mask
+    P, NB = layout.chunk_len, layout.num_blocks
+    assert torch.equal(mask[:, :P, :P], layout.chunk_visibility(doc_ids))
+    assert torch.equal(mask[:, P:, :P], layout.rollout_rows(layout.prefix_visibility(0, NB, P, doc_ids)))
+    own = layout.own_visibility(doc_ids=doc_ids)  # [B, NB, G, G]
+    for index, b, i, t, _ in _enumerate(*settings):
+        first = layout.rollout_index(b, i, 0)
+        assert torch.equal(mask[:, index, first:first + layout.rollout_len], own[:, b, t])
+
+
+def test_one_document_is_the_plain_layout():
+    layout = BlockLayout(32, 8, 4, 4, 2)
+    one = torch.zeros(3, 32, dtype=torch.long)
+    assert torch.equal(layout.dense_attention_mask(one), layout.dense_attention_mask().expand(3, -1, -1))
+    assert torch.equal(layout.batch_position_ids(3, one), layout.position_ids.expand(3, -1))
+    assert torch.equal(layout.batch_position_ids(3), layout.position_ids.expand(3, -1))

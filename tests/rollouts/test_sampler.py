@@ -86,3 +86,52 @@ def test_bad_settings_are_refused(model):
     with pytest.raises(ValueError, match="chunk_len"):
         sample_rollouts(net, BlockLayout(24, 4, 4, 4, 2), torch.zeros(1, 20, dtype=torch.long),
                         arch.vocab_size, SamplingSettings(0.6, 1.0))
+
+
+def _document_start(docs, k):
+    while k > 0 and docs[k - 1] == docs[k]:
+        k -= 1
+    return k
+
+
+@pytest.mark.parametrize("name", EDGE_LAYOUTS)
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 0.9)])
+def test_engine_with_documents_equals_recompute_and_stays_in_documents(model, name, temperature, top_p):
+    """Document masking (reference §1.4): the KV-cached engine draws the same tokens from the same
+    logits as the dense recompute, and every logit is that of an independent forward of the
+    document of the ground-truth token the drawn token is scored against."""
+    from tests.rollouts.test_layout import document_ids_with_every_case
+
+    net, arch = model
+    layout = BlockLayout(*EDGE_LAYOUTS[name])
+    B, NB, n, G = 2, layout.num_blocks, layout.num_samples, layout.rollout_len
+    gen = torch.Generator().manual_seed(7)
+    chunk = torch.randint(0, arch.vocab_size, (B, layout.chunk_len), generator=gen)
+    doc_ids = document_ids_with_every_case(layout, B, seed=sum(EDGE_LAYOUTS[name]))
+    uniforms = torch.rand(B, NB, n, G, generator=gen)
+    settings = SamplingSettings(temperature, top_p)
+    fast = sample_rollouts(net, layout, chunk, arch.vocab_size, settings, uniforms=uniforms, return_logits=True,
+                           doc_ids=doc_ids)
+    slow = sample_rollouts_recompute(net, layout, chunk, arch.vocab_size, settings, uniforms=uniforms,
+                                     return_logits=True, doc_ids=doc_ids)
+    assert torch.equal(fast.tokens, slow.tokens)
+    assert (fast.logits - slow.logits).abs().max() < 1e-5
+
+    def alone(sequence):
+        logits = pipeline.forward(net, sequence[None], torch.arange(len(sequence))[None], _logits(net, arch))
+        return logits[0, -1]
+
+    worst = 0.0
+    for r in range(B):
+        docs = doc_ids[r].tolist()
+        for b, anchor in enumerate(layout.anchor_positions.tolist()):
+            for i in range(n):
+                for t in range(G):
+                    if t == 0:  # drawn from the chunk row a_b - 1, which sees its own document
+                        sequence = chunk[r, _document_start(docs, anchor - 1):anchor]
+                    else:  # drawn from rollout token t - 1, which belongs to the document of x[a_b + t - 1]
+                        doc = docs[anchor + t - 1]
+                        own = [fast.tokens[r, b, i, u] for u in range(t) if docs[anchor + u] == doc]
+                        sequence = torch.cat([chunk[r, _document_start(docs, anchor + t - 1):anchor], torch.stack(own)])
+                    worst = max(worst, float((fast.logits[r, b, i, t] - alone(sequence)).abs().max()))
+    assert worst < 1e-5
