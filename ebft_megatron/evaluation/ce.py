@@ -31,7 +31,7 @@ from ebft_megatron.models.attention import BlockAttentionParams
 from ebft_megatron.models.output import model_output
 from ebft_megatron.objective.loss import next_token_nll, real_targets
 from ebft_megatron.rollouts.layout import document_causal_visibility, document_position_ids
-from ebft_megatron.runtime import pipeline
+from ebft_megatron.runtime import pipeline, watchdog
 from ebft_megatron.runtime.distributed import sum_over_data_parallel
 
 
@@ -81,6 +81,7 @@ def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
     device = model_device(model)
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     for batch in micro_batches(replica_share(len(chunks)), micro_batch_size):
+        watchdog.progress()  # a long evaluation is not a stall
         index = torch.tensor(batch)
         chunk, lengths = chunks.tokens[index].to(device), chunks.lengths[index]
         response = None if response_mask is None else response_mask[index]

@@ -31,6 +31,7 @@ from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation.files import atomic_write
 from ebft_megatron.evaluation.sharding import replica_share
+from ebft_megatron.runtime import watchdog
 from ebft_megatron.features.network import FeatureMoments, embed
 from ebft_megatron.objective.rewards import alignment_and_diversity, cfm_loss
 from ebft_megatron.rollouts.layout import BlockLayout
@@ -132,6 +133,7 @@ def feature_matching_curve(feature_model, layout: BlockLayout, chunks: PackedChu
     check_layout(layout, chunks)
     sums = _CurveSums(layout.rollout_len)
     for batch in micro_batches(replica_share(len(chunks)), micro_batch_size):
+        watchdog.progress()  # a long evaluation is not a stall
         index = torch.tensor(batch)
         valid = layout.valid_blocks(chunks.lengths[index])
         keep = valid.any(dim=1)  # the same on every rank: it depends on the data only
