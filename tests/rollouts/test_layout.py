@@ -117,24 +117,9 @@ def test_rollout_predictor_index(settings):
 
 
 def _reference_mask(P, C, s, G, n):
-    """Brute force: allowed[q, k] from the roles of q and k."""
-    rows = _enumerate(P, C, s, G, n)
-    S = P + len(rows)
-    role = {j: ("chunk", j) for j in range(P)}
-    for index, b, i, t, anchor in rows:
-        role[index] = ("rollout", b, i, t, anchor)
-    allowed = torch.zeros(S, S, dtype=torch.bool)
-    for q in range(S):
-        for k in range(S):
-            rq, rk = role[q], role[k]
-            if rq[0] == "chunk":
-                ok = rk[0] == "chunk" and rk[1] <= rq[1]
-            elif rk[0] == "chunk":
-                ok = rk[1] < rq[4]
-            else:
-                ok = rk[1:3] == rq[1:3] and rk[3] <= rq[3]
-            allowed[q, k] = ok
-    return allowed
+    """Brute force: allowed[q, k] from the roles of q and k (one document: see
+    :func:`reference_document_mask`)."""
+    return reference_document_mask(P, C, s, G, n, [0] * P)
 
 
 @pytest.mark.parametrize("settings", LAYOUTS, ids=IDS)
