@@ -19,7 +19,7 @@ setup(
     extras_require={
         # Transformer Engine for FP8/bf16 kernels on Hopper; needs a CUDA build of torch.
         "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest"],
+        "test": ["pytest", "hypothesis==6.170.17"],
     },
     entry_points={
         "console_scripts": [

@@ -237,7 +237,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
             mark = getattr(err, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark is not None else ""
             if isinstance(err, yaml.reader.ReaderError):  # a character YAML refuses; the error has its offset
-                line = " line %d" % (text.count("\n", 0, err.position) + 1)
+                line = " line " + str(text.count("\n", 0, err.position) + 1)
             # a reader error's text runs over two lines; its first line says the problem
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"{path}:{line} is not valid YAML ({problem})") from None

@@ -13,6 +13,7 @@ field's type (:func:`coerce`); values given in code must have it already. Errors
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, ClassVar, Literal, Optional
@@ -102,7 +103,8 @@ def coerce(value: Any, annotation, where: str, error=ConfigError) -> Any:
             number = float(value)
         except ValueError:
             return value
-        return int(number) if number == int(number) else value
+        # inf and nan are floats without an integer value: left as they are, the type check names them
+        return int(number) if math.isfinite(number) and number == int(number) else value
     if inner is float and isinstance(value, (str, int)) and not isinstance(value, bool):
         try:
             return float(value)
@@ -116,7 +118,10 @@ def coerce(value: Any, annotation, where: str, error=ConfigError) -> Any:
         if isinstance(value, str):
             import yaml
 
-            value = yaml.safe_load(value) if value.strip() else []
+            try:
+                value = yaml.safe_load(value) if value.strip() else []
+            except (yaml.YAMLError, ValueError, RecursionError):
+                raise error(f"{where}: {value!r} is not a YAML list; write it as [a, b]") from None
             if isinstance(value, (str, int, float)):
                 value = [value]
         if isinstance(value, tuple):
@@ -186,9 +191,12 @@ def build(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: section '{cls.section}' must be a mapping of settings, got {values!r}")
     types_ = field_types(cls)
-    unknown = sorted(set(values) - set(types_))
+    # YAML keys may be numbers or hold line breaks: sorted as text, shown quoted unless printable
+    unknown = sorted(set(values) - set(types_), key=str)
     if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(f'{cls.section}.{k}' for k in unknown)}; "
+        shown = [f"{cls.section}.{k}" if isinstance(k, str) and k.isprintable() else f"{cls.section}.{k!r}"
+                 for k in unknown]
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(shown)}; "
                           f"valid ones: {', '.join(f'{cls.section}.{k}' for k in types_)}")
     kwargs = {key: coerce(value, types_[key], f"{where}: {cls.section}.{key}", cls.error)
               for key, value in values.items()}

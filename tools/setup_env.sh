@@ -20,4 +20,11 @@ if ! "$VENV/bin/python" -c "import ebft_megatron, megatron.core, transformers, p
   echo "[setup] installing ebft_megatron and its requirements"
   "$VENV/bin/python" -m pip install -q -e ".[test]"
 fi
+# tests/fuzz: pinned (also in setup.py's test extra), so that its derandomized examples are the
+# same on every machine; installed here too for environments made before it was added
+HYPOTHESIS_SPEC=hypothesis==6.170.17
+if ! "$VENV/bin/python" -c "import hypothesis, sys; sys.exit(hypothesis.__version__ != '${HYPOTHESIS_SPEC#*==}')" 2>/dev/null; then
+  echo "[setup] installing $HYPOTHESIS_SPEC"
+  "$VENV/bin/python" -m pip install -q "$HYPOTHESIS_SPEC"
+fi
 echo "[setup] ready: $VENV/bin/python"

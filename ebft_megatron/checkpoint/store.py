@@ -14,16 +14,18 @@ rank has finished, so a kill during a save never leaves a folder that looks comp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import typing
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from ebft_megatron.errors import UserError
-from ebft_megatron.models.architecture import ModelArchitecture
+from ebft_megatron.models.architecture import Llama3RopeScaling, ModelArchitecture
 
 FORMAT = "ebft_megatron.checkpoint"
 VERSION = 1
@@ -94,22 +96,85 @@ def read_meta(ckpt_dir: str | Path) -> dict:
         raise CheckpointError(
             f"checkpoint {ckpt} is incomplete or not an ebft_megatron checkpoint: {META_FILE} is missing"
         )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checkpoint {ckpt}: {META_FILE} is corrupt ({err})") from None
-    if meta.get("format") != FORMAT or not meta.get("complete"):
+    meta = read_json(meta_path, f"checkpoint {ckpt}: {META_FILE}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not meta.get("complete"):
         raise CheckpointError(f"checkpoint {ckpt}: {META_FILE} does not mark a complete {FORMAT}")
-    if meta.get("version", 0) > VERSION:
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"checkpoint {ckpt}: {META_FILE} has version {version!r}, not a format version number; "
+                              "convert or save the checkpoint again")
+    if version > VERSION:
         raise CheckpointError(f"checkpoint {ckpt} has format version {meta['version']}; this ebft_megatron reads <= {VERSION}")
+    # what the readers of the metadata take as they are (architecture_of, stored_dtype)
+    if not isinstance(meta.get("architecture"), dict):
+        raise CheckpointError(f"checkpoint {ckpt}: {META_FILE} has no 'architecture' object (got "
+                              f"{meta.get('architecture')!r}); convert or save the checkpoint again")
+    if not isinstance(meta.get("dtype", ""), str):
+        raise CheckpointError(f"checkpoint {ckpt}: {META_FILE} has dtype {meta['dtype']!r}, not a dtype name; convert "
+                              "or save the checkpoint again")
     model_dir = ckpt / "model"
     if not (model_dir / ".metadata").is_file():
         raise CheckpointError(f"checkpoint {ckpt}: model/.metadata is missing; the weights are incomplete")
     return meta
 
 
+def read_json(path: Path, name: str):
+    """The JSON value in ``path``; a CheckpointError, starting with ``name``, when it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # bad JSON, bad UTF-8, or a number of thousands of digits that Python will not hold
+        problem = str(err).split(";")[0]
+    except RecursionError:
+        problem = "nested too deeply"
+    raise CheckpointError(f"{name} is corrupt ({problem}); the checkpoint must be written again")
+
+
 def architecture_of(ckpt_dir: str | Path) -> ModelArchitecture:
-    return ModelArchitecture.from_json(read_meta(ckpt_dir)["architecture"])
+    data = read_meta(ckpt_dir)["architecture"]
+    where = f"checkpoint {ckpt_dir}: {META_FILE}: architecture"
+    _check_keys(ModelArchitecture, data, where)
+    if data.get("rope_scaling") is not None:
+        _check_keys(Llama3RopeScaling, data["rope_scaling"], f"{where}.rope_scaling")
+    arch = ModelArchitecture.from_json(data)
+    _check_fields(arch, where)
+    return arch
+
+
+def _check_keys(cls, data, where: str) -> None:
+    """``data`` is an object with the fields of the dataclass ``cls``: no unknown ones, none missing."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where} is {data!r}, not an object; convert the checkpoint again")
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(data) - {f.name for f in fields})
+    missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if unknown or missing:
+        problems = [f"unknown key(s) {unknown}"] if unknown else []
+        problems += [f"missing key(s) {missing}"] if missing else []
+        raise CheckpointError(f"{where}: {' and '.join(problems)}; convert the checkpoint again")
+
+
+def _check_fields(described, where: str) -> None:
+    """Each field of a dataclass read from JSON has its declared type, and its sizes are positive:
+    the model is built from them far from here."""
+    hints = typing.get_type_hints(type(described))
+    for f in dataclasses.fields(described):
+        value, kind = getattr(described, f.name), hints[f.name]
+        optional = type(None) in typing.get_args(kind)
+        if optional:
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
+            if value is None:
+                continue
+        if dataclasses.is_dataclass(kind) and isinstance(value, kind):
+            _check_fields(value, f"{where}.{f.name}")
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        fits = {int: isinstance(value, int) and number, float: number}.get(kind, isinstance(value, kind))
+        if fits and number and not optional and not value > 0:
+            fits = False
+        if not fits:
+            expected = f"a positive {kind.__name__}" if kind in (int, float) and not optional else kind.__name__
+            raise CheckpointError(f"{where}.{f.name} is {value!r}, expected {expected}; convert the checkpoint again")
 
 
 def save_checkpoint(

@@ -143,6 +143,12 @@ def _json_records(path: Path, problems: _Problems) -> Iterator[tuple[int, dict]]
         except json.JSONDecodeError as err:
             problems.bad("malformed JSON", where, f"not valid JSON ({err.msg} at column {err.colno})", "fix the line")
             continue
+        except ValueError as err:  # valid JSON that Python will not hold: a number of thousands of digits
+            problems.bad("malformed JSON", where, f"not readable JSON ({str(err).split(';')[0]})", "fix the line")
+            continue
+        except RecursionError:
+            problems.bad("malformed JSON", where, "not readable JSON (nested too deeply)", "fix the line")
+            continue
         if not isinstance(record, dict):
             problems.bad("malformed JSON", where, f"expected a JSON object, got a JSON {type(record).__name__}",
                          "write one object per line")
@@ -164,6 +170,12 @@ def _string_fields(record: dict, keys: list[tuple[str, str]], where: str, proble
         if not isinstance(value, str):
             problems.bad("not a string", where, f"key {key!r} holds a {type(value).__name__}, expected a string",
                          "fix the line")
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate escape ("\ud800"): not text; tokenizers refuse it
+            problems.bad("not UTF-8", where, f"key {key!r} holds the lone surrogate escape {value[err.start]!r} at "
+                         f"character {err.start + 1}, which is not text", "fix the line")
             return None
         values.append(value)
     return values

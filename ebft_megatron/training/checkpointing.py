@@ -45,7 +45,66 @@ def _is_good(ckpt: Path) -> Optional[str]:
         return f"{ckpt} has no {TRAINER_STATE}"
     if not (ckpt / "optimizer").is_dir():
         return f"{ckpt} has no optimizer state"
+    try:
+        read_trainer_state(ckpt)
+    except CheckpointError as err:
+        return str(err)
     return None
+
+
+# What resuming reads from the trainer state (training.loop and megatron's LR scheduler), each with
+# the types it must have; anything else in it (the run's config, ...) is kept for the record only.
+_INTEGER, _NUMBER, _TEXT = (("an integer", (int,)), ("a number", (int, float)), ("a string", (str,)))
+_STATE_FIELDS = {"step": _INTEGER, "loader": ("an object", (dict,)), "scheduler": ("an object", (dict,)),
+                 "rng_by_dp": ("an object", (dict,))}
+_OPTIONAL_FIELDS = {"seed": _INTEGER, "skipped_steps": _INTEGER}
+_LOADER_FIELDS = {"epoch": _INTEGER, "position": _INTEGER}
+_SCHEDULER_FIELDS = {"max_lr": _NUMBER, "min_lr": _NUMBER, "lr_warmup_steps": _NUMBER, "lr_decay_steps": _NUMBER,
+                     "lr_decay_style": _TEXT, "num_steps": _NUMBER, "start_wd": _NUMBER, "end_wd": _NUMBER,
+                     "wd_incr_steps": _NUMBER, "wd_incr_style": _TEXT}
+
+
+def read_trainer_state(ckpt: str | Path) -> dict:
+    """``trainer_state.json`` of a training checkpoint, with what resuming needs checked."""
+    path = Path(ckpt) / TRAINER_STATE
+    name = f"checkpoint {ckpt}: {TRAINER_STATE}"
+    state = store.read_json(path, name)
+
+    def check(holder: dict, fields: dict, prefix: str, required: bool = True) -> None:
+        for key, (expected, types) in fields.items():
+            if key not in holder and not required:
+                continue
+            value = holder.get(key)
+            if not isinstance(value, types) or isinstance(value, bool):
+                shown = f"{prefix}{key}" if key.isprintable() else f"{prefix}{key!r}"  # a DP rank key may be junk
+                raise CheckpointError(f"{name}: {shown} is {value!r}, expected {expected}; the state is corrupt, "
+                                      "resume from another checkpoint")
+
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{name}: expected a JSON object, got a {type(state).__name__}; the state is corrupt, "
+                              "resume from another checkpoint")
+    check(state, _STATE_FIELDS, "")
+    check(state, _OPTIONAL_FIELDS, "", required=False)
+    check(state["loader"], _LOADER_FIELDS, "loader.")
+    check(state["scheduler"], _SCHEDULER_FIELDS, "scheduler.")
+    check(state["rng_by_dp"], {dp_rank: _TEXT for dp_rank in state["rng_by_dp"]}, "rng_by_dp.")
+    return state
+
+
+def restore_generator(state: dict, generator: torch.Generator, dp_rank: int, ckpt: str | Path) -> None:
+    """This DP rank's rollout RNG as saved, or a fresh reproducible stream for a rank that did not exist."""
+    rng = state["rng_by_dp"].get(str(dp_rank))
+    if rng is None:
+        # more DP ranks than when saved: derive a fresh, still reproducible stream for this rank (torch takes
+        # seeds modulo 2**64, but refuses larger ones)
+        generator.manual_seed((int(state.get("seed", 0)) * 1000003 + dp_rank + 7919 * state["step"]) % (1 << 64))
+        return
+    try:
+        generator.set_state(_decode_rng(rng))
+    except (ValueError, RuntimeError) as err:  # not base64, or not the state of this kind of generator
+        problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {ckpt}: {TRAINER_STATE}: rng_by_dp.{dp_rank} is not a random generator "
+                              f"state ({problem}); resume from another checkpoint") from None
 
 
 def training_checkpoints(save_dir: str | Path) -> list[Path]:
@@ -91,7 +150,7 @@ def _encode_rng(state: torch.Tensor) -> str:
 def _decode_rng(text: str) -> torch.Tensor:
     import numpy as np
 
-    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text, validate=True), dtype=np.uint8).copy())
 
 
 def _gather_rng_by_dp(generator: torch.Generator) -> dict[str, str]:
@@ -196,11 +255,6 @@ def load_training_checkpoint(ckpt: str | Path, policy, optimizer, generator: tor
                                   f"({store.describe_read_error(err)})") from err
     except CheckpointError as err:
         raise CheckpointError(f"{err}{_earlier_good_hint(ckpt)}") from err
-    state = json.loads((ckpt / TRAINER_STATE).read_text())
-    rng = state["rng_by_dp"].get(str(parallel_info().dp_rank))
-    if rng is None:
-        # more DP ranks than when saved: derive a fresh, still reproducible stream for this rank
-        generator.manual_seed(int(state.get("seed", 0)) * 1000003 + parallel_info().dp_rank + 7919 * state["step"])
-    else:
-        generator.set_state(_decode_rng(rng))
+    state = read_trainer_state(ckpt)  # checked by check_resumable; read again as it is now
+    restore_generator(state, generator, parallel_info().dp_rank, ckpt)
     return state
