@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-FAMILIES = ("llama", "qwen2", "mistral")
+# Qwen3 twice: untied and tied output layer. Its head_dim (32) is not hidden/heads (16), and its q/k
+# norm weights are random (around 1), so that a norm skipped, swapped or sharded wrongly
+# changes the logits. Heads, KV heads and layers are even: every family shards at TP2 and PP2.
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "qwen3_tied")
 TOKENIZER_CORPUS = (
     "def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, item):\n"
     "        self.items.append(item)\n    def pop(self):\n        return self.items.pop()\n"
@@ -33,18 +36,23 @@ def make_tokenizer(out_dir: str | Path, vocab_size: int = 300) -> Path:
 
 def make_tiny_hf(family: str, out_dir: str | Path, seed: int = 0, vocab_size: int = 300,
                  num_layers: int = 4, tie: bool | None = None, with_tokenizer: bool = True) -> Path:
-    """A tiny random HF model of ``family`` with weights drawn N(0, 0.2) (so logits are not flat)."""
+    """A tiny random HF model of ``family`` (one of FAMILIES) with weights drawn N(0, 0.2) (so logits
+    are not flat); Qwen3's q/k norm weights are drawn around 1 instead, so that they shape the
+    attention scores rather than shrink them towards uniform attention."""
     import torch
     import transformers as tf
 
+    qwen3 = (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(rope_theta=1e6, head_dim=32, rms_norm_eps=1e-6))
     cls = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(rope_theta=5e5)),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(rope_theta=1e6)),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(rope_theta=1e4, sliding_window=None)),
+        "qwen3": qwen3,
+        "qwen3_tied": qwen3,
     }
     config_cls, model_cls, extra = cls[family]
     if tie is None:
-        tie = family == "llama"
+        tie = family in ("llama", "qwen3_tied")
     config = config_cls(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -53,8 +61,11 @@ def make_tiny_hf(family: str, out_dir: str | Path, seed: int = 0, vocab_size: in
     torch.manual_seed(seed)
     model = model_cls(config).float()
     with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.2)
+        for name, param in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.normal_(1.0, 0.5)
+            else:
+                param.normal_(0.0, 0.2)
     out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir))
     if with_tokenizer:

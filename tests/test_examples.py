@@ -28,6 +28,7 @@ def hf_config(name):
 NAMED = {
     "ebft_qwen2.5_1.5b.yaml": (hf_config("qwen2.5-1.5b"), 8, 1.54),
     "ebft_qwen2.5_7b.yaml": (hf_config("qwen2.5-7b"), 8, 7.6),
+    "ebft_qwen3_8b.yaml": (hf_config("qwen3-8b"), 8, 8.19),
     "ebft_70b_tp8pp4.yaml": (hf_config("llama-3-70b"), 32, 70.6),
     "ebft_translation_llama3.2_1b.yaml": (hf_config("llama-3.2-1b"), 8, 1.24),
     "ebft_smollm2_stdlib.yaml": (hf_config("smollm2-135m"), 2, 0.135),
@@ -39,6 +40,7 @@ def parameters(arch) -> float:
     """Parameters in billions (the memory estimates in the configs' comments start from these)."""
     h, q, kv = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
     layer = 2 * h * q + 2 * h * kv + 3 * h * arch.ffn_hidden_size + 2 * h + ((q + 2 * kv) if arch.qkv_bias else 0)
+    layer += 2 * arch.head_dim if arch.qk_norm else 0
     embeddings = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
     return (arch.num_layers * layer + embeddings + h) / 1e9
 
@@ -78,12 +80,19 @@ def test_layout_fits_the_named_model(name):
 
 
 def test_stated_tensor_parallel_limits():
-    """What the comments claim: Qwen2.5-7B allows TP 1, 2 or 4 (4 KV heads), the 70B layout TP <= 8."""
+    """What the comments claim: Qwen2.5-7B allows TP 1, 2 or 4 (4 KV heads), Qwen3-8B TP up to 8 (8 KV
+    heads), the 70B layout TP <= 8."""
     qwen7b = from_hf_config(NAMED["ebft_qwen2.5_7b.yaml"][0])
     for tp in (1, 2, 4):
         qwen7b.check_parallel(tp, 1)
     with pytest.raises(ModelConfigError, match="num_key_value_heads=4"):
         qwen7b.check_parallel(8, 1)
+    qwen3_8b = from_hf_config(NAMED["ebft_qwen3_8b.yaml"][0])
+    assert qwen3_8b.qk_norm and qwen3_8b.head_dim == 128
+    for tp in (1, 2, 4, 8):
+        qwen3_8b.check_parallel(tp, 1)
+    with pytest.raises(ModelConfigError, match="num_key_value_heads=8"):
+        qwen3_8b.check_parallel(16, 1)
     llama70b = from_hf_config(NAMED["ebft_70b_tp8pp4.yaml"][0])
     with pytest.raises(ModelConfigError, match="num_key_value_heads=8"):
         llama70b.check_parallel(16, 4)

@@ -5,7 +5,8 @@
   python tools/convert_checkpoint.py mcore-to-hf --ckpt CKPT --out HF
 
 The megatron checkpoint loads at any tensor/pipeline parallel layout. Supported families: Llama,
-Qwen2, Mistral. The output path must not exist; nothing is left behind on failure.
+Qwen2, Mistral, Qwen3 (dense; Qwen3-MoE is refused). The output path must not exist; nothing is
+left behind on failure.
 """
 
 import argparse

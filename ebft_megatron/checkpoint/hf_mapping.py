@@ -1,8 +1,9 @@
-"""Hugging Face <-> megatron-core (local spec, TP1) state-dict mapping for Llama/Qwen2/Mistral.
+"""Hugging Face <-> megatron-core (local spec, TP1) state-dict mapping for Llama/Qwen2/Mistral/Qwen3.
 
-The three families share one mapping; they differ only in what the architecture says (q/k/v bias,
-tied embeddings). Resharding to TP/PP > 1 is not done here: the TP1 model is saved as a dist
-checkpoint, and dist_checkpointing reshards on load.
+The families share one mapping; they differ only in what the architecture says (q/k/v bias,
+Qwen3's per-head q/k norms, tied embeddings). The q/k norm weights are [head_dim] vectors used by
+every head, so they are copied as they are (and replicated across TP). Resharding to TP/PP > 1 is
+not done here: the TP1 model is saved as a dist checkpoint, and dist_checkpointing reshards on load.
 
 Megatron's fused ``linear_qkv`` interleaves per query group: for each group g,
 [q heads of g; k_g; v_g]. SwiGLU's ``linear_fc1`` is [gate; up].
@@ -60,16 +61,36 @@ def expected_hf_keys(arch: ModelArchitecture) -> list[str]:
             if arch.qkv_bias:
                 keys.append(p + f"self_attn.{name}.bias")
         keys.append(p + "self_attn.o_proj.weight")
+        if arch.qk_norm:
+            keys += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
         keys += [p + f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
     return keys
 
 
+def _some(names: list) -> str:
+    more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
+    return ", ".join(names[:5]) + more
+
+
+def _ignorable(name: str, arch: ModelArchitecture) -> bool:
+    """HF tensors that carry nothing the model needs: rotary tables some older checkpoints saved,
+    and an output matrix stored next to the embedding it is tied to."""
+    return name.endswith("rotary_emb.inv_freq") or (arch.tie_word_embeddings and name == "lm_head.weight")
+
+
 def hf_to_mcore(hf: dict, arch: ModelArchitecture) -> dict:
     """HF tensors -> megatron TP1 state dict (local spec names)."""
-    missing = [k for k in expected_hf_keys(arch) if k not in hf]
+    expected = expected_hf_keys(arch)
+    missing = [k for k in expected if k not in hf]
     if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise MappingError(f"the HF weights lack {', '.join(missing[:5])}{more}")
+        raise MappingError(f"the HF weights lack {_some(missing)}")
+    # a tensor the mapping would not read means config.json describes another model (e.g. q/k
+    # norms, biases): converting would silently drop weights
+    known = set(expected)
+    unused = sorted(k for k in hf if k not in known and not _ignorable(k, arch))
+    if unused:
+        raise MappingError(f"the HF weights hold tensors that a {arch.hf_architecture} with this config.json does "
+                           f"not have: {_some(unused)}; config.json and the weights do not match")
     V = arch.padded_vocab_size
     out = {
         "embedding.word_embeddings.weight": _pad_rows(hf["model.embed_tokens.weight"], V),
@@ -90,6 +111,9 @@ def hf_to_mcore(hf: dict, arch: ModelArchitecture) -> dict:
                 hf[attn + "q_proj.bias"], hf[attn + "k_proj.bias"], hf[attn + "v_proj.bias"], arch
             )
         out[m + "self_attention.linear_proj.weight"] = hf[attn + "o_proj.weight"]
+        if arch.qk_norm:
+            out[m + "self_attention.q_layernorm.weight"] = hf[attn + "q_norm.weight"]
+            out[m + "self_attention.k_layernorm.weight"] = hf[attn + "k_norm.weight"]
         out[m + "mlp.linear_fc1.weight"] = torch.cat(
             [hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]], dim=0
         )
@@ -117,6 +141,9 @@ def mcore_to_hf(mc: dict, arch: ModelArchitecture) -> dict:
             q, k, v = _split_qkv(mc[m + "self_attention.linear_qkv.bias"], arch)
             out[attn + "q_proj.bias"], out[attn + "k_proj.bias"], out[attn + "v_proj.bias"] = q, k, v
         out[attn + "o_proj.weight"] = mc[m + "self_attention.linear_proj.weight"]
+        if arch.qk_norm:
+            out[attn + "q_norm.weight"] = mc[m + "self_attention.q_layernorm.weight"]
+            out[attn + "k_norm.weight"] = mc[m + "self_attention.k_layernorm.weight"]
         gate, up = mc[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
         out[h + "mlp.gate_proj.weight"] = gate
         out[h + "mlp.up_proj.weight"] = up

@@ -1,7 +1,8 @@
 """Hugging Face ``config.json`` -> a validated, family-independent description of the model.
 
-Supported families: Llama (incl. Llama-3 rope scaling), Qwen2 (q/k/v bias) and Mistral. Anything
-else is refused here, before a model is built, with the list of what is supported.
+Supported families: Llama (incl. Llama-3 rope scaling), Qwen2 (q/k/v bias), Mistral and Qwen3
+dense (per-head q/k RMSNorm, explicit head_dim). Anything else, Qwen3-MoE included, is refused
+here, before a model is built, with the list of what is supported.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
+    "Qwen3ForCausalLM": "qwen3",
 }
+
+# Families whose attention RMS-normalises each head's query and key (own weights of head_dim,
+# shared by all heads) before the rotary embedding.
+QK_NORM_FAMILIES = ("qwen3",)
 
 # The padded vocabulary is a multiple of this, independent of TP, so that a checkpoint has the same
 # tensor shapes at every TP size (TP must divide it). 128 is megatron-LM's default granule.
@@ -57,6 +63,8 @@ class ModelArchitecture:
     sliding_window: Optional[int] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
+    # defaults to off so that checkpoints written before the field existed still describe their model
+    qk_norm: bool = False
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -115,14 +123,13 @@ def from_hf_config(config: dict, source: str = "config.json") -> ModelArchitectu
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None:
+    if arch is None and not archs:
+        # model_type only when the config names no architecture: a named one that is not ours
+        # (e.g. Qwen3MoeForCausalLM) must not pass as its dense relative
         by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
         arch = by_type.get(model_type)
     if arch is None:
-        raise ModelConfigError(
-            f"{source}: unsupported architecture {archs or model_type!r}; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+        raise ModelConfigError(unsupported_message(archs or model_type, source))
     family = SUPPORTED_ARCHITECTURES[arch]
     hidden = int(_require(config, "hidden_size", source))
     heads = int(_require(config, "num_attention_heads", source))
@@ -154,14 +161,26 @@ def from_hf_config(config: dict, source: str = "config.json") -> ModelArchitectu
 
     if family == "qwen2":
         qkv_bias = True
+    elif family == "qwen3":
+        # Qwen3's attention_bias puts a bias on o_proj as well, which the model has no place for
+        if config.get("attention_bias"):
+            raise ModelConfigError(f"{source}: attention_bias=true is not supported for Qwen3")
+        qkv_bias = False
     else:
         qkv_bias = bool(config.get("attention_bias", False))
     if family != "qwen2" and config.get("mlp_bias"):
         raise ModelConfigError(f"{source}: mlp_bias=true is not supported")
 
     sliding_window = config.get("sliding_window")
-    if family == "qwen2" and not config.get("use_sliding_window", False):
+    if family in ("qwen2", "qwen3") and not config.get("use_sliding_window", False):
         sliding_window = None
+    if family == "qwen3":
+        # the model attends over the whole sequence in every layer; a Qwen3 that windows some
+        # layers would silently compute something else
+        windowed = [t for t in config.get("layer_types") or () if t != "full_attention"]
+        if sliding_window is not None or windowed:
+            raise ModelConfigError(f"{source}: sliding-window attention (use_sliding_window=true) is not supported "
+                                   "for Qwen3")
 
     eos = config.get("eos_token_id")
     if isinstance(eos, list):
@@ -186,7 +205,17 @@ def from_hf_config(config: dict, source: str = "config.json") -> ModelArchitectu
         sliding_window=int(sliding_window) if sliding_window else None,
         bos_token_id=config.get("bos_token_id"),
         eos_token_id=eos,
+        qk_norm=family in QK_NORM_FAMILIES,
     )
+
+
+def unsupported_message(name, source: str) -> str:
+    """One error line: what the config names, and every architecture that is supported."""
+    supported = ", ".join(f"{a} ({f})" for a, f in SUPPORTED_ARCHITECTURES.items())
+    names = name if isinstance(name, list) else [name]
+    moe = any("moe" in str(n).lower() for n in names)
+    why = " (mixture-of-experts models are not supported)" if moe else ""
+    return f"{source}: unsupported architecture {name!r}{why}; supported: {supported}"
 
 
 def load_hf_config(hf_dir: str | Path) -> tuple[dict, ModelArchitecture]:

@@ -8,6 +8,12 @@
   care. :func:`model_forward` does the expansion, callers pass [b, s].
 - Llama-3 rope scaling: the scaled inverse frequencies are computed here and set on the rotary
   module.
+- Qwen3's per-head q/k RMSNorm is megatron's ``qk_layernorm``: megatron's SelfAttention applies the
+  spec's ``q_layernorm``/``k_layernorm`` to each head's query and key before the rotary embedding,
+  on every path (the KV-cached decode included), and ``finalize_model_grads`` sums their
+  gradients over TP (each rank normalises only its own heads). The weights are [head_dim],
+  replicated across TP; ``kv_channels`` is the config's head_dim, which may differ from
+  hidden/heads.
 - Padded vocabulary: the embedding/output have ``padded_vocab_size`` rows (a TP-independent
   multiple of 128); the padded logits are set to -inf so that softmax, cross entropy and sampling
   see exactly the model's real vocabulary.
@@ -58,6 +64,7 @@ def transformer_config(arch: ModelArchitecture, tp: int, pp: int, params_dtype=t
         use_te_activation_func=True,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         mrope_section=[arch.head_dim // 2, 0, 0],
@@ -111,16 +118,23 @@ def sequence_parallel_overrides(enabled: bool) -> dict:
     return {"sequence_parallel": True}
 
 
-def layer_spec(use_te: bool):
-    """The layer spec with our layer parts and core attention plugged in."""
+def layer_spec(use_te: bool, qk_norm: bool = False):
+    """The layer spec with our layer parts and core attention plugged in; ``qk_norm`` adds the
+    per-head query/key RMSNorm (Qwen3)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if use_te:  # TE fuses the norms into its linear layers
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    # TE fuses the norms into its linear layers, and normalises q/k with its own norm, which (unlike
+    # layers.RMSNorm) also runs under sequence parallelism
+    if use_te:
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
         spec.submodules.input_layernorm = layers.RMSNorm
         spec.submodules.pre_mlp_layernorm = layers.RMSNorm
+        if qk_norm:
+            # over the last dimension, so on [s, b, heads, head_dim] it normalises each head
+            spec.submodules.self_attention.submodules.q_layernorm = layers.RMSNorm
+            spec.submodules.self_attention.submodules.k_layernorm = layers.RMSNorm
     attention = spec.submodules.self_attention
     attention.module = layers.self_attention_class()
     attention.submodules.core_attention = BlockCoreAttention
@@ -215,7 +229,7 @@ def build_model(
     is_last = ps.is_pipeline_last_stage()
     model = _gpt_model_class()(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=layer_spec(use_te, arch.qk_norm),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),

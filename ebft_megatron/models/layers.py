@@ -4,6 +4,8 @@ is what bounds a step's memory.
 
 - :class:`RMSNorm`: keeps its input and the per-token inverse RMS (h + 1 values per token); the
   normalised input is recomputed in backward. torch's RMSNorm keeps the normalised input too.
+  As Qwen3's per-head q/k norm it keeps a contiguous copy of the key: the key megatron hands it
+  is a view of the fused qkv projection's output, which would otherwise stay alive whole.
 - :class:`SwiGLU`: the gated activation as one function of the fc1 output [.., 2f] that keeps only
   that input; megatron's unfused path keeps the input, silu(x1), a copy of x2 and the product's
   operands (5f per token where this keeps 2f).
@@ -54,7 +56,8 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
 
     def forward(self, x):
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        # a view (the key split from the fused qkv output) would keep its whole buffer for backward
+        return _RMSNormFunction.apply(x.contiguous(), self.weight, self.eps)
 
 
 class _SwiGLUFunction(torch.autograd.Function):

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,28 @@ def test_round_trip_gives_identical_tensors(family, tiny_models, tmp_path):
 
     AutoModelForCausalLM.from_pretrained(str(back))  # transformers loads what we wrote
     assert (back / "tokenizer.json").is_file()
+
+
+def test_qwen3_norms_map_one_to_one_and_weights_that_do_not_fit_the_config_are_refused(tiny_models):
+    from ebft_megatron.checkpoint import hf_mapping
+    from ebft_megatron.models.architecture import load_hf_config
+
+    hf_dir = tiny_models["qwen3"][0]
+    hf = convert.read_hf_weights(hf_dir)
+    _, arch = load_hf_config(hf_dir)
+    mc = hf_mapping.hf_to_mcore(hf, arch)
+    for i in range(arch.num_layers):
+        for ours, theirs in (("q_layernorm", "q_norm"), ("k_layernorm", "k_norm")):
+            tensor = mc[f"decoder.layers.{i}.self_attention.{ours}.weight"]
+            assert tensor.shape == (arch.head_dim,) and tensor is hf[f"model.layers.{i}.self_attn.{theirs}.weight"]
+    # weights without the norms (a Qwen2-like folder labelled Qwen3), and norms the config does not
+    # describe (Qwen3 weights labelled Qwen2): neither converts silently
+    without = {k: v for k, v in hf.items() if not k.endswith(("q_norm.weight", "k_norm.weight"))}
+    with pytest.raises(hf_mapping.MappingError, match="lack model.layers.0.self_attn.q_norm.weight"):
+        hf_mapping.hf_to_mcore(without, arch)
+    as_qwen2 = replace(arch, family="qwen2", hf_architecture="Qwen2ForCausalLM", qk_norm=False)
+    with pytest.raises(hf_mapping.MappingError, match="q_norm.weight.*do not match"):
+        hf_mapping.hf_to_mcore(hf, as_qwen2)
 
 
 def _megatron_logits(ckpt, tokens):

@@ -58,3 +58,50 @@ def test_llama3_rope_scaling_parsed():
     assert arch.rope_scaling.factor == 32.0
     with pytest.raises(ModelConfigError, match="yarn"):
         from_hf_config(dict(BASE, architectures=["LlamaForCausalLM"], rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+
+
+QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, intermediate_size=12288, num_hidden_layers=36,
+                vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=36)
+
+
+def test_qwen3_dense_is_parsed_with_qk_norm_and_its_own_head_dim():
+    arch = from_hf_config(QWEN3_8B)
+    assert (arch.family, arch.qk_norm, arch.qkv_bias, arch.sliding_window) == ("qwen3", True, False, None)
+    assert (arch.head_dim, arch.num_query_groups, arch.rope_theta, arch.norm_eps) == (128, 8, 1e6, 1e-6)
+    assert not arch.tie_word_embeddings
+    # head_dim is read, not derived: Qwen3-0.6B has 16 heads of 128 on a hidden size of 1024
+    small = from_hf_config(dict(QWEN3_8B, hidden_size=1024, num_attention_heads=16, tie_word_embeddings=True))
+    assert small.head_dim == 128 and small.tie_word_embeddings
+    # older families keep qk_norm off, and checkpoints written before the field still load
+    assert not from_hf_config(dict(BASE, architectures=["Qwen2ForCausalLM"])).qk_norm
+    legacy = from_hf_config(QWEN3_8B).to_json()
+    legacy.pop("qk_norm")
+    assert not type(arch).from_json(legacy).qk_norm
+
+
+def test_qwen3_moe_and_other_unsupported_architectures_are_one_error_with_the_supported_list():
+    moe = dict(QWEN3_8B, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=128)
+    with pytest.raises(ModelConfigError) as err:
+        from_hf_config(moe, source="Qwen3-30B-A3B/config.json")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("Qwen3-30B-A3B/config.json: unsupported architecture")
+    assert "Qwen3MoeForCausalLM" in message and "mixture-of-experts" in message
+    for supported in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM"):
+        assert supported in message
+    # a named architecture that is not ours is refused even where model_type names a supported family
+    with pytest.raises(ModelConfigError, match="unsupported architecture.*Qwen3ForCausalLM"):
+        from_hf_config(dict(QWEN3_8B, architectures=["Qwen3MoeForCausalLM"]))
+    with pytest.raises(ModelConfigError, match="unsupported architecture 'qwen3_moe'.*mixture-of-experts"):
+        from_hf_config(dict(QWEN3_8B, architectures=None, model_type="qwen3_moe"))
+
+
+def test_qwen3_variants_the_model_cannot_compute_are_refused():
+    with pytest.raises(ModelConfigError, match="attention_bias"):
+        from_hf_config(dict(QWEN3_8B, attention_bias=True))
+    with pytest.raises(ModelConfigError, match="sliding-window"):
+        from_hf_config(dict(QWEN3_8B, use_sliding_window=True, sliding_window=4096))
+    with pytest.raises(ModelConfigError, match="sliding-window"):
+        from_hf_config(dict(QWEN3_8B, layer_types=["full_attention"] * 35 + ["sliding_attention"]))
+    assert from_hf_config(dict(QWEN3_8B, layer_types=["full_attention"] * 36)).sliding_window is None

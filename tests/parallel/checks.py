@@ -240,6 +240,58 @@ def check_objective(models_dir: Path, name: str) -> dict:
     }
 
 
+_QK_NORM_REFERENCE: dict = {}
+
+
+def check_qk_norm_gradients(models_dir: Path) -> dict:
+    """Qwen3 (q/k norms, head_dim != hidden/heads): packed EBFT loss and every parameter's gradient
+    (2 micro-batches, DDP) against the first layout run (TP1). A TP rank normalises only its own
+    heads, so the replicated q/k norm weights get partial gradients that must be summed over TP."""
+    import torch
+
+    from ebft_megatron.checkpoint import store
+    from ebft_megatron.models.gpt import build_model
+    from ebft_megatron.objective.loss import LossSettings
+    from ebft_megatron.objective.objectives import EBFT, Batch, Experience
+    from ebft_megatron.objective.rewards import RewardSettings
+    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.rollouts.sampler import SamplingSettings
+    from ebft_megatron.training.optimizer import wrap_ddp
+    from ebft_megatron.training.step import forward_backward
+
+    ckpt = models_dir / "qwen3-mcore"
+    arch = store.architecture_of(ckpt)
+    policy = build_model(arch)
+    store.load_model_weights(policy, ckpt)
+    ddp = wrap_ddp(policy, use_distributed_optimizer=False)
+    layout = BlockLayout(*ROLLOUT_LAYOUTS[0])
+    P, NB, n, G = layout.chunk_len, layout.num_blocks, layout.num_samples, layout.rollout_len
+    gen = torch.Generator().manual_seed(31)
+    chunk = torch.randint(0, arch.vocab_size, (2, P), generator=gen)
+    rollouts = torch.randint(0, arch.vocab_size, (2, NB, n, G), generator=gen)
+    advantages = torch.randn(2, NB, n, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([P, P - 3])
+    micro = [Experience(Batch(chunk[i:i + 1], lengths[i:i + 1]), rollouts[i:i + 1], advantages[i:i + 1])
+             for i in range(2)]
+    objective = EBFT(layout, arch.vocab_size, SamplingSettings(0.7, 1.0), LossSettings(1.0, 0.1, 0.7), None, None,
+                     RewardSettings(1.0, 0.5, True), "last_token")
+    ddp.zero_grad_buffer()
+    terms = forward_backward(ddp, micro, objective)
+    grads = full_grads(policy, arch.tie_word_embeddings)
+    current = {"loss": torch.tensor(terms["loss"]), **grads}
+    if not _QK_NORM_REFERENCE:
+        _QK_NORM_REFERENCE.update(current)
+    ref = _QK_NORM_REFERENCE
+
+    def rel(names):
+        return max(float((current[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-6)) for k in names)
+
+    norms = [k for k in ref if "q_layernorm" in k or "k_layernorm" in k]
+    return {"loss_diff": abs(terms["loss"] - float(ref["loss"])),
+            "grad_names": sorted(current) == sorted(ref), "qk_norm_grads": len(norms),
+            "qk_norm_grad_max_rel_diff": rel(norms), "grad_max_rel_diff": rel([k for k in ref if k != "loss"])}
+
+
 def check_fused_paths(models_dir: Path) -> dict:
     """Fused block attention + output layer in row chunks against the generic attention + full
     logits, on the same model and batch in this layout: EBFT (s = G and s < G, with and without
@@ -381,6 +433,7 @@ def main() -> None:
         results[name].update(check_packed_and_rollouts(models_dir))
         results[name]["dp_sampling"] = check_dp_sampling(models_dir, seed=99)
         results[name]["objective"] = check_objective(models_dir, name)
+        results[name]["qk_norm"] = check_qk_norm_gradients(models_dir)
         results[name]["fused_paths"] = check_fused_paths(models_dir)
         results[name]["replica_rewards"] = check_replica_rewards()
     if dist.get_rank() == 0:

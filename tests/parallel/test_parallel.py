@@ -76,6 +76,15 @@ def test_features_rewards_loss_and_gradients_equal_tp1(results, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_qwen3_qk_norm_gradients_are_summed_over_tensor_parallel_ranks(results, layout):
+    """Qwen3: same packed EBFT loss and gradients as TP1, the replicated q/k norm weights included."""
+    check = results[layout]["qk_norm"]
+    assert check["grad_names"] and check["qk_norm_grads"] == 2 * 4  # q and k, 4 layers
+    assert check["loss_diff"] <= TOL
+    assert check["qk_norm_grad_max_rel_diff"] <= 1e-4 and check["grad_max_rel_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_fused_attention_and_chunked_logits_equal_the_generic_paths(results, layout):
     """Same loss (1e-6) and gradients (1e-5 relative) as the generic attention with full logits:
     EBFT at s = G and s < G and SFT, each with and without document masking, two models."""
