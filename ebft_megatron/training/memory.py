@@ -111,6 +111,8 @@ def layer_activation_elements(arch, tp: int, recompute: str) -> float:
     if recompute == "full":
         return h
     kept = 4 * d + 2 * a + kv + 3 * f
+    if getattr(arch, "qk_norm", False):  # the q and k norms keep their inputs and a 1/RMS per head
+        kept += a + kv / 2 + heads + arch.num_query_groups // tp
     if recompute == "selective":
         return kept + 2 * h  # the norms' inputs
     return kept + 2 * (2 * h + 1) + heads  # norms' inputs, outputs and inverse RMS; log-sum-exps
