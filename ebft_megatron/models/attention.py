@@ -321,7 +321,7 @@ class BlockCoreAttention(MegatronModule):
         self.set_implementation(implementation)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
-            raise ValueError("BlockCoreAttention supports attention_dropout=0 only (as Llama/Qwen2/Mistral use)")
+            raise ValueError("BlockCoreAttention supports attention_dropout=0 only (as every supported family uses)")
         if config.context_parallel_size != 1:
             raise ValueError("context parallelism is not supported by BlockCoreAttention")
         self.layer_number = max(1, layer_number)
