@@ -101,6 +101,10 @@ class Objective:
         return cls(context.layout, context.timer)
 
     @classmethod
+    def check_setup(cls, config, tokenizer) -> None:
+        """What a launch can check of this objective's settings before any process starts."""
+
+    @classmethod
     def tokens_of(cls, layout: BlockLayout) -> int:
         """Tokens of one chunk's policy forward."""
         return layout.chunk_len
@@ -215,6 +219,10 @@ class RLVR(_RolloutObjective):
                  timer: Optional[PhaseTimer] = None):
         super().__init__(layout, vocab_size, sampling, loss_settings, generator, timer)
         self.reward = reward
+
+    @classmethod
+    def check_setup(cls, config, tokenizer) -> None:
+        resolve_reward(config.objective.reward, tokenizer)
 
     @classmethod
     def from_config(cls, config, context: ObjectiveContext) -> "RLVR":

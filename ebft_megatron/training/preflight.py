@@ -74,10 +74,8 @@ def check_run(config: Config, gpus: Optional[int] = None, say: Callable[[str], N
         check_weights(c.model.feature_load)
         say(f"feature network: {c.model.feature_load}: {feature_arch.family}, {feature_arch.num_layers} layers")
     objective = OBJECTIVES[c.objective.mode]
-    if objective is OBJECTIVES["rlvr"]:
-        from ebft_megatron.objective.rlvr import resolve_reward
-
-        resolve_reward(c.objective.reward, builder.tokenizer(c, arch))
+    tokenizer = builder.tokenizer(c, arch)
+    objective.check_setup(c, tokenizer)
     layout = layout_of(c)
     say(f"layout: {c.objective.mode}, chunks of {layout.chunk_len} tokens, {layout.num_blocks} blocks x "
         f"{layout.num_samples} samples x {layout.rollout_len} tokens; policy forward of "
@@ -85,7 +83,6 @@ def check_run(config: Config, gpus: Optional[int] = None, say: Callable[[str], N
     say(f"parallel: {gpus} processes = TP{tp} x PP{pp} x DP{dp}, {c.train.chunks_per_step // (dp * c.train.micro_batch)} "
         f"micro-batches of {c.train.micro_batch} per step and rank")
 
-    tokenizer = builder.tokenizer(c, arch)
     counts = {split: len(builder.chunks(c, tokenizer, split, verbose=True).tokens)
               for split in ("train", "validation")}
     steps_per_epoch = counts["train"] // c.train.chunks_per_step

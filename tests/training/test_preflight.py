@@ -78,3 +78,10 @@ def test_gpus_needs_check(capsys):
     with pytest.raises(SystemExit):
         main(["--gpus", "4"])
     assert "--gpus takes a positive count and goes with --check" in capsys.readouterr().err
+
+
+def test_a_reward_that_cannot_be_imported_is_found_before_launch(run_setup, capsys):
+    ckpt, code, root = run_setup
+    status, _, err = check(capsys, *tiny_overrides(ckpt, code, root / "run", mode="rlvr"),
+                           "objective.reward=no_such_module:score")
+    assert status == 2 and "reward 'no_such_module:score' cannot be imported" in err, err
