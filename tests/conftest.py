@@ -41,3 +41,17 @@ def tokenizer(tokenizer_dir):
     from ebft_megatron.data.tokenizers import Tokenizer
 
     return Tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dirs(tokenizer_dir, tmp_path_factory):
+    """{"chatml": folder, "llama3": folder}: the small tokenizer with chat special tokens and a chat
+    template, ChatML (Qwen style) in chat_template.jinja and Llama 3 style in tokenizer_config.json."""
+    from tests.data.helpers import CHATML_TEMPLATE, LLAMA3_TEMPLATE, make_chat_tokenizer
+
+    root = tmp_path_factory.mktemp("chat_tokenizers")
+    return {
+        "chatml": make_chat_tokenizer(tokenizer_dir, root / "chatml", CHATML_TEMPLATE, in_jinja_file=True),
+        "llama3": make_chat_tokenizer(tokenizer_dir, root / "llama3", LLAMA3_TEMPLATE, in_jinja_file=False,
+                                      bos_token="<|begin_of_text|>"),
+    }

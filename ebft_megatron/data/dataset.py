@@ -59,7 +59,7 @@ def load_chunks(config: DataConfig, tokenizer, chunk_len: int, split: str = "tra
                         "use a tokenizer whose tokenizer_config.json names an eos_token")
     path, keep = _split_plan(config, split)
     report = SkipReport()
-    response_starts = None  # indexed corpora keep no segment boundaries
+    response_starts = response_spans = None  # indexed corpora keep no segment boundaries
     if config.kind == "indexed":
         corpus = read_indexed(path)
         _check_corpus_tokenizer(path, corpus.info, tokenizer)
@@ -68,14 +68,16 @@ def load_chunks(config: DataConfig, tokenizer, chunk_len: int, split: str = "tra
                        if keep is None or keep(key_hash)]
         report.counts.update(corpus.info.skipped)  # skipped when the corpus was prepared (reported then)
     else:
-        source = open_documents(config, path, report, count_units=verbose)
+        source = open_documents(config, path, report, count_units=verbose, tokenizer=tokenizer)
         progress = Progress(f"[data] tokenizing {path} ({split})", source.total_units, source.unit, verbose)
         documents = list(tokenized_documents(
             source, tokenizer, report, keep=keep, max_documents=config.max_documents, workers=workers,
             progress=progress))
         token_lists = [doc.token_ids for doc in documents]
-        if config.kind in ("jsonl", "translation"):  # prompt/response documents: mark the responses
+        if config.kind in ("jsonl", "translation", "chat"):  # prompt/response documents: mark the responses
             response_starts = [doc.response_start for doc in documents]
+        if config.kind == "chat":  # the assistant turns, which the template's text separates
+            response_spans = [doc.response_spans for doc in documents]
         progress.close()
         if report.total:  # never silently: say what was left out and why
             print(f"[data] {path}: {report.summary()}", file=sys.stderr, flush=True)
@@ -84,9 +86,11 @@ def load_chunks(config: DataConfig, tokenizer, chunk_len: int, split: str = "tra
                   if keep is not None else report.summary())
         raise DataError(f"{path}: no documents in the {split} split ({detail})")
     if config.response_anchor is not None:  # below chunk_len (config.validate)
-        packed = pack_aligned(token_lists, tokenizer.eos_id, chunk_len, response_starts, config.response_anchor)
+        packed = pack_aligned(token_lists, tokenizer.eos_id, chunk_len, response_starts, config.response_anchor,
+                              response_spans=response_spans)
     else:
-        packed = pack_documents(token_lists, tokenizer.eos_id, chunk_len, response_starts=response_starts)
+        packed = pack_documents(token_lists, tokenizer.eos_id, chunk_len, response_starts=response_starts,
+                                response_spans=response_spans)
     packed.skipped = dict(report.counts)
     return packed
 

@@ -8,7 +8,9 @@ unless document masking is asked for (``doc_ids`` makes that possible).
 Optionally packing also marks the response tokens (``response_mask``), which the response-only
 validation CE (the reference's ``answer_ce_loss``) is computed on. A document's response is its
 last segment when it has two or more (prompt/response pairs, translation pairs; see
-``sources.Document.segments``); a code file has none. EOS and padding are never response tokens.
+``sources.Document.segments``), given as the index where it starts; a conversation's response is
+its assistant turns, given as token spans (``response_spans``), since the template's text follows
+and separates them; a code file has none. EOS and padding are never response tokens.
 """
 
 from __future__ import annotations
@@ -55,12 +57,14 @@ def response_start(segment_lengths: Sequence[int]) -> int:
 
 
 def pack_documents(documents: Sequence[Sequence[int] | np.ndarray], eos_id: int | None, chunk_len: int,
-                   pad_id: int | None = None, response_starts: Sequence[int] | None = None) -> PackedChunks:
+                   pad_id: int | None = None, response_starts: Sequence[int] | None = None,
+                   response_spans: Sequence[Sequence[tuple[int, int]]] | None = None) -> PackedChunks:
     """Documents' token ids -> chunks of ``chunk_len`` tokens. ``pad_id`` defaults to EOS (the
     reference pads with the pad token, else EOS; padded positions are marked by ``lengths`` and
     ``doc_ids == -1`` either way). With ``response_starts`` (per document, the index of its first
     response token; its length if it has none, see :func:`response_start`) the chunks also carry
-    ``response_mask``."""
+    ``response_mask``; with ``response_spans`` (per document, [start, end) token spans) the mask is
+    those spans instead, and ``response_starts`` is not needed."""
     if eos_id is None:
         raise DataError("the tokenizer has no EOS token, which packing puts between documents; use a tokenizer "
                         "whose tokenizer_config.json names an eos_token")
@@ -84,7 +88,9 @@ def pack_documents(documents: Sequence[Sequence[int] | np.ndarray], eos_id: int 
     stream[ends[:-1] - 1] = eos_id
     stream_doc = np.repeat(np.arange(len(documents), dtype=np.int64), span)
     stream_response = None
-    if response_starts is not None:
+    if response_spans is not None:
+        stream_response = _span_stream(response_spans, doc_lengths, starts, total)
+    elif response_starts is not None:
         stream_response = _response_stream(response_starts, doc_lengths, starts, stream_doc)
 
     num_chunks = -(-total // chunk_len)
@@ -110,7 +116,8 @@ def pack_documents(documents: Sequence[Sequence[int] | np.ndarray], eos_id: int 
 
 
 def pack_aligned(documents: Sequence[Sequence[int] | np.ndarray], eos_id: int | None, chunk_len: int,
-                 response_starts: Sequence[int], response_anchor: int) -> PackedChunks:
+                 response_starts: Sequence[int], response_anchor: int,
+                 response_spans: Sequence[Sequence[tuple[int, int]]] | None = None) -> PackedChunks:
     """One chunk per document, cut from the same stream as :func:`pack_documents` so that the
     document's response starts at index ``response_anchor`` of its chunk: its prompt just before,
     the end of earlier documents before that, and after the response its EOS and the next
@@ -118,10 +125,13 @@ def pack_aligned(documents: Sequence[Sequence[int] | np.ndarray], eos_id: int | 
     last ones and every chunk is ``chunk_len`` real tokens.
 
     Prompt-completion training (a verifiable reward on whole completions) puts its single rollout
-    anchor at ``response_anchor``; SFT and EBFT can train on the very same chunks."""
+    anchor at ``response_anchor``; SFT and EBFT can train on the very same chunks. With
+    ``response_spans`` (conversations) the mask is those spans; the anchor is still
+    ``response_starts`` (the start of the last assistant turn)."""
     if not 0 < response_anchor < chunk_len:
         raise DataError(f"response anchor {response_anchor} must be inside the chunk (1..{chunk_len - 1})")
-    packed = pack_documents(documents, eos_id, chunk_len, response_starts=response_starts)
+    packed = pack_documents(documents, eos_id, chunk_len, response_starts=response_starts,
+                            response_spans=response_spans)
     lengths = np.fromiter((len(doc) for doc in documents), dtype=np.int64, count=len(documents))
     span = lengths + 1
     span[-1] -= 1
@@ -151,6 +161,29 @@ def _response_stream(response_starts: Sequence[int], doc_lengths: np.ndarray, st
                         "(its token count)")
     offset = np.arange(len(stream_doc), dtype=np.int64) - starts[stream_doc]
     return (offset >= first[stream_doc]) & (offset < doc_lengths[stream_doc])
+
+
+def _span_stream(response_spans: Sequence[Sequence[tuple[int, int]]], doc_lengths: np.ndarray, starts: np.ndarray,
+                 total: int) -> np.ndarray:
+    """[stream length] bool: True inside any of a document's [start, end) token spans, which lie
+    within the document (so never on the EOS after it)."""
+    if len(response_spans) != len(doc_lengths):
+        raise DataError(f"response_spans has {len(response_spans)} entries for {len(doc_lengths)} documents")
+    doc, first, end = [], [], []
+    for i, spans in enumerate(response_spans):
+        for a, b in spans:
+            if not 0 <= a <= b <= doc_lengths[i]:
+                raise DataError(f"document {i}: response span {a}..{b} is outside 0..{int(doc_lengths[i])} "
+                                "(its token count)")
+            doc.append(i)
+            first.append(a)
+            end.append(b)
+    # +1 where a span begins, -1 where it ends: a token is inside a span while the running sum is positive
+    change = np.zeros(total + 1, dtype=np.int64)
+    at = starts[np.asarray(doc, dtype=np.int64)]
+    np.add.at(change, at + np.asarray(first, dtype=np.int64), 1)
+    np.add.at(change, at + np.asarray(end, dtype=np.int64), -1)
+    return np.cumsum(change[:total]) > 0
 
 
 def check_tokenizer_matches(tokenizer, model_vocab_size: int, where: str) -> None:

@@ -1,8 +1,8 @@
 """Reading and tokenizing documents: from a data setting's files to token ids, in input order.
 
-``open_documents`` reads the raw documents of a kind (code files, JSONL pairs, translation pairs);
-``tokenized_documents`` tokenizes them in batches (optionally in worker processes) and shows
-progress. Packing them into chunks is ``dataset``'s.
+``open_documents`` reads the raw documents of a kind (code files, JSONL/Parquet pairs, chat
+conversations, translation pairs); ``tokenized_documents`` tokenizes them in batches (optionally in
+worker processes) and shows progress. Packing them into chunks is ``dataset``'s.
 """
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from ebft_megatron.data.config import DataConfig
 from ebft_megatron.data.packing import response_start
 from ebft_megatron.data.sources import (
-    DataError, Document, SkipReport, list_code_files, read_code_folder, read_jsonl_pairs, read_translation_pairs,
-    split_hash,
+    DataError, Document, SkipReport, count_records, list_code_files, read_chat, read_code_folder, read_jsonl_pairs,
+    read_translation_pairs, split_hash,
 )
 
 ENCODE_BATCH_DOCUMENTS = 64  # enough texts per call for the fast tokenizer to amortize its overhead
@@ -27,23 +28,42 @@ ENCODE_BATCH_DOCUMENTS = 64  # enough texts per call for the fast tokenizer to a
 @dataclass
 class DocumentSource:
     documents: Iterator[Document]
-    total_units: int  # files (code) or lines (jsonl, translation): what the progress line counts
+    total_units: int  # files (code) or lines/rows (jsonl, chat, translation): what the progress line counts
     unit: str
 
 
-def open_documents(config: DataConfig, path, report: SkipReport, count_units: bool = False) -> DocumentSource:
-    """The documents at ``path`` (config.path or config.eval_path) for a raw ``config.kind``."""
+def open_documents(config: DataConfig, path, report: SkipReport, count_units: bool = False,
+                   tokenizer=None) -> DocumentSource:
+    """The documents at ``path`` (config.path or config.eval_path) for a raw ``config.kind``;
+    kind=chat renders with the chat template of ``tokenizer``'s folder."""
     if config.kind == "code":
         units = len(list_code_files(path, config.extensions, config.resolved_exclude_dirs())) if count_units else 0
         documents = read_code_folder(path, config.extensions, config.resolved_exclude_dirs(), config.skip_bad, report)
         return DocumentSource(documents, units, "files")
-    if config.kind == "jsonl":
-        documents = read_jsonl_pairs(path, config.prompt_key, config.response_key, config.skip_bad, report)
-    elif config.kind == "translation":
+    if config.kind in ("jsonl", "chat"):
+        if config.kind == "jsonl":
+            documents = read_jsonl_pairs(path, config.prompt_key, config.response_key, config.skip_bad, report)
+        else:
+            documents = read_chat(path, chat_template_of(tokenizer), config.chat_train_on, config.skip_bad, report)
+        return DocumentSource(documents, count_records(path) if count_units else 0, "records")
+    if config.kind == "translation":
         documents = read_translation_pairs(path, config.translation_format(), config.skip_bad, report)
     else:
         raise DataError(f"data.kind={config.kind} has no raw documents; it is read with read_indexed")
     return DocumentSource(documents, _count_lines(path) if count_units else 0, "lines")
+
+
+def chat_template_of(tokenizer):
+    """The chat template in the folder ``tokenizer`` was loaded from."""
+    from ebft_megatron.data.chat import load_chat_template
+
+    folder = getattr(tokenizer, "folder", None)
+    if folder is None:
+        path = getattr(tokenizer, "path", None)
+        if path is None:
+            raise DataError("data.kind=chat needs the tokenizer's folder, where its chat template is")
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    return load_chat_template(folder)
 
 
 def _count_lines(path) -> int:
@@ -63,33 +83,94 @@ def batch_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
     return lambda texts: [tokenizer.encode(text) for text in texts]
 
 
-def encode_documents(documents: list[Document],
-                     encode: Callable[[list[str]], list[list[int]]]) -> list[tuple[np.ndarray, int]]:
+OffsetEncoder = Callable[[list[str]], list[tuple[list[int], list[tuple[int, int]]]]]
+
+
+def offset_encoder(tokenizer) -> Optional[OffsetEncoder]:
+    """The tokenizer's ``encode_batch_with_offsets`` (ids and each token's character span), if it has one."""
+    encode = getattr(tokenizer, "encode_batch_with_offsets", None)
+    return encode if callable(encode) else None
+
+
+Encoded = tuple[np.ndarray, int, Optional[tuple[tuple[int, int], ...]]]
+
+
+def encode_documents(documents: list[Document], encode: Callable[[list[str]], list[list[int]]],
+                     encode_offsets: Optional[OffsetEncoder] = None) -> list[Encoded]:
     """Each document's segments are encoded separately and their ids concatenated (the reference
     tokenizes question and answer apart: tokens(q) + tokens(a), not tokens(q + a)); with each, the
-    index where its response (last segment) begins, for response-only metrics."""
-    texts = [segment for document in documents for segment in document.segments]
-    encoded = encode(texts)
-    out, start = [], 0
+    index where its response (last segment) begins, for response-only metrics. A conversation
+    (``response_chars``) is encoded whole, as the model reads it, and also gets the token spans of
+    its response, whose last one starts at its response start."""
+    plain = [document for document in documents if document.response_chars is None]
+    chats = [document for document in documents if document.response_chars is not None]
+    encoded = iter(encode([segment for document in plain for segment in document.segments]) if plain else ())
+    encoded_chats = iter(_encode_conversations(chats, encode, encode_offsets) if chats else ())
+    out = []
     for document in documents:
-        parts = encoded[start:start + len(document.segments)]
-        start += len(document.segments)
+        if document.response_chars is not None:
+            out.append(next(encoded_chats))
+            continue
+        parts = [next(encoded) for _ in document.segments]
         ids = np.concatenate([np.asarray(part, dtype=np.int64) for part in parts])
-        out.append((ids, response_start([len(part) for part in parts])))
+        out.append((ids, response_start([len(part) for part in parts]), None))
     return out
 
 
-# Worker processes (prepare_data --workers): the encoder is inherited through fork.
+def _encode_conversations(documents: list[Document], encode, encode_offsets: Optional[OffsetEncoder]) -> list[Encoded]:
+    if encode_offsets is not None:
+        out = []
+        for document, (ids, offsets) in zip(documents, encode_offsets([d.segments[0] for d in documents])):
+            spans = token_spans(offsets, document.response_chars)
+            out.append((np.asarray(ids, dtype=np.int64), spans[-1][0] if spans else len(ids), spans))
+        return out
+    # A tokenizer that cannot say where its tokens come from: encode the text in pieces cut at the
+    # response boundaries, so that each token lies on one side of them (a token across a boundary,
+    # rare after a template's newline or special token, comes out split in two).
+    pieces, layout = [], []
+    for document in documents:
+        text = document.segments[0]
+        cuts = sorted({0, len(text), *(c for span in document.response_chars for c in span)})
+        parts = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+        layout.append((cuts, len(parts)))
+        pieces.extend(parts)
+    encoded = iter(encode(pieces))
+    out = []
+    for document, (cuts, count) in zip(documents, layout):
+        parts = [np.asarray(next(encoded), dtype=np.int64) for _ in range(count)]
+        token_at = dict(zip(cuts, np.concatenate([[0], np.cumsum([len(part) for part in parts])]).tolist()))
+        spans = tuple((token_at[a], token_at[b]) for a, b in document.response_chars if token_at[a] < token_at[b])
+        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        out.append((ids, spans[-1][0] if spans else len(ids), spans))
+    return out
+
+
+def token_spans(offsets, char_spans) -> tuple[tuple[int, int], ...]:
+    """Token index spans of character spans: every token whose characters overlap the span (as
+    transformers builds its assistant mask), so a token straddling a boundary counts as response.
+    Tokens come in text order, so the overlapping ones are consecutive."""
+    if not len(offsets):
+        return ()
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    spans = []
+    for a, b in char_spans:
+        inside = np.flatnonzero((bounds[:, 0] < b) & (bounds[:, 1] > a))
+        if len(inside):
+            spans.append((int(inside[0]), int(inside[-1]) + 1))
+    return tuple(spans)
+
+
+# Worker processes (prepare_data --workers): the encoders are inherited through fork.
 _WORKER_ENCODE = None
 
 
-def _worker_init(encode) -> None:
+def _worker_init(encode, encode_offsets=None) -> None:
     global _WORKER_ENCODE
-    _WORKER_ENCODE = encode
+    _WORKER_ENCODE = (encode, encode_offsets)
 
 
-def _worker_encode(documents: list[Document]) -> list[np.ndarray]:
-    return encode_documents(documents, _WORKER_ENCODE)
+def _worker_encode(documents: list[Document]) -> list[Encoded]:
+    return encode_documents(documents, *_WORKER_ENCODE)
 
 
 class Progress:
@@ -136,13 +217,16 @@ class TokenizedDocument:
     token_ids: np.ndarray  # int64, without EOS
     key_hash: int  # split_hash(document.split_key)
     response_start: int = 0  # index of the first response token (== len(token_ids) when none)
+    # A conversation's response as [start, end) token spans (the assistant turns trained on; the
+    # last starts at response_start); None: the response runs from response_start to the end.
+    response_spans: Optional[tuple[tuple[int, int], ...]] = None
 
 
 def tokenized_documents(source: DocumentSource, tokenizer, report: SkipReport, *,
                         keep: Callable[[int], bool] | None = None, max_documents: int | None = None,
                         workers: int = 1, progress: Progress | None = None) -> Iterator[TokenizedDocument]:
     """Documents in input order, the first ``max_documents`` of them, those with ``keep(hash)``."""
-    encode = batch_encoder(tokenizer)
+    encode, encode_offsets = batch_encoder(tokenizer), offset_encoder(tokenizer)
 
     def batches() -> Iterator[tuple[list[Document], list[int]]]:
         batch, hashes, seen = [], [], 0
@@ -164,8 +248,8 @@ def tokenized_documents(source: DocumentSource, tokenizer, report: SkipReport, *
 
     if workers <= 1:
         for batch, hashes in batches():
-            for (ids, start), key_hash in zip(encode_documents(batch, encode), hashes):
-                yield TokenizedDocument(ids, key_hash, start)
+            for (ids, start, spans), key_hash in zip(encode_documents(batch, encode, encode_offsets), hashes):
+                yield TokenizedDocument(ids, key_hash, start, spans)
         return
     import multiprocessing
 
@@ -178,9 +262,10 @@ def tokenized_documents(source: DocumentSource, tokenizer, report: SkipReport, *
             pending_hashes.append(hashes)
             yield batch
 
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(encode,)) as pool:
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init,
+                                                  initargs=(encode, encode_offsets)) as pool:
         for encoded in pool.imap(_worker_encode, feed()):
-            for (ids, start), key_hash in zip(encoded, pending_hashes.pop(0)):
-                yield TokenizedDocument(ids, key_hash, start)
+            for (ids, start, spans), key_hash in zip(encoded, pending_hashes.pop(0)):
+                yield TokenizedDocument(ids, key_hash, start, spans)
 
 

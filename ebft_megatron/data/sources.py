@@ -1,13 +1,17 @@
-"""Reading raw documents: JSONL prompt/response pairs, folders of code files, translation pairs.
+"""Reading raw documents: prompt/response pairs and chat conversations (JSONL or Parquet), folders
+of code files, translation pairs.
 
 A document is one or more text segments whose tokens are concatenated (the reference tokenizes the
-question and the answer separately, then joins the token lists). Every input problem is reported
-with the file and 1-based line number and what to do about it. With ``skip_bad`` the problem is
-counted in a ``SkipReport`` instead, so nothing is ever dropped without a trace.
+question and the answer separately, then joins the token lists); a conversation is one segment, the
+text its chat template renders, with the character spans of its responses. Every input problem is
+reported with the file and 1-based line (or Parquet row) number and what to do about it. With
+``skip_bad`` the problem is counted in a ``SkipReport`` instead, so nothing is ever dropped without a
+trace.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -35,11 +39,22 @@ class DataError(UserError, ValueError):
     """Bad data or data settings; the message names the file, the line and the fix."""
 
 
+class ConversationProblem(Exception):
+    """One chat record's problem (``data.chat``): the SkipReport reason, what is wrong, what to do."""
+
+    def __init__(self, reason: str, problem: str, fix: str = "fix the record"):
+        super().__init__(problem)
+        self.reason, self.problem, self.fix = reason, problem, fix
+
+
 @dataclass(frozen=True)
 class Document:
     segments: tuple[str, ...]  # tokenized one by one, token lists concatenated (no BOS, no template)
     split_key: str  # what the held-out split hashes: a file's relative path, or a line number
     origin: str  # "file:line" or "file", for messages
+    # A conversation (one segment): the character spans of its response, the assistant turns trained
+    # on, in order; None: the response is the last segment of two or more.
+    response_chars: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass
@@ -168,8 +183,8 @@ def _string_fields(record: dict, keys: list[tuple[str, str]], where: str, proble
                          f"fix the line or set data.{setting} to the right key")
             return None
         if not isinstance(value, str):
-            problems.bad("not a string", where, f"key {key!r} holds a {type(value).__name__}, expected a string",
-                         "fix the line")
+            held = "null" if value is None else f"a {type(value).__name__}"
+            problems.bad("not a string", where, f"key {key!r} holds {held}, expected a string", "fix the line")
             return None
         try:
             value.encode("utf-8")
@@ -181,22 +196,153 @@ def _string_fields(record: dict, keys: list[tuple[str, str]], where: str, proble
     return values
 
 
+GLOB_CHARACTERS = "*?["
+PARQUET_SUFFIX = ".parquet"
+PARQUET_BATCH_ROWS = 1024  # rows decoded at a time: a large file is streamed, never loaded whole
+
+
+def record_files(path: str | Path) -> tuple[list[Path], Path | None]:
+    """The files of a record input (kind jsonl or chat): the file itself; the ``.parquet`` files under
+    a folder; or the files a glob matches (JSONL or Parquet by suffix). Several files come sorted by
+    their path relative to the root they are found under, which is returned with them (None for a
+    single file) and names them in the split keys."""
+    path = Path(path)
+    text = str(path)
+    if not path.exists() and any(char in text for char in GLOB_CHARACTERS):
+        root = _glob_root(text)
+        files = [Path(name) for name in glob.glob(text, recursive=True) if Path(name).is_file()]
+        if not files:
+            raise DataError(f"{path}: no files match this pattern (data.path)")
+        return sorted(files, key=lambda file: file.relative_to(root).as_posix()), root
+    if not path.exists():
+        raise DataError(f"{path}: does not exist (data.path)")
+    if path.is_dir():
+        files = [file for file in path.rglob(f"*{PARQUET_SUFFIX}") if file.is_file()
+                 and not any(part.startswith(".") for part in file.relative_to(path).parts)]
+        if not files:
+            raise DataError(f"{path}: is a folder without {PARQUET_SUFFIX} files (data.path); a folder is read as "
+                            f"Parquet files: name a JSONL file, or a glob such as {path / '*.jsonl'}")
+        return sorted(files, key=lambda file: file.relative_to(path).as_posix()), path
+    if not path.is_file():
+        raise DataError(f"{path}: is not a file (data.path)")
+    return [path], None
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder part of a glob before its first wildcard: what the matches are named relative to, so
+    the split does not depend on how the pattern was spelled (relative or absolute)."""
+    parts = []
+    for part in Path(pattern).parts[:-1]:
+        if any(char in part for char in GLOB_CHARACTERS):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
+def _parquet_records(path: Path, columns: list[tuple[str, str]]) -> Iterator[tuple[int, dict]]:
+    """(1-based row number, {column: value}) of a Parquet file, one batch of rows decoded at a time.
+    ``columns``: the keys to read, each with what to do when the file has no such column (a dotted
+    key reads the struct column of its first part). Nested values come as Python dicts and lists,
+    so rows are checked as JSON records are."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{path}: cannot be read as Parquet ({err}); a .parquet file must be a Parquet file") from None
+    names = parquet.schema_arrow.names
+    wanted = []
+    for key, fix in columns:
+        column = key if key in names else key.split(".")[0]
+        if column not in names:
+            # every row of the file lacks it: a setting or file problem, not a bad row to skip
+            raise DataError(f"{path}: no column {key!r} (columns: {', '.join(map(repr, names)) or 'none'}); {fix}")
+        wanted.append(column)
+    row = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(dict.fromkeys(wanted))):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    except (OSError, pa.ArrowException, UnicodeDecodeError) as err:
+        raise DataError(f"{path}:row {row + 1}: cannot be read as Parquet ({err}); the file is damaged: write it "
+                        "again") from None
+
+
+def _records(path: str | Path, problems: _Problems,
+             columns: list[tuple[str, str]]) -> Iterator[tuple[str, str, dict]]:
+    """(where, split key, record) of every record of a JSONL/Parquet input (see ``record_files``).
+
+    The split key of a record of a single file is "line N" for the N-th line of a JSONL file and for
+    the N-th row of a Parquet file alike, so a JSONL file written as Parquet (one record a line)
+    holds out the same records; the records of several files are told apart by the file's path
+    without its suffix (so again Parquet and JSONL copies agree)."""
+    files, root = record_files(path)
+    for file in files:
+        prefix = "" if root is None else f"{file.relative_to(root).with_suffix('').as_posix()} "
+        if file.suffix.lower() == PARQUET_SUFFIX:
+            for row, record in _parquet_records(file, columns):
+                yield f"{file}:row {row}", f"{prefix}line {row}", record
+        else:
+            for line_number, record in _json_records(file, problems):
+                yield f"{file}:{line_number}", f"{prefix}line {line_number}", record
+
+
+def count_records(path: str | Path) -> int:
+    """Lines of the JSONL files plus rows of the Parquet files: the progress line's total (0 when
+    unknown; the reader reports the problem itself)."""
+    try:
+        files, _ = record_files(path)
+    except DataError:
+        return 0
+    total = 0
+    for file in files:
+        try:
+            if file.suffix.lower() == PARQUET_SUFFIX:
+                import pyarrow.parquet as pq
+
+                total += pq.ParquetFile(file).metadata.num_rows
+            else:
+                with open(file, "rb") as handle:
+                    total += sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+        except Exception:  # noqa: BLE001 - only a progress estimate; reading reports the problem
+            continue
+    return total
+
+
 def read_jsonl_pairs(path: str | Path, prompt_key: str, response_key: str, skip_bad: bool,
                      report: SkipReport) -> Iterator[Document]:
-    """One document per JSONL line: tokens(record[prompt_key]) + tokens(record[response_key])."""
-    path = Path(path)
-    _require_file(path, "path")
+    """One document per JSONL line or Parquet row: tokens(record[prompt_key]) + tokens(record[response_key])."""
     problems = _Problems(skip_bad, report)
     keys = [(prompt_key, "prompt_key"), (response_key, "response_key")]
-    for line_number, record in _json_records(path, problems):
-        where = f"{path}:{line_number}"
+    columns = [(key, f"set data.{setting} to the right column") for key, setting in keys]
+    for where, split_key, record in _records(path, problems, columns):
         values = _string_fields(record, keys, where, problems)
         if values is None:
             continue
         if _is_empty(tuple(values)):
             problems.bad("empty document", where, f"{prompt_key!r} and {response_key!r} are both empty", "fix the line")
             continue
-        yield Document(tuple(values), split_key=f"line {line_number}", origin=where)
+        yield Document(tuple(values), split_key=split_key, origin=where)
+
+
+def read_chat(path: str | Path, template, train_on: str, skip_bad: bool, report: SkipReport) -> Iterator[Document]:
+    """One document per conversation (a JSONL line or Parquet row with "messages"): the text the chat
+    template (``chat.ChatTemplate``) renders, with the character spans of the assistant turns
+    trained on (``train_on``: "last" or "all")."""
+
+    problems = _Problems(skip_bad, report)
+    columns = [("messages", "a chat file holds each conversation in a 'messages' column: a list of "
+                            "{role, content} structs")]
+    for where, split_key, record in _records(path, problems, columns):
+        try:
+            conversation = template.conversation(record, train_on)
+        except ConversationProblem as problem:
+            problems.bad(problem.reason, where, problem.problem, problem.fix)
+            continue
+        yield Document((conversation.text,), split_key=split_key, origin=where,
+                       response_chars=conversation.response_chars)
 
 
 @dataclass(frozen=True)

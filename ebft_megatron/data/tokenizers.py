@@ -1,7 +1,9 @@
 """Tokenizers: a Hugging Face ``tokenizer.json`` (fast tokenizer) or a sentencepiece ``.model``.
 
 Text is encoded without special tokens (no BOS), as the reference does; documents are joined with
-EOS by the packing code.
+EOS by the packing code. ``encode_batch_with_offsets`` also says which characters each token comes
+from, so that a chat template's rendered text can be encoded whole and its assistant turns found
+among the tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
         self.path = path
+        self.folder = path if path.is_dir() else path.parent  # where tokenizer_config.json and a chat template are
         if path.is_dir():
             if (path / "tokenizer.json").is_file():
                 self._load_hf(path)
@@ -53,6 +56,9 @@ class Tokenizer:
         self._encode = lambda text: self._hf.encode(text, add_special_tokens=False)
         backend = self._hf.backend_tokenizer
         self._encode_batch = lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        # offsets are character (not byte) positions in the Python string
+        self._encode_offsets = lambda texts: [(e.ids, e.offsets)
+                                              for e in backend.encode_batch(texts, add_special_tokens=False)]
         self._decode = lambda ids: self._hf.decode(ids, skip_special_tokens=False)
 
     def _load_sentencepiece(self, model_file: Path) -> None:
@@ -67,7 +73,23 @@ class Tokenizer:
         self.vocab_size = self._sp.get_piece_size()
         self._encode = lambda text: self._sp.encode(text)
         self._encode_batch = lambda texts: self._sp.encode(list(texts))
+        self._encode_offsets = self._sentencepiece_offsets
         self._decode = lambda ids: self._sp.decode(ids)
+
+    def _sentencepiece_offsets(self, texts):
+        import numpy as np
+
+        try:
+            protos = self._sp.encode(list(texts), return_type="proto")
+        except (TypeError, ValueError):  # sentencepiece before return_type
+            protos = self._sp.encode(list(texts), out_type="immutable_proto")
+        out = []
+        for text, proto in zip(texts, protos):
+            # sentencepiece counts UTF-8 bytes; map them to characters (one past the end included)
+            char_at = np.repeat(np.arange(len(text) + 1), [len(c.encode("utf-8")) for c in text] + [1])
+            pieces = list(proto.pieces)
+            out.append(([p.id for p in pieces], [(int(char_at[p.begin]), int(char_at[p.end])) for p in pieces]))
+        return out
 
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
@@ -75,6 +97,10 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """``encode`` of each text, in one call (no Python round trip per text)."""
         return [list(ids) for ids in self._encode_batch(list(texts))]
+
+    def encode_batch_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """``encode_batch``, each text's ids with each token's [start, end) character span in it."""
+        return [(list(ids), [tuple(span) for span in offsets]) for ids, offsets in self._encode_offsets(list(texts))]
 
     def decode(self, ids) -> str:
         return self._decode([int(i) for i in ids])

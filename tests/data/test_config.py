@@ -16,7 +16,7 @@ def test_default_is_the_python_standard_library():
 
 
 @pytest.mark.parametrize("settings,message", [
-    (dict(kind="csv", path="x"), "data.kind: 'csv' is not one of jsonl, code, translation, indexed"),
+    (dict(kind="csv", path="x"), "data.kind: 'csv' is not one of jsonl, chat, code, translation, indexed"),
     (dict(kind="jsonl"), "data.path: required for kind=jsonl"),
     (dict(kind="jsonl", path=""), "data.path: expected a file or folder path"),
     (dict(kind="jsonl", path="x", prompt_key=""), "data.prompt_key: expected a non-empty string"),

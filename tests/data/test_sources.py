@@ -79,7 +79,7 @@ def test_jsonl_skip_bad_counts_each_reason(tmp_path):
 def test_missing_file_and_folder_instead_of_file(tmp_path):
     with pytest.raises(DataError, match=r"nope.jsonl: does not exist \(data.path\)"):
         read_jsonl(tmp_path / "nope.jsonl")
-    with pytest.raises(DataError, match="is not a file"):
+    with pytest.raises(DataError, match="is a folder without .parquet files"):  # a folder is read as Parquet files
         read_jsonl(tmp_path)
 
 
