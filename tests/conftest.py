@@ -15,7 +15,7 @@ warnings.filterwarnings("ignore", category=UserWarning)
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """{family: (hf_dir, ckpt_dir)} for tiny random Llama, Qwen2 and Mistral models."""
+    """{family: (hf_dir, ckpt_dir)} for tiny random models of every supported family (tests.fixtures)."""
     from ebft_megatron.checkpoint import convert
     from tests.fixtures import FAMILIES, make_tiny_hf
 
