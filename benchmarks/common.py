@@ -24,13 +24,14 @@ def layout_from(args):
 
 class StepBench:
     """SmolLM2-135M (fp32, one process) as the trainer builds it: the policy with the given recompute
-    setting in megatron's DDP with distributed Adam, and the frozen feature network; one real chunk of
+    setting in megatron's DDP with distributed Adam, and the frozen feature network (with
+    ``lora_rank`` > 0: LoRA adapters on a frozen policy that is its own feature network); one real chunk of
     Python source (the standard library's argparse module); the training config's defaults for
     everything else. ``sft_step`` and ``ebft_step`` each run one optimizer step and return its wall
     time by phase, as the trainer times them."""
 
     def __init__(self, layout, recompute: str = "selective", random_weights: bool = False,
-                 attention: str = "fused", logit_chunk_rows: int = 1024):
+                 attention: str = "fused", logit_chunk_rows: int = 1024, lora_rank: int = 0):
         import torch
 
         from ebft_megatron import assets
@@ -50,11 +51,14 @@ class StepBench:
             f"model.load={ckpt}", f"model.recompute={recompute}", f"model.attention={attention}",
             f"model.logit_chunk_rows={logit_chunk_rows}", f"rollout.chunk_len={r.chunk_len}",
             f"rollout.first_anchor={r.first_anchor}", f"rollout.stride={r.stride}",
-            f"rollout.rollout_len={r.rollout_len}", f"rollout.num_samples={r.num_samples}", "train.seed=43"])
+            f"rollout.rollout_len={r.rollout_len}", f"rollout.num_samples={r.num_samples}", "train.seed=43",
+            f"lora.rank={lora_rank}"])
         builder.initialize(config)
         self.arch = arch = builder.architecture(config)
         self.policy = builder.policy(config, arch, load=not random_weights)
-        if random_weights:
+        if lora_rank:  # the policy with its adapters off, as the trainer does
+            self.features = builder.feature_network(config, self.policy)
+        elif random_weights:
             self.features = build_feature_network(arch, arch.default_feature_layers())
             truncate(self.features)
             set_block_attention(self.features, attention)

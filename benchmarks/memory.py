@@ -6,6 +6,10 @@ predicts for the same step.
   python benchmarks/memory.py                      # SmolLM2-135M, fp32, P=1024, C=s=G=8, n=4
   python benchmarks/memory.py --chunk-len 256 --recompute selective   # a quicker look
 
+With ``--lora-rank`` (default 16; 0 = skip) an EBFT step with LoRA adapters on every linear layer
+is measured too, on the same chunk: base weights frozen (no gradients, no Adam state for them) and
+the policy with its adapters off as the feature network (no second copy of the model).
+
 Each process builds what the trainer builds (the policy in megatron's DDP with distributed Adam,
 and the frozen feature network, which the trainer holds in every mode for evaluation), runs one
 SFT step so that the optimizer state exists, then measures one step of its mode. The figure is the
@@ -76,7 +80,7 @@ def worker(args) -> None:
 
     baseline = 0 if torch.cuda.is_available() else resident_bytes()
     layout = layout_from(args)
-    bench = StepBench(layout, args.recompute, args.random_weights)
+    bench = StepBench(layout, args.recompute, args.random_weights, lora_rank=args.lora)
     bench.sft_step()  # Adam's state is created at the first step
     reset_peak()
     phases = bench.step(args.mode)
@@ -84,11 +88,12 @@ def worker(args) -> None:
     objective = bench.objectives[args.mode]
     shape = memory.StepShape(
         layout.chunk_len, objective.tokens_per_chunk, layout.num_rollout_tokens if objective.samples_rollouts else 0,
-        objective.embeds_features, recompute=args.recompute, feature_layers=max(bench.arch.default_feature_layers()),
+        objective.embeds_features, recompute=args.recompute,
+        feature_layers=0 if args.lora else max(bench.arch.default_feature_layers()), lora_rank=args.lora,
     )
     estimate = memory.estimate(bench.arch, shape)
     print(json.dumps({
-        "mode": args.mode, "recompute": args.recompute, "step_peak": peak,
+        "mode": args.mode, "lora_rank": args.lora, "recompute": args.recompute, "step_peak": peak,
         "process_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "baseline": baseline, "predicted": baseline + estimate.peak, "model": estimate.describe(),
         "step_s": phases["total"],
@@ -102,7 +107,10 @@ def main() -> None:
                         choices=["none", "selective", "full"])
     parser.add_argument("--allocator-default", action="store_true",
                         help="CPU: keep glibc's default allocator settings (freed memory may stay resident)")
+    parser.add_argument("--lora-rank", type=int, default=16,
+                        help="also measure a LoRA EBFT step at this rank (default 16; 0 = skip)")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--lora", type=int, default=0, help=argparse.SUPPRESS)  # a worker's LoRA rank
     parser.add_argument("--mode", choices=["sft", "ebft"], help=argparse.SUPPRESS)  # one worker process
     args = parser.parse_args()
     if args.mode:
@@ -117,11 +125,13 @@ def main() -> None:
           f"n={layout.num_samples}; packed length {layout.packed_len}; allocator "
           f"{'default' if args.allocator_default else 'mmap threshold 64 KiB'}", flush=True)
     results = []
+    runs = [("sft", 0), ("ebft", 0)] + ([("ebft", args.lora_rank)] if args.lora_rank else [])
     for recompute in args.recompute:
-        for mode in ("sft", "ebft"):
+        for mode, lora_rank in runs:
             flags = [f"--{name.replace('_', '-')}={getattr(args, name)}"
                      for name in ("chunk_len", "first_anchor", "stride", "rollout_len", "num_samples")]
-            cmd = [sys.executable, __file__, f"--mode={mode}", "--recompute", recompute, *flags]
+            cmd = [sys.executable, __file__, f"--mode={mode}", f"--lora={lora_rank}", "--recompute", recompute,
+                   *flags]
             if args.random_weights:
                 cmd.append("--random-weights")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -130,16 +140,27 @@ def main() -> None:
                 sys.exit(f"the {mode} worker (recompute {recompute}) failed:\n{proc.stderr[-3000:]}")
             result = json.loads(lines[-1])
             results.append(result)
-            print(f"  {recompute:9s} {mode:4s}: step peak {result['step_peak'] / GIB:6.2f} GiB, predicted "
+            name = f"{mode} LoRA r{lora_rank}" if lora_rank else mode
+            print(f"  {recompute:9s} {name:13s}: step peak {result['step_peak'] / GIB:6.2f} GiB, predicted "
                   f"{result['predicted'] / GIB:6.2f} GiB ({result['predicted'] / result['step_peak'] - 1:+.0%}), "
                   f"whole process {result['process_peak'] / GIB:6.2f} GiB, step {result['step_s']:.1f} s; model: "
                   f"{result['model']}", flush=True)
     print("\nrecompute | SFT step peak | EBFT step peak | EBFT / SFT | model error SFT, EBFT")
     for recompute in args.recompute:
-        sft, ebft = (next(r for r in results if r["recompute"] == recompute and r["mode"] == m) for m in ("sft", "ebft"))
+        sft, ebft = (next(r for r in results if r["recompute"] == recompute and r["mode"] == m and not r["lora_rank"])
+                     for m in ("sft", "ebft"))
         print(f"{recompute:9s} | {sft['step_peak'] / GIB:10.2f} GiB | {ebft['step_peak'] / GIB:11.2f} GiB | "
               f"{ebft['step_peak'] / sft['step_peak']:9.2f}x | {sft['predicted'] / sft['step_peak'] - 1:+.0%}, "
               f"{ebft['predicted'] / ebft['step_peak'] - 1:+.0%}")
+    if args.lora_rank:
+        print(f"\nrecompute | EBFT step peak | LoRA r{args.lora_rank} EBFT step peak | LoRA / full | whole process "
+              "full, LoRA | model error LoRA")
+        for recompute in args.recompute:
+            full, lora = (next(r for r in results if r["recompute"] == recompute and r["mode"] == "ebft"
+                               and r["lora_rank"] == rank) for rank in (0, args.lora_rank))
+            print(f"{recompute:9s} | {full['step_peak'] / GIB:10.2f} GiB | {lora['step_peak'] / GIB:18.2f} GiB | "
+                  f"{lora['step_peak'] / full['step_peak']:10.2f}x | {full['process_peak'] / GIB:.2f}, "
+                  f"{lora['process_peak'] / GIB:.2f} GiB | {lora['predicted'] / lora['step_peak'] - 1:+.0%}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

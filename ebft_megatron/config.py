@@ -194,6 +194,28 @@ class EvalSettings(Section):
                                            "evaluates the checkpoints).")
 
 
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclass
+class LoraSettings(Section):
+    section = "lora"
+    rank: int = setting(0, "LoRA rank r: train low-rank adapters on the policy's linear layers, base weights frozen "
+                           "(the frozen feature network is then the policy with its adapters switched off, unless "
+                           "model.feature_load names another checkpoint); 0 = full fine-tuning.", minimum=0)
+    alpha: float = setting(16.0, "LoRA alpha: the adapters' update is scaled by alpha / rank.", above=0)
+    dropout: float = setting(0.0, "Dropout on the adapters' input (training only).", minimum=0, below=1)
+    targets: list[Literal["qkv", "proj", "fc1", "fc2"]] = setting(
+        help="The linear layers that get adapters: qkv (attention input), proj (attention output), fc1 (MLP gate and "
+             "up), fc2 (MLP down).", factory=lambda: list(LORA_TARGETS))
+
+    def check(self) -> None:
+        if self.rank and not self.targets:
+            raise ConfigError("lora.targets is empty; name at least one of qkv, proj, fc1, fc2 (or set lora.rank=0)")
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"lora.targets {self.targets} repeats a layer")
+
+
 @dataclass
 class Config:
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -203,6 +225,7 @@ class Config:
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict:
@@ -297,6 +320,9 @@ def validate(config: Config, where: str = "config") -> None:
         if r.num_samples < 2:
             fail(f"rollout.num_samples must be at least 2 for mode {o.mode} (the leave-one-out baseline needs a "
                  "sibling)")
+    if config.lora.rank and config.parallel.sequence_parallel:
+        fail("lora.rank > 0 does not run with parallel.sequence_parallel=true (the adapters take the full sequence "
+             "on every TP rank); turn one of them off")
     anchor = config.data.response_anchor
     if anchor is not None and anchor >= r.chunk_len:
         fail(f"data.response_anchor={anchor} must be below the chunk length rollout.chunk_len={r.chunk_len}")

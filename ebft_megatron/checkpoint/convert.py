@@ -1,5 +1,8 @@
 """Hugging Face folder <-> our megatron checkpoint (single process, TP1/PP1 in memory).
 
+A LoRA checkpoint (adapters only, ``models.lora``) exports merged: its base weights plus
+scale * B A, to Hugging Face or to a full megatron checkpoint (``merge_lora``).
+
 The megatron checkpoint is a dist checkpoint, so it loads at any TP/PP afterwards.
 """
 
@@ -107,20 +110,55 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, dtype: str = "float32", log
     return out
 
 
-def mcore_to_hf(ckpt: str | Path, out: str | Path, log=print) -> Path:
-    from safetensors.torch import save_file
-
+def _load_merged(ckpt: Path, log=print):
+    """(model, architecture, dtype name) of a checkpoint at TP1/PP1; a LoRA checkpoint's adapters
+    are merged into its base weights (W + scale * B A), so the model is a plain one."""
+    from ebft_megatron.models import lora
     from ebft_megatron.models.gpt import build_model
     from ebft_megatron.runtime import distributed
 
-    ckpt, out = Path(ckpt), Path(out)
-    _refuse_existing(out)
     meta = store.read_meta(ckpt)
     arch = store.architecture_of(ckpt)
     distributed.initialize(1, 1)
-    dtype = store.stored_dtype(meta)
+    saved = lora.lora_of(ckpt)
+    # a LoRA checkpoint's weights are its base's, in the base's dtype
+    dtype = store.stored_dtype(store.read_meta(lora.base_of(ckpt)) if saved else meta)
     model = build_model(arch, params_dtype=torch_dtype(dtype))
-    store.load_model_weights(model, ckpt)
+    if saved is None:
+        store.load_model_weights(model, ckpt)
+    else:
+        lora.load_lora_checkpoint(model, ckpt)
+        lora.merge_adapters(model)
+        log(f"merged LoRA adapters (rank {saved['rank']}, alpha {saved['alpha']}, {', '.join(saved['targets'])}) "
+            f"into the base {saved['base']}")
+    return model, arch, dtype
+
+
+def merge_lora(ckpt: str | Path, out: str | Path, log=print) -> Path:
+    """A LoRA checkpoint -> a full checkpoint of the merged weights (W + scale * B A), loadable at
+    any TP/PP like a converted one."""
+    from ebft_megatron.models import lora
+
+    ckpt, out = Path(ckpt), Path(out)
+    _refuse_existing(out)
+    if lora.lora_of(ckpt) is None:
+        raise ConversionError(f"{ckpt} holds no LoRA adapters; it is a full checkpoint already")
+    model, arch, dtype = _load_merged(ckpt, log)
+    hf_config = json.loads((ckpt / "hf_config.json").read_text())
+    tokenizer = ckpt / "tokenizer" if (ckpt / "tokenizer").is_dir() else None
+    step = store.read_meta(ckpt).get("step", 0)
+    store.save_checkpoint(out, model.sharded_state_dict(), arch, hf_config, tokenizer_dir=tokenizer,
+                          extra_meta={"source": str(ckpt), "dtype": dtype, "step": step})
+    log(f"wrote merged megatron checkpoint {out}")
+    return out
+
+
+def mcore_to_hf(ckpt: str | Path, out: str | Path, log=print) -> Path:
+    from safetensors.torch import save_file
+
+    ckpt, out = Path(ckpt), Path(out)
+    _refuse_existing(out)
+    model, arch, dtype = _load_merged(ckpt, log)
     hf_state = hf_mapping.mcore_to_hf(store.gather_full_state_dict(model), arch)
 
     partial = out.with_name(out.name + ".partial")
@@ -138,4 +176,4 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, log=print) -> Path:
     return out
 
 
-__all__ = ["hf_to_mcore", "mcore_to_hf", "ConversionError", "ModelConfigError", "read_hf_weights"]
+__all__ = ["hf_to_mcore", "mcore_to_hf", "merge_lora", "ConversionError", "ModelConfigError", "read_hf_weights"]

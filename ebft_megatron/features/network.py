@@ -4,6 +4,11 @@ The feature network is a copy of the base model (or another checkpoint), built w
 TP/PP layout on the same ranks, and kept only up to its deepest feature layer: the layers above it
 are never needed, so they are dropped right after loading.
 
+With LoRA (``models.lora``) the base weights stay frozen, so the feature network can be the policy
+itself with its adapters switched off (:func:`share_policy`): no second copy of the model. Its
+feature forward switches the adapters off and runs only the layers up to the deepest feature layer
+(no final norm, no output layer), the same computation as the truncated copy.
+
 A feature of a token is the residual stream after each feature layer (no final norm),
 concatenated over the layers and L2-normalized jointly (reference §2). Features are read, in one
 packed forward of the chunk and all rollouts (``rollouts.layout``), at the completion rows:
@@ -26,6 +31,7 @@ t+1 tokens), which gives the CFM-vs-completion-length curve for free; training u
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -97,6 +103,40 @@ def load_feature_network(checkpoint, feature_layers: Optional[Sequence[int]] = N
     store.load_model_weights(model, checkpoint)
     truncate(model)
     return model
+
+
+def share_policy(policy, feature_layers: Optional[Sequence[int]] = None):
+    """The policy (with LoRA adapters, base weights frozen) as its own feature network: the base
+    model is the policy with its adapters off. Returns the policy, marked with its feature layers."""
+    layers = check_feature_layers(feature_layers or policy.architecture.default_feature_layers(),
+                                  policy.architecture.num_layers)
+    policy.feature_layers = layers
+    policy.shares_feature_network = True
+    return policy
+
+
+@contextlib.contextmanager
+def _feature_forward(model):
+    """For a policy shared as the feature network: its adapters off, and for the forward's
+    duration only the layers up to the deepest feature layer, with the final norm and the output
+    layer skipped (what :func:`truncate` keeps of a separate feature network). Restored after."""
+    if not getattr(model, "shares_feature_network", False):
+        yield
+        return
+    from ebft_megatron.models.lora import adapters_disabled
+
+    decoder = model.decoder
+    saved = (decoder.layers, decoder.num_layers_per_pipeline_rank, decoder.final_layernorm, model.post_process)
+    deepest = max(model.feature_layers)
+    try:
+        decoder.layers = torch.nn.ModuleList([layer for layer in saved[0] if layer.layer_number <= deepest])
+        decoder.num_layers_per_pipeline_rank = len(decoder.layers)
+        decoder.final_layernorm = None
+        model.post_process = False  # the model's output is then the last kept layer's hidden states
+        with adapters_disabled(model):
+            yield
+    finally:
+        decoder.layers, decoder.num_layers_per_pipeline_rank, decoder.final_layernorm, model.post_process = saved
 
 
 @dataclass
@@ -241,8 +281,9 @@ def embed(feature_model, layout: BlockLayout, packed_tokens: torch.Tensor, pooli
     rows = completion_rows(layout).reshape(-1)
     taps = _LayerTaps(feature_model, feature_model.feature_layers, rows, S)
     try:
-        pipeline.forward(feature_model, packed_tokens, layout.batch_position_ids(B, doc_ids),
-                         reduce=lambda output: None, block_params=packed_attention(layout, doc_ids))
+        with _feature_forward(feature_model):
+            pipeline.forward(feature_model, packed_tokens, layout.batch_position_ids(B, doc_ids),
+                             reduce=lambda output: None, block_params=packed_attention(layout, doc_ids))
     finally:
         taps.remove()
     hidden = [taps.outputs[layer] for layer in sorted(taps.outputs)]

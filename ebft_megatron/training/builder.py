@@ -61,7 +61,8 @@ def _gpu_overrides(config: Config, fp8: bool) -> dict:
 
 def policy(config: Config, arch, load: bool = True):
     """This rank's pipeline stage of the policy, with the run's recompute, FP8, attention and output
-    settings, and (``load``) the weights of ``model.load``."""
+    settings, and (``load``) the weights of ``model.load``; with ``lora.rank`` > 0, LoRA adapters
+    attached after loading (base weights frozen, so base checkpoints load unchanged)."""
     from ebft_megatron.checkpoint import store
     from ebft_megatron.models.gpt import build_model, set_block_attention
 
@@ -70,19 +71,44 @@ def policy(config: Config, arch, load: bool = True):
                         **_gpu_overrides(config, fp8=True))
     set_block_attention(model, m.attention)
     model.logit_chunk_rows = m.logit_chunk_rows
-    if load:
-        store.load_model_weights(model, m.load)
+    if not load:
+        return model
+    from ebft_megatron.models import lora
+
+    saved = lora.lora_of(m.load)
+    if saved is not None:  # a LoRA checkpoint: its base, then its adapters, as they were trained
+        wanted = config.lora
+        if wanted.rank and (wanted.rank, list(wanted.targets), wanted.alpha) != (
+                saved["rank"], list(saved["targets"]), saved["alpha"]):
+            from ebft_megatron.config import ConfigError
+
+            raise ConfigError(f"model.load={m.load} holds LoRA adapters of rank {saved['rank']}, alpha "
+                              f"{saved['alpha']} on {saved['targets']}; set the lora section to match or to rank 0")
+        lora.load_lora_checkpoint(model, m.load, seed=config.train.seed)
+        return model
+    store.load_model_weights(model, m.load)
+    if config.lora.rank:
+        settings = config.lora
+        state = lora.attach_adapters(model, settings.rank, settings.alpha, settings.dropout, settings.targets,
+                                     seed=config.train.seed)
+        state.base = m.load
     return model
 
 
-def feature_network(config: Config):
-    """The frozen feature network: ``model.feature_load`` (else ``model.load``), kept up to its
-    deepest feature layer."""
-    from ebft_megatron.features.network import load_feature_network
+def feature_network(config: Config, policy=None):
+    """The frozen feature network: ``model.feature_load`` (else ``model.load``, or a LoRA
+    checkpoint's base), kept up to its deepest feature layer. With LoRA adapters on the
+    ``policy`` and no ``model.feature_load``, the policy itself (its base weights are frozen and
+    its adapters are switched off for the feature forward): no second copy of the model."""
+    from ebft_megatron.features.network import load_feature_network, share_policy
     from ebft_megatron.models.gpt import set_block_attention
+    from ebft_megatron.models.lora import base_of, has_adapters
 
     m = config.model
-    model = load_feature_network(m.feature_load or m.load, m.feature_layers or None, torch_dtype(m.dtype),
+    if not m.feature_load and policy is not None and has_adapters(policy):
+        return share_policy(policy, m.feature_layers or None)
+    # a LoRA checkpoint's features are its base model's
+    model = load_feature_network(m.feature_load or base_of(m.load), m.feature_layers or None, torch_dtype(m.dtype),
                                  **_gpu_overrides(config, fp8=m.feature_fp8))
     set_block_attention(model, m.attention)
     return model

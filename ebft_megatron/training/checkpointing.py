@@ -6,6 +6,9 @@ hf_config.json, tokenizer/, ebft_checkpoint.json written last) plus:
   format, so a run saved at one TP/PP/DP layout resumes at another;
 - ``trainer_state.json``: step, data position, LR schedule, skip counters, each DP rank's
   rollout RNG state, and the config the run was started with.
+With LoRA (``models.lora``) model/ holds the adapters alone, and the metadata's "lora" entry the
+adapters' settings, the base checkpoint's path and a fingerprint of it: resuming checks that the
+run's base is still that one; the optimizer state is the adapters' too.
 Writes go to ``step_NNNNNN.partial`` and are renamed when complete, so a kill during a save
 leaves the previous checkpoint as the latest good one. Loading refuses a partial or corrupt
 checkpoint, naming it and the latest good one before it.
@@ -168,7 +171,14 @@ def _gather_rng_by_dp(generator: torch.Generator) -> dict[str, str]:
 def save_training_checkpoint(save_dir, step: int, policy, optimizer, arch, source_checkpoint, trainer_state: dict,
                              generator: torch.Generator, keep_last: int = 0) -> Path:
     """Collective. Writes ``step_NNNNNN`` atomically, then prunes to the ``keep_last`` newest."""
-    model_state = policy.sharded_state_dict()
+    from ebft_megatron.models import lora
+
+    extra_meta = {"step": step, "kind": "training"}
+    if lora.has_adapters(policy):  # the adapters only: the frozen base stays where it is
+        model_state = lora.adapter_sharded_state_dict(policy)
+        extra_meta["lora"] = lora.checkpoint_meta(policy.lora)
+    else:
+        model_state = policy.sharded_state_dict()
     optimizer_state = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA)
     state = dict(trainer_state, step=step, rng_by_dp=_gather_rng_by_dp(generator))
     source = Path(source_checkpoint)
@@ -180,7 +190,7 @@ def save_training_checkpoint(save_dir, step: int, policy, optimizer, arch, sourc
     tokenizer = source / "tokenizer" if (source / "tokenizer").is_dir() else None
     final = store.save_checkpoint(
         step_dir(save_dir, step), model_state, arch, hf_config, tokenizer_dir=tokenizer,
-        extra_meta={"step": step, "kind": "training"}, extra_shards={"optimizer": optimizer_state},
+        extra_meta=extra_meta, extra_shards={"optimizer": optimizer_state},
         extra_writer=write_state, overwrite=True,
     )
     if keep_last and store._rank() == 0:
@@ -235,18 +245,37 @@ def _unshare_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
+def _check_same_base(ckpt: Path, policy) -> None:
+    """A LoRA checkpoint resumes only onto the base its adapters were trained on."""
+    from ebft_megatron.models import lora
+
+    saved, state = lora.lora_of(ckpt), getattr(policy, "lora", None)
+    if saved is None or state is None:
+        lora.load_adapter_weights(policy, ckpt)  # raises, saying which side has adapters
+    if saved["base_fingerprint"] != lora.base_fingerprint(state.base):
+        raise CheckpointError(f"checkpoint {ckpt}: its adapters were trained on the base {saved['base']}, but this "
+                              f"run's base {state.base} is another checkpoint; set model.load to that base")
+
+
 def load_training_checkpoint(ckpt: str | Path, policy, optimizer, generator: torch.Generator) -> dict:
     """Restore model, optimizer and this DP rank's RNG; returns the trainer state (step, data
     position, schedule) for the caller to restore."""
     from megatron.core import dist_checkpointing
 
+    from ebft_megatron.models import lora
     from ebft_megatron.runtime.distributed import parallel_info
 
     ckpt = check_resumable(ckpt)
     try:
         _allocate_optimizer_state(optimizer)  # before the weights: the dummy step must not touch loaded params
-        store.load_model_weights(policy, ckpt)
-        sharded = optimizer.sharded_state_dict(policy.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_METADATA)
+        if lora.has_adapters(policy) or lora.lora_of(ckpt) is not None:
+            _check_same_base(ckpt, policy)
+            lora.load_adapter_weights(policy, ckpt)
+            model_state = lora.adapter_sharded_state_dict(policy)
+        else:
+            store.load_model_weights(policy, ckpt)
+            model_state = policy.sharded_state_dict()
+        sharded = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
         try:
             optimizer.load_state_dict(dist_checkpointing.load(sharded, str(ckpt / "optimizer")))
             _unshare_adam_steps(optimizer)

@@ -61,7 +61,7 @@ class Trainer:
         self.policy = builder.policy(c, self.arch)
         self.ddp, self.optimizer = builder.optimizer(c, self.policy)
         self.scheduler = self._scheduler()
-        self.feature_model = builder.feature_network(c)
+        self.feature_model = builder.feature_network(c, self.policy)
         self.generator = rollout_generator(c.train.seed, self.info.dp_rank)
         self.timer = PhaseTimer()
         self.objective = build_objective(c, ObjectiveContext(self.layout, self.arch.vocab_size, self.generator,

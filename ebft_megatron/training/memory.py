@@ -30,6 +30,14 @@ megatron discards once the next linear layer has used them (2 x (h + 1) fewer pe
 recompute keeps each layer's input (h) and re-runs one layer at a time in backward.
 (``tests/training/test_memory.py`` checks these counts against what autograd saves.)
 
+LoRA (``lora_rank`` > 0): the base weights are frozen, so they hold no gradient buffer, no Adam
+moments and no master copy: only the adapters do (A and B of each target linear, one of them
+sharded over TP). The frozen feature network is the policy itself (no second copy) unless the run
+names another checkpoint. Autograd keeps the same activations (megatron's frozen linears keep
+only their weights, but each adapter's A keeps the input that a trained linear would; counted for
+all four targets, an upper bound with fewer) plus each adapter's r-wide A x; the output layer gets
+no weight gradient.
+
     python -m ebft_megatron.training.memory --config examples/ebft_qwen2.5_7b.yaml \
         --architecture examples/architectures/qwen2.5-7b.json --gpus 8
 
@@ -62,7 +70,9 @@ class StepShape:
     distributed_optimizer: bool = True
     logit_chunk_rows: int = 1024
     feature_layers: int = 0  # the feature network's depth (0: none is held; the trainer holds it in
-    # every mode, for the evaluation's feature-matching loss)
+    # every mode, for the evaluation's feature-matching loss, except LoRA's shared one)
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_targets: tuple = ("qkv", "proj", "fc1", "fc2")
 
     @classmethod
     def of(cls, config, arch, dp: int = 1) -> "StepShape":
@@ -73,12 +83,14 @@ class StepShape:
         layout = layout_of(config)
         m, t = config.model, config.train
         objective = OBJECTIVES[config.objective.mode]
+        shared_features = config.lora.rank and not m.feature_load  # LoRA: the policy, adapters off
         return cls(layout.chunk_len, objective.tokens_of(layout),
                    layout.num_rollout_tokens if objective.samples_rollouts else 0, objective.embeds_features,
                    t.micro_batch, max(1, t.chunks_per_step // (dp * t.micro_batch)), config.parallel.tp,
                    config.parallel.pp, dp, m.recompute, 2 if m.dtype == "bfloat16" else 4,
                    config.optimizer.distributed, m.logit_chunk_rows,
-                   max(m.feature_layers or arch.default_feature_layers()))
+                   0 if shared_features else max(m.feature_layers or arch.default_feature_layers()),
+                   config.lora.rank, tuple(config.lora.targets))
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,17 @@ def _layer_parameters(arch, tp: int) -> float:
     return (2 * h * q + 2 * h * kv + 3 * h * arch.ffn_hidden_size + bias) / tp + 2 * h
 
 
+def lora_layer_parameters(arch, tp: int, rank: int, targets=("qkv", "proj", "fc1", "fc2")) -> float:
+    """One layer's adapter parameters on a TP rank: a column-parallel target (qkv, fc1) holds the
+    full A [r, in] and its shard of B [out/tp, r]; a row-parallel one (proj, fc2) its shard of A
+    [r, in/tp] and the full B [out, r]."""
+    h, q, kv, f = (arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim,
+                   arch.ffn_hidden_size)
+    sizes = {"qkv": rank * (h + (q + 2 * kv) / tp), "proj": rank * (q / tp + h),
+             "fc1": rank * (h + 2 * f / tp), "fc2": rank * (f / tp + h)}
+    return sum(sizes[target] for target in targets)
+
+
 def stage_parameters(arch, tp: int, pp: int, layers: Optional[int] = None, output_layer: bool = True) -> float:
     """Parameters of the largest pipeline stage of this rank (first: embedding; last: output layer)."""
     layers = arch.num_layers if layers is None else layers
@@ -140,12 +163,17 @@ def estimate(arch, shape: StepShape) -> MemoryEstimate:
     params = stage_parameters(arch, s.tp, s.pp)
     shard = s.dp if s.distributed_optimizer else 1
     optimizer_bytes = 8 + (4 if b < 4 else 0)  # Adam moments (+ fp32 master weights)
-    model_state = params * (b + 4 + optimizer_bytes / shard)
+    layers = -(-arch.num_layers // s.pp)
+    trained = params
+    if s.lora_rank:  # frozen weights, trained adapters
+        trained = layers * lora_layer_parameters(arch, s.tp, s.lora_rank, s.lora_targets)
+        model_state = params * b + trained * (b + 4 + optimizer_bytes / shard)
+    else:
+        model_state = params * (b + 4 + optimizer_bytes / shard)
     feature_network = 0.0
     if s.feature_layers:
         feature_network = stage_parameters(arch, s.tp, s.pp, s.feature_layers, output_layer=False) * b
 
-    layers = -(-arch.num_layers // s.pp)
     h = arch.hidden_size
     vocab = arch.padded_vocab_size / s.tp
     kv = 2 * (arch.num_query_groups // s.tp) * arch.head_dim
@@ -159,13 +187,16 @@ def estimate(arch, shape: StepShape) -> MemoryEstimate:
         phases["features"] = tokens * layer_working_set
 
     in_flight = min(s.pp, s.micro_batches)
-    kept = layers * layer_activation_elements(arch, s.tp, s.recompute) * b * tokens * in_flight
+    per_layer = layer_activation_elements(arch, s.tp, s.recompute)
+    if s.lora_rank and s.recompute != "full":
+        per_layer += len(s.lora_targets) * s.lora_rank  # each adapter's A x, for B's gradient
+    kept = layers * per_layer * b * tokens * in_flight
     outside = (3 * h + 3) * b * tokens  # final norm and the rows handed to the output layer
     logit_rows = min(s.logit_chunk_rows, tokens) if s.logit_chunk_rows else 3 * tokens
     logits = logit_rows * vocab * (4 + (b if b < 4 else 0))  # fp32 logits (+ the matmul's own output)
-    output_grad = vocab * h * 4  # the output weight's gradient, fp32
+    output_grad = 0 if s.lora_rank else vocab * h * 4  # the output weight's gradient, fp32
     phases["training"] = kept + outside + tokens * layer_working_set + logits + output_grad
-    phases["optimizer"] = params / shard * 4
+    phases["optimizer"] = trained / shard * 4
     return MemoryEstimate(model_state, feature_network, phases)
 
 
@@ -205,7 +236,8 @@ def main(argv=None) -> int:
         if gpus % (tp * pp):
             raise ConfigError(f"--gpus {gpus} is not a multiple of tp x pp = {tp * pp}")
         shape = StepShape.of(config, arch, dp=gpus // (tp * pp))
-        print(f"{config.objective.mode}, {config.model.dtype}, recompute {config.model.recompute}, "
+        lora = f", LoRA rank {config.lora.rank}" if config.lora.rank else ""
+        print(f"{config.objective.mode}{lora}, {config.model.dtype}, recompute {config.model.recompute}, "
               f"TP{tp} x PP{pp} x DP{shape.dp}, {shape.micro_batches} micro-batches of {shape.micro_batch} "
               f"x {shape.packed_len} tokens: {estimate(arch, shape).describe()}")
 

@@ -146,11 +146,13 @@ def full_grads(model, tied: bool) -> dict:
               for i, layer in enumerate(model.decoder.layers)}
     out = {}
     for name, param in model.named_parameters():
+        if not param.requires_grad:  # frozen (LoRA's base weights)
+            continue
         grad = (param.main_grad if getattr(param, "main_grad", None) is not None else param.grad).detach().float()
         if getattr(param, "tensor_model_parallel", False) and tp > 1:
             parts = [torch.empty_like(grad) for _ in range(tp)]
             dist.all_gather(parts, grad.contiguous(), group=ps.get_tensor_model_parallel_group())
-            if "linear_fc1" in name:
+            if "linear_fc1." in name:  # not LoRA's fc1 B, kept [2, ffn/tp, r] and cut along ffn
                 halves = [part.chunk(2, dim=0) for part in parts]
                 grad = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
             else:
@@ -292,6 +294,72 @@ def check_qk_norm_gradients(models_dir: Path) -> dict:
             "qk_norm_grad_max_rel_diff": rel(norms), "grad_max_rel_diff": rel([k for k in ref if k != "loss"])}
 
 
+_LORA_REFERENCE: dict = {}
+
+
+def check_lora(models_dir: Path, family: str) -> dict:
+    """LoRA on every target with nonzero B (the full A and B drawn from one seed on every rank,
+    then sharded): packed EBFT loss, the adapters' gradients (gathered to full size) and the
+    clipped-gradient norm (2 micro-batches, DDP) against the first layout run (TP1); DDP buffers
+    only the adapters. Qwen3: GQA qkv rows and q/k norms between the qkv adapter and attention;
+    Llama: a frozen tied embedding, which PP must leave out of its embedding all-reduce."""
+    import torch
+
+    from ebft_megatron.checkpoint import store
+    from ebft_megatron.config import OptimizerSettings
+    from ebft_megatron.models.gpt import build_model
+    from ebft_megatron.models.lora import adapters, attach_adapters
+    from ebft_megatron.objective.loss import LossSettings
+    from ebft_megatron.objective.objectives import EBFT, Batch, Experience
+    from ebft_megatron.objective.rewards import RewardSettings
+    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.rollouts.sampler import SamplingSettings
+    from ebft_megatron.training.optimizer import build_optimizer, wrap_ddp
+    from ebft_megatron.training.step import forward_backward
+
+    ckpt = models_dir / f"{family}-mcore"
+    arch = store.architecture_of(ckpt)
+    policy = build_model(arch)
+    store.load_model_weights(policy, ckpt)
+    attach_adapters(policy, rank=4, alpha=8.0)
+    for module_name, adapter in adapters(policy):
+        layer = int(module_name.split(".")[2])  # this stage's index; the global layer number is the seed
+        number = policy.decoder.layers[layer].layer_number
+        gen = torch.Generator().manual_seed(1000 * number + ord(adapter.target[-1]))
+        shapes = adapter.full_shapes()
+        adapter.set_full(torch.randn(shapes["lora_a"], generator=gen) * 0.2,
+                         torch.randn(shapes["lora_b"], generator=gen) * 0.2)
+    ddp = wrap_ddp(policy, use_distributed_optimizer=False)
+    optimizer = build_optimizer(ddp, OptimizerSettings(distributed=False, clip_grad=1.0))
+    layout = BlockLayout(*ROLLOUT_LAYOUTS[0])
+    P, NB, n, G = layout.chunk_len, layout.num_blocks, layout.num_samples, layout.rollout_len
+    gen = torch.Generator().manual_seed(41)
+    chunk = torch.randint(0, arch.vocab_size, (2, P), generator=gen)
+    rollouts = torch.randint(0, arch.vocab_size, (2, NB, n, G), generator=gen)
+    advantages = torch.randn(2, NB, n, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([P, P - 3])
+    micro = [Experience(Batch(chunk[i:i + 1], lengths[i:i + 1]), rollouts[i:i + 1], advantages[i:i + 1])
+             for i in range(2)]
+    objective = EBFT(layout, arch.vocab_size, SamplingSettings(0.7, 1.0), LossSettings(1.0, 0.1, 0.7), None, None,
+                     RewardSettings(1.0, 0.5, True), "last_token")
+    ddp.zero_grad_buffer()
+    terms = forward_backward(ddp, micro, objective)
+    buffered = sorted(name for name, p in policy.named_parameters() if getattr(p, "main_grad", None) is not None)
+    grads = full_grads(policy, arch.tie_word_embeddings)
+    optimizer.prepare_grads()
+    current = {"loss": torch.tensor(terms["loss"]), "grad_norm": torch.tensor(float(optimizer.get_grad_norm())),
+               **grads}
+    ref = _LORA_REFERENCE.setdefault(family, current)
+    names = [k for k in ref if k not in ("loss", "grad_norm")]
+    return {"loss": terms["loss"], "loss_diff": abs(terms["loss"] - float(ref["loss"])),
+            "grad_names": sorted(current) == sorted(ref), "grad_count": len(names),
+            "grad_max_rel_diff": max(float((current[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-6))
+                                     for k in names),
+            "grad_norm": float(current["grad_norm"]),
+            "grad_norm_rel_diff": abs(float(current["grad_norm"] / ref["grad_norm"]) - 1),
+            "only_adapters_buffered": bool(buffered) and all("_lora." in name for name in buffered)}
+
+
 def check_fused_paths(models_dir: Path) -> dict:
     """Fused block attention + output layer in row chunks against the generic attention + full
     logits, on the same model and batch in this layout: EBFT (s = G and s < G, with and without
@@ -409,6 +477,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--only", default="", help="run only these checks (comma-separated), e.g. lora")
     args = parser.parse_args()
 
     from ebft_megatron.cli import quiet_imports
@@ -429,13 +498,26 @@ def main() -> None:
     for tp, pp in LAYOUTS:
         distributed.initialize(tp, pp, seed=1234)
         name = f"tp{tp}pp{pp}"
-        results[name] = {"logits_vs_hf": check_logits(models_dir, families, tokens)}
-        results[name].update(check_packed_and_rollouts(models_dir))
-        results[name]["dp_sampling"] = check_dp_sampling(models_dir, seed=99)
-        results[name]["objective"] = check_objective(models_dir, name)
-        results[name]["qk_norm"] = check_qk_norm_gradients(models_dir)
-        results[name]["fused_paths"] = check_fused_paths(models_dir)
-        results[name]["replica_rewards"] = check_replica_rewards()
+        checks = {
+            "logits_vs_hf": lambda: check_logits(models_dir, families, tokens),
+            "packed": lambda: check_packed_and_rollouts(models_dir),
+            "dp_sampling": lambda: check_dp_sampling(models_dir, seed=99),
+            "objective": lambda: check_objective(models_dir, name),
+            "qk_norm": lambda: check_qk_norm_gradients(models_dir),
+            "fused_paths": lambda: check_fused_paths(models_dir),
+            "replica_rewards": check_replica_rewards,
+            "lora": lambda: check_lora(models_dir, "qwen3"),
+            "lora_tied": lambda: check_lora(models_dir, "llama"),
+        }
+        only = [c for c in args.only.split(",") if c]
+        results[name] = {}
+        for check, run in checks.items():
+            if only and check not in only:
+                continue
+            if check == "packed":  # its figures sit at the layout's top level
+                results[name].update(run())
+            else:
+                results[name][check] = run()
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     distributed.destroy()

@@ -102,3 +102,17 @@ def test_verifiable_rewards_are_scored_once_per_replica(results, layout):
     assert check["reward_calls"] == 1  # the replica's first rank only
     assert check["advantage_spread"] == 0.0 and check["advantage_abs"] > 0.05
     assert check["failures"] == ["ValueError"] + ["ReplicaLeaderFailed"] * (check["replica_size"] - 1)
+
+
+@pytest.mark.parametrize("check_name", ["lora", "lora_tied"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_lora_loss_and_adapter_gradients_equal_tp1(results, layout, check_name):
+    """LoRA on qkv, proj, fc1 and fc2 with nonzero B (Qwen3; Llama with its frozen tied embedding):
+    same packed EBFT loss, adapter gradients (gathered to full size; 4 layers x 4 targets x A and
+    B) and gradient norm as TP1 (a replicated adapter tensor counted once per TP rank would change
+    the norm); DDP buffers the adapters alone."""
+    check = results[layout][check_name]
+    assert check["grad_names"] and check["grad_count"] == 4 * 4 * 2
+    assert check["only_adapters_buffered"]
+    assert check["loss_diff"] <= TOL
+    assert check["grad_max_rel_diff"] <= 1e-4 and check["grad_norm_rel_diff"] <= 1e-5
