@@ -242,6 +242,33 @@ def check_objective(models_dir: Path, name: str) -> dict:
     }
 
 
+def packed_ebft_step(ddp, vocab_size: int, seed: int) -> dict:
+    """One EBFT forward/backward (2 micro-batches, megatron's schedule) of random chunks, rollouts and
+    advantages drawn from ``seed`` (the same on every rank), on the first rollout layout."""
+    import torch
+
+    from ebft_megatron.objective.loss import LossSettings
+    from ebft_megatron.objective.objectives import EBFT, Batch, Experience
+    from ebft_megatron.objective.rewards import RewardSettings
+    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.rollouts.sampler import SamplingSettings
+    from ebft_megatron.training.step import forward_backward
+
+    layout = BlockLayout(*ROLLOUT_LAYOUTS[0])
+    P, NB, n, G = layout.chunk_len, layout.num_blocks, layout.num_samples, layout.rollout_len
+    gen = torch.Generator().manual_seed(seed)
+    chunk = torch.randint(0, vocab_size, (2, P), generator=gen)
+    rollouts = torch.randint(0, vocab_size, (2, NB, n, G), generator=gen)
+    advantages = torch.randn(2, NB, n, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([P, P - 3])
+    micro = [Experience(Batch(chunk[i:i + 1], lengths[i:i + 1]), rollouts[i:i + 1], advantages[i:i + 1])
+             for i in range(2)]
+    objective = EBFT(layout, vocab_size, SamplingSettings(0.7, 1.0), LossSettings(1.0, 0.1, 0.7), None, None,
+                     RewardSettings(1.0, 0.5, True), "last_token")
+    ddp.zero_grad_buffer()
+    return forward_backward(ddp, micro, objective)
+
+
 _QK_NORM_REFERENCE: dict = {}
 
 
@@ -253,32 +280,14 @@ def check_qk_norm_gradients(models_dir: Path) -> dict:
 
     from ebft_megatron.checkpoint import store
     from ebft_megatron.models.gpt import build_model
-    from ebft_megatron.objective.loss import LossSettings
-    from ebft_megatron.objective.objectives import EBFT, Batch, Experience
-    from ebft_megatron.objective.rewards import RewardSettings
-    from ebft_megatron.rollouts.layout import BlockLayout
-    from ebft_megatron.rollouts.sampler import SamplingSettings
     from ebft_megatron.training.optimizer import wrap_ddp
-    from ebft_megatron.training.step import forward_backward
 
     ckpt = models_dir / "qwen3-mcore"
     arch = store.architecture_of(ckpt)
     policy = build_model(arch)
     store.load_model_weights(policy, ckpt)
     ddp = wrap_ddp(policy, use_distributed_optimizer=False)
-    layout = BlockLayout(*ROLLOUT_LAYOUTS[0])
-    P, NB, n, G = layout.chunk_len, layout.num_blocks, layout.num_samples, layout.rollout_len
-    gen = torch.Generator().manual_seed(31)
-    chunk = torch.randint(0, arch.vocab_size, (2, P), generator=gen)
-    rollouts = torch.randint(0, arch.vocab_size, (2, NB, n, G), generator=gen)
-    advantages = torch.randn(2, NB, n, generator=gen, dtype=torch.float64)
-    lengths = torch.tensor([P, P - 3])
-    micro = [Experience(Batch(chunk[i:i + 1], lengths[i:i + 1]), rollouts[i:i + 1], advantages[i:i + 1])
-             for i in range(2)]
-    objective = EBFT(layout, arch.vocab_size, SamplingSettings(0.7, 1.0), LossSettings(1.0, 0.1, 0.7), None, None,
-                     RewardSettings(1.0, 0.5, True), "last_token")
-    ddp.zero_grad_buffer()
-    terms = forward_backward(ddp, micro, objective)
+    terms = packed_ebft_step(ddp, arch.vocab_size, seed=31)
     grads = full_grads(policy, arch.tie_word_embeddings)
     current = {"loss": torch.tensor(terms["loss"]), **grads}
     if not _QK_NORM_REFERENCE:
@@ -309,13 +318,7 @@ def check_lora(models_dir: Path, family: str) -> dict:
     from ebft_megatron.config import OptimizerSettings
     from ebft_megatron.models.gpt import build_model
     from ebft_megatron.models.lora import adapters, attach_adapters
-    from ebft_megatron.objective.loss import LossSettings
-    from ebft_megatron.objective.objectives import EBFT, Batch, Experience
-    from ebft_megatron.objective.rewards import RewardSettings
-    from ebft_megatron.rollouts.layout import BlockLayout
-    from ebft_megatron.rollouts.sampler import SamplingSettings
     from ebft_megatron.training.optimizer import build_optimizer, wrap_ddp
-    from ebft_megatron.training.step import forward_backward
 
     ckpt = models_dir / f"{family}-mcore"
     arch = store.architecture_of(ckpt)
@@ -331,19 +334,7 @@ def check_lora(models_dir: Path, family: str) -> dict:
                          torch.randn(shapes["lora_b"], generator=gen) * 0.2)
     ddp = wrap_ddp(policy, use_distributed_optimizer=False)
     optimizer = build_optimizer(ddp, OptimizerSettings(distributed=False, clip_grad=1.0))
-    layout = BlockLayout(*ROLLOUT_LAYOUTS[0])
-    P, NB, n, G = layout.chunk_len, layout.num_blocks, layout.num_samples, layout.rollout_len
-    gen = torch.Generator().manual_seed(41)
-    chunk = torch.randint(0, arch.vocab_size, (2, P), generator=gen)
-    rollouts = torch.randint(0, arch.vocab_size, (2, NB, n, G), generator=gen)
-    advantages = torch.randn(2, NB, n, generator=gen, dtype=torch.float64)
-    lengths = torch.tensor([P, P - 3])
-    micro = [Experience(Batch(chunk[i:i + 1], lengths[i:i + 1]), rollouts[i:i + 1], advantages[i:i + 1])
-             for i in range(2)]
-    objective = EBFT(layout, arch.vocab_size, SamplingSettings(0.7, 1.0), LossSettings(1.0, 0.1, 0.7), None, None,
-                     RewardSettings(1.0, 0.5, True), "last_token")
-    ddp.zero_grad_buffer()
-    terms = forward_backward(ddp, micro, objective)
+    terms = packed_ebft_step(ddp, arch.vocab_size, seed=41)
     buffered = sorted(name for name, p in policy.named_parameters() if getattr(p, "main_grad", None) is not None)
     grads = full_grads(policy, arch.tie_word_embeddings)
     optimizer.prepare_grads()
