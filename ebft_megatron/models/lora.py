@@ -396,6 +396,17 @@ def lora_of(ckpt) -> Optional[dict]:
     return lora
 
 
+def check_settings_match(ckpt, saved: dict, wanted) -> None:
+    """A lora section (``config.lora``) must name the adapters a LoRA checkpoint holds, or rank 0
+    (take the checkpoint's)."""
+    if wanted.rank and (wanted.rank, list(wanted.targets), wanted.alpha) != (
+            saved["rank"], list(saved["targets"]), saved["alpha"]):
+        from ebft_megatron.config import ConfigError
+
+        raise ConfigError(f"model.load={ckpt} holds LoRA adapters of rank {saved['rank']}, alpha "
+                          f"{saved['alpha']} on {saved['targets']}; set the lora section to match or to rank 0")
+
+
 def base_of(ckpt) -> Path:
     """The checkpoint holding a checkpoint's base weights: itself, or a LoRA checkpoint's base,
     checked against the fingerprint recorded when the adapters were saved."""

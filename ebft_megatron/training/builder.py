@@ -77,13 +77,7 @@ def policy(config: Config, arch, load: bool = True):
 
     saved = lora.lora_of(m.load)
     if saved is not None:  # a LoRA checkpoint: its base, then its adapters, as they were trained
-        wanted = config.lora
-        if wanted.rank and (wanted.rank, list(wanted.targets), wanted.alpha) != (
-                saved["rank"], list(saved["targets"]), saved["alpha"]):
-            from ebft_megatron.config import ConfigError
-
-            raise ConfigError(f"model.load={m.load} holds LoRA adapters of rank {saved['rank']}, alpha "
-                              f"{saved['alpha']} on {saved['targets']}; set the lora section to match or to rank 0")
+        lora.check_settings_match(m.load, saved, config.lora)
         lora.load_lora_checkpoint(model, m.load, seed=config.train.seed)
         return model
     store.load_model_weights(model, m.load)

@@ -24,10 +24,10 @@ def format_seconds(seconds: float) -> str:
 class MetricsLogger:
     def __init__(self, save_dir: Optional[str], total_steps: int, enabled: bool, tensorboard: bool = True,
                  wandb_mode: str = "disabled", wandb_project: str = "ebft_megatron", config: Optional[dict] = None,
-                 stream=sys.stdout):
+                 stream=None):
         self.enabled = enabled
         self.total_steps = total_steps
-        self.stream = stream
+        self._stream = stream  # None: whatever sys.stdout is when a line is written
         self._start: Optional[float] = None
         self._start_step = 0
         self._tb = None
@@ -63,6 +63,10 @@ class MetricsLogger:
     def note(self, message: str) -> None:
         if self.enabled:
             print(message, file=self.stream, flush=True)
+
+    @property
+    def stream(self):
+        return self._stream or sys.stdout
 
     def start(self, step: int) -> None:
         self._start, self._start_step = time.perf_counter(), step

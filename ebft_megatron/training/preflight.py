@@ -44,6 +44,23 @@ def check_weights(ckpt: str | Path) -> int:
     return len(metadata.state_dict_metadata)
 
 
+def _check_adapters(config: Config, say) -> None:
+    """A LoRA checkpoint as ``model.load``: its base checkpoint (present, complete, the one the
+    adapters were trained on) and adapter settings that match the lora section."""
+    from ebft_megatron.models import lora
+
+    saved = lora.lora_of(config.model.load)
+    if saved is None:
+        if config.lora.rank:
+            say(f"lora: new adapters of rank {config.lora.rank} on {', '.join(config.lora.targets)}")
+        return
+    lora.check_settings_match(config.model.load, saved, config.lora)
+    base = lora.base_of(config.model.load)
+    check_weights(base)
+    say(f"lora: adapters of rank {saved['rank']} on {', '.join(saved['targets'])}, base {base} (complete, the "
+        "one they were trained on)")
+
+
 def check_run(config: Config, gpus: Optional[int] = None, say: Callable[[str], None] = print) -> None:
     """Everything a launch can know before it starts: raises the first user error, else prints a
     summary. ``gpus``: the job's processes over all nodes (default: tp x pp, i.e. DP 1)."""
@@ -68,6 +85,7 @@ def check_run(config: Config, gpus: Optional[int] = None, say: Callable[[str], N
     say(f"model: {c.model.load}: {arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
         f"{arch.num_attention_heads} heads ({arch.num_query_groups} key/value), vocabulary {arch.vocab_size}; "
         f"{tensors} weight tensors present")
+    _check_adapters(c, say)
     if c.model.feature_load:
         feature_arch = store.architecture_of(c.model.feature_load)
         feature_arch.check_parallel(tp, pp)

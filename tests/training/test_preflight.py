@@ -85,3 +85,26 @@ def test_a_reward_that_cannot_be_imported_is_found_before_launch(run_setup, caps
     status, _, err = check(capsys, *tiny_overrides(ckpt, code, root / "run", mode="rlvr"),
                            "objective.reward=no_such_module:score")
     assert status == 2 and "reward 'no_such_module:score' cannot be imported" in err, err
+
+
+def test_a_lora_checkpoint_is_checked_with_its_base(run_setup, capsys, tmp_path):
+    """As model.load, a LoRA checkpoint's base must be complete, and the lora section must name its
+    adapters (or rank 0)."""
+    import shutil
+
+    from ebft_megatron.config import load_config
+    from ebft_megatron.training.loop import Trainer
+
+    ckpt, code, root = run_setup
+    base = shutil.copytree(ckpt, tmp_path / "base")
+    Trainer(load_config(None, tiny_overrides(base, code, tmp_path / "lora", steps=1, **{
+        "lora.rank": 4, "eval.before_and_after": "false", "train.tensorboard": "false"}))).run()
+    adapters = tmp_path / "lora" / "step_000001"
+    status, out, err = check(capsys, *tiny_overrides(adapters, code, root / "run"))
+    assert status == 0 and f"lora: adapters of rank 4 on qkv, proj, fc1, fc2, base {base}" in out, err
+    status, _, err = check(capsys, *tiny_overrides(adapters, code, root / "run"), "lora.rank=8")
+    assert status == 2 and "holds LoRA adapters of rank 4" in err, err
+    shard = sorted((base / "model").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    status, _, err = check(capsys, *tiny_overrides(adapters, code, root / "run"))
+    assert status == 2 and f"model/{shard.name} is truncated" in err, err
