@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,11 +32,11 @@ from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation.files import atomic_write
 from ebft_megatron.evaluation.sharding import replica_share
-from ebft_megatron.runtime import watchdog
 from ebft_megatron.features.network import FeatureMoments, embed
 from ebft_megatron.objective.rewards import alignment_and_diversity, cfm_loss
 from ebft_megatron.rollouts.layout import BlockLayout
 from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
+from ebft_megatron.runtime import watchdog
 from ebft_megatron.runtime.distributed import sum_over_data_parallel
 
 SERIES = ("cfm", "alignment", "diversity")
@@ -48,6 +49,8 @@ class FeatureMatchingCurve:
     alignment: list[float]  # mean 2a per length
     diversity: list[float]  # mean 2d per length
     groups: int = 0  # valid (chunk, block) groups averaged at every length
+    # this rank's groups' CFM at the full length, in evaluation order (for paired comparisons)
+    group_cfm: list[float] = field(default_factory=list, repr=False)
 
     def as_metrics(self) -> dict[str, float]:
         """The values at the full rollout length G (what training optimizes)."""
@@ -92,6 +95,7 @@ class _CurveSums:
     def __init__(self, rollout_len: int):
         self.sums = torch.zeros(len(SERIES), rollout_len, dtype=torch.float64)
         self.groups = 0
+        self.group_cfm: list[float] = []
 
     def add(self, moments: FeatureMoments, valid: torch.Tensor) -> None:
         """The feature moments of a micro-batch, valid [B, NB]."""
@@ -101,6 +105,7 @@ class _CurveSums:
         weight = valid.to(torch.float64).cpu()[None, :, :, None]
         self.sums += (per_group * weight).sum(dim=(1, 2))
         self.groups += int(valid.sum())
+        self.group_cfm += cfm[..., -1][valid.cpu()].tolist()
 
     def curve(self) -> FeatureMatchingCurve:
         """Pooled over data-parallel replicas; the same on every rank."""
@@ -112,7 +117,24 @@ class _CurveSums:
                              "tokens of its chunk; use longer validation chunks or a smaller first_anchor/rollout_len")
         means = (sums / groups).tolist()
         lengths = list(range(1, sums.shape[1] + 1))
-        return FeatureMatchingCurve(lengths, *means, groups=groups)
+        return FeatureMatchingCurve(lengths, *means, groups=groups, group_cfm=self.group_cfm)
+
+
+def paired_cfm_change(before: FeatureMatchingCurve, after: FeatureMatchingCurve) -> tuple[float, float, int]:
+    """(mean change, its standard error, groups) of the CFM at the full length between two
+    evaluations of the same (chunk, block) groups, from the per-group differences: what the blocks
+    differ in cancels, what is left is the sampling noise of both evaluations (collective over the
+    data-parallel replicas, each of which pairs its own share)."""
+    if len(before.group_cfm) != len(after.group_cfm):
+        raise ValueError(f"the evaluations have {len(before.group_cfm)} and {len(after.group_cfm)} groups on this "
+                         "rank; a paired change needs the same chunks")
+    change = torch.tensor(after.group_cfm, dtype=torch.float64) - torch.tensor(before.group_cfm, dtype=torch.float64)
+    sums = sum_over_data_parallel(torch.stack([change.sum(), change.square().sum(),
+                                               torch.tensor(float(len(change)), dtype=torch.float64)]))
+    total, squares, count = sums.tolist()
+    mean = total / count
+    variance = (squares - count * mean * mean) / (count - 1) if count > 1 else math.nan
+    return mean, math.sqrt(max(variance, 0.0) / count), int(count)
 
 
 def check_layout(layout: BlockLayout, chunks: PackedChunks) -> None:

@@ -67,7 +67,7 @@ class Trainer:
         self.objective = build_objective(c, ObjectiveContext(self.layout, self.arch.vocab_size, self.generator,
                                                              self.feature_model, tokenizer, self.timer))
 
-        self._first_evaluation = None
+        self._first_evaluation = self._last_evaluation = None
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
@@ -176,7 +176,19 @@ class Trainer:
             evaluation.write_report(Path(c.train.save) / "eval" / tag, *result, before=self._first_evaluation)
         if self._first_evaluation is None:
             self._first_evaluation = result
+        self._last_evaluation = result
         return result.metrics()
+
+    def change_since_first_evaluation(self) -> str:
+        """One line: the held-out CFM's change since the first evaluation, with its standard error
+        (paired over the same blocks), and whether it is beyond noise (more than 2 standard errors)."""
+        from ebft_megatron.evaluation.feature_matching import paired_cfm_change
+
+        first, last = self._first_evaluation.curve, self._last_evaluation.curve
+        change, error, groups = paired_cfm_change(first, last)
+        verdict = "beyond noise" if abs(change) > 2 * error else "within noise (2 standard errors)"
+        return (f"eval change: CFM {first.cfm[-1]:.4f} -> {last.cfm[-1]:.4f}, {change:+.4f} +- {error:.4f} (standard "
+                f"error over {groups} blocks, paired): {verdict}")
 
     def save(self) -> Optional[Path]:
         from ebft_megatron.training.checkpointing import save_training_checkpoint
@@ -214,6 +226,8 @@ class Trainer:
             after = self.evaluate(f"step_{self.step:06d}")
             self.logger.log(self.step, after, console=False)
             self.log("eval after: " + json.dumps({k: round(v, 4) for k, v in after.items()}))
+            if self._first_evaluation is not self._last_evaluation:
+                self.log(self.change_since_first_evaluation())
             history["eval_after"] = after
         self.save()
         self.logger.close()

@@ -147,3 +147,19 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint(setup):
     assert resumed.step == 2
     resumed.train_step()
     assert resumed.save() == save / "step_000003"
+
+
+def test_the_run_says_whether_the_cfm_change_is_beyond_noise(setup):
+    from ebft_megatron.config import load_config
+    from ebft_megatron.training.loop import Trainer
+
+    ckpt, code, root = setup
+    lines = []
+    trainer = Trainer(load_config(None, tiny_overrides(ckpt, code, "", steps=2, **{"eval.cfm_chunks": 2})),
+                      log=lines.append)
+    history = trainer.run()
+    change = [line for line in lines if line.startswith("eval change: CFM")]
+    assert len(change) == 1, lines
+    before, after = history["eval_before"]["eval/cfm"], history["eval_after"]["eval/cfm"]
+    assert f"CFM {before:.4f} -> {after:.4f}, {after - before:+.4f} +- " in change[0]
+    assert "blocks, paired): " in change[0] and ("beyond noise" in change[0] or "within noise" in change[0])
