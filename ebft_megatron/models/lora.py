@@ -401,7 +401,7 @@ def check_settings_match(ckpt, saved: dict, wanted) -> None:
     (take the checkpoint's)."""
     if wanted.rank and (wanted.rank, list(wanted.targets), wanted.alpha) != (
             saved["rank"], list(saved["targets"]), saved["alpha"]):
-        from ebft_megatron.config import ConfigError
+        from ebft_megatron.settings import ConfigError
 
         raise ConfigError(f"model.load={ckpt} holds LoRA adapters of rank {saved['rank']}, alpha "
                           f"{saved['alpha']} on {saved['targets']}; set the lora section to match or to rank 0")
