@@ -86,10 +86,14 @@ def truncate(model) -> None:
     stack all layers along one axis and a shallower model cannot read a prefix of it. Under PP the
     stages keep megatron's layer split, so upper stages may end up shorter or empty (a pass-through
     in the no-grad pipeline schedule)."""
-    deepest = max(model.feature_layers)
-    kept = [layer for layer in model.decoder.layers if layer.layer_number <= deepest]
-    model.decoder.layers = torch.nn.ModuleList(kept)
-    model.decoder.num_layers_per_pipeline_rank = len(kept)
+    _keep_feature_layers(model.decoder, model.feature_layers)
+
+
+def _keep_feature_layers(decoder, feature_layers) -> None:
+    """This stage's layers up to the deepest feature layer, and no others."""
+    deepest = max(feature_layers)
+    decoder.layers = torch.nn.ModuleList([layer for layer in decoder.layers if layer.layer_number <= deepest])
+    decoder.num_layers_per_pipeline_rank = len(decoder.layers)
 
 
 def load_feature_network(checkpoint, feature_layers: Optional[Sequence[int]] = None, params_dtype=torch.float32,
@@ -127,10 +131,8 @@ def _feature_forward(model):
 
     decoder = model.decoder
     saved = (decoder.layers, decoder.num_layers_per_pipeline_rank, decoder.final_layernorm, model.post_process)
-    deepest = max(model.feature_layers)
     try:
-        decoder.layers = torch.nn.ModuleList([layer for layer in saved[0] if layer.layer_number <= deepest])
-        decoder.num_layers_per_pipeline_rank = len(decoder.layers)
+        _keep_feature_layers(decoder, model.feature_layers)
         decoder.final_layernorm = None
         model.post_process = False  # the model's output is then the last kept layer's hidden states
         with adapters_disabled(model):
@@ -162,7 +164,8 @@ class FeatureMoments:
     @property
     def gram(self) -> torch.Tensor:
         """[B, NB, n+1, n+1] at the full rollout length G."""
-        return self.gram_by_length[:, :, -1]
+        coordinates = self.coordinates
+        return coordinates @ coordinates.transpose(-1, -2)
 
 
 def span_coordinates(rows: torch.Tensor, known: Optional[torch.Tensor] = None) -> torch.Tensor:

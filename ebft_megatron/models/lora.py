@@ -56,6 +56,7 @@ from typing import Optional, Sequence
 import torch
 
 from ebft_megatron.errors import UserError
+from ebft_megatron.models.output import unwrap
 
 TARGETS = {"qkv": ("self_attention", "linear_qkv", "column"), "proj": ("self_attention", "linear_proj", "row"),
            "fc1": ("mlp", "linear_fc1", "column"), "fc2": ("mlp", "linear_fc2", "row")}
@@ -288,13 +289,6 @@ def lora_parameters(model) -> list[torch.nn.Parameter]:
 
 def has_adapters(model) -> bool:
     return getattr(unwrap(model), "lora", None) is not None
-
-
-def unwrap(model):
-    """The GPT model inside megatron's DDP (and similar) wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
 
 
 @contextlib.contextmanager
