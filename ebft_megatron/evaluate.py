@@ -113,7 +113,7 @@ def main(argv=None) -> int:
             policy = builder.policy(config, arch)
             features = builder.feature_network(config)
             result = evaluation.evaluate_run(config, policy, features, chunks, arch.vocab_size, info.dp_rank)
-            evaluation.write_report(args.out, *result)
+            evaluation.write_report(args.out, result.ce, result.curve)
             metrics = result.metrics()
             if args.unit_tests or args.translation or args.humaneval:
                 downstream = downstream_metrics(args, policy, arch, tokenizer, config.data)

@@ -44,17 +44,17 @@ def target_masks(lengths: torch.Tensor, chunk_len: int, response_mask: Optional[
 
 def nll_sums(output, chunk: torch.Tensor, lengths: torch.Tensor,
              response_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The model's output of the chunk (``models.output``) -> float64 [4]: NLL sum and count over
-    the real targets, then over the response targets (zeros without a response mask)."""
+    """The model's output of the chunks (``models.output``) -> float64 [B, 4]: per chunk, NLL sum
+    and count over the real targets, then over the response targets (zeros without a response mask)."""
     P = chunk.shape[1]
     # fp32 log-softmax, as the reference's eval forward
     nll = next_token_nll(output, chunk).double()
     real, response = target_masks(lengths.to(nll.device), P,
                                   None if response_mask is None else response_mask.to(nll.device))
-    sums = torch.zeros(4, dtype=torch.float64, device=nll.device)
-    sums[0], sums[1] = (nll * real).sum(), real.sum()
+    sums = torch.zeros(chunk.shape[0], 4, dtype=torch.float64, device=nll.device)
+    sums[:, 0], sums[:, 1] = (nll * real).sum(-1), real.sum(-1)
     if response is not None:
-        sums[2], sums[3] = (nll * response).sum(), response.sum()
+        sums[:, 2], sums[:, 3] = (nll * response).sum(-1), response.sum(-1)
     return sums
 
 
@@ -66,14 +66,16 @@ def _exp(value: float) -> float:
 
 
 def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
-                  response_mask: Optional[torch.Tensor] = None, document_masking: bool = False) -> dict[str, float]:
+                  response_mask: Optional[torch.Tensor] = None, document_masking: bool = False,
+                  chunk_ce: Optional[list] = None) -> dict[str, float]:
     """Pooled next-token CE over ``chunks`` (every rank calls this; every rank gets the result).
 
     ``response_mask`` [N, P] defaults to ``chunks.response_mask``; ``document_masking`` keeps
     attention inside the documents of ``chunks.doc_ids``. Returns ``eval/ce``,
     ``eval/perplexity`` and ``eval/tokens`` (targets counted), and with a response mask
     ``eval/response_tokens`` and, when there are any, ``eval/response_ce`` and
-    ``eval/response_perplexity``."""
+    ``eval/response_perplexity``. A ``chunk_ce`` list gets this replica's per-chunk CE appended,
+    in evaluation order (for paired before/after comparisons)."""
     if response_mask is None:
         response_mask = chunks.response_mask
     if response_mask is not None and tuple(response_mask.shape) != tuple(chunks.tokens.shape):
@@ -91,11 +93,14 @@ def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
             doc_ids = chunks.doc_ids[index].to(device)
             positions = document_position_ids(doc_ids)
             mask = ~document_causal_visibility(doc_ids)[:, None]  # megatron: True = masked out
-        totals += pipeline.forward(
+        rows = pipeline.forward(
             model, chunk, positions, block_params=BlockAttentionParams(mode="dense", return_hidden=True),
             reduce=lambda output: nll_sums(model_output(output, model), chunk, lengths, response),
             attention_mask=mask,
         ).to(device)
+        totals += rows.sum(0)
+        if chunk_ce is not None:
+            chunk_ce += (rows[:, 0] / rows[:, 1].clamp(min=1)).tolist()
     nll, count, response_nll, response_count = sum_over_data_parallel(totals).tolist()
     if count == 0:
         raise ValueError("the validation chunks have no next-token targets (every chunk is shorter than 2 tokens)")

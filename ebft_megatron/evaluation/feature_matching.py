@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -118,23 +117,6 @@ class _CurveSums:
         means = (sums / groups).tolist()
         lengths = list(range(1, sums.shape[1] + 1))
         return FeatureMatchingCurve(lengths, *means, groups=groups, group_cfm=self.group_cfm)
-
-
-def paired_cfm_change(before: FeatureMatchingCurve, after: FeatureMatchingCurve) -> tuple[float, float, int]:
-    """(mean change, its standard error, groups) of the CFM at the full length between two
-    evaluations of the same (chunk, block) groups, from the per-group differences: what the blocks
-    differ in cancels, what is left is the sampling noise of both evaluations (collective over the
-    data-parallel replicas, each of which pairs its own share)."""
-    if len(before.group_cfm) != len(after.group_cfm):
-        raise ValueError(f"the evaluations have {len(before.group_cfm)} and {len(after.group_cfm)} groups on this "
-                         "rank; a paired change needs the same chunks")
-    change = torch.tensor(after.group_cfm, dtype=torch.float64) - torch.tensor(before.group_cfm, dtype=torch.float64)
-    sums = sum_over_data_parallel(torch.stack([change.sum(), change.square().sum(),
-                                               torch.tensor(float(len(change)), dtype=torch.float64)]))
-    total, squares, count = sums.tolist()
-    mean = total / count
-    variance = (squares - count * mean * mean) / (count - 1) if count > 1 else math.nan
-    return mean, math.sqrt(max(variance, 0.0) / count), int(count)
 
 
 def check_layout(layout: BlockLayout, chunks: PackedChunks) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -28,9 +29,58 @@ CSV_NAME, PNG_NAME, METRICS_NAME = "cfm_by_length.csv", "cfm_by_length.png", "me
 class Evaluation(NamedTuple):
     ce: Optional[dict]  # validation_ce's result
     curve: Optional[FeatureMatchingCurve]
+    chunk_ce: tuple = ()  # this replica's per-chunk CE, in evaluation order (for paired changes)
 
     def metrics(self) -> dict[str, float]:
         return {**(self.ce or {}), **(self.curve.as_metrics() if self.curve is not None else {})}
+
+
+@dataclass(frozen=True)
+class Change:
+    """A held-out figure's change between two evaluations of the same chunks, with the standard
+    error of the mean of the paired differences (over ``count`` blocks or chunks)."""
+
+    before: float
+    after: float
+    change: float
+    error: float
+    count: int
+
+    def beyond(self, standard_errors: float = 2.0) -> bool:
+        return abs(self.change) > standard_errors * self.error
+
+    def text(self, name: str, unit: str) -> str:
+        return (f"{name} {self.before:.4f} -> {self.after:.4f}, {self.change:+.4f} +- {self.error:.4f} "
+                f"(standard error over {self.count} {unit}, paired)")
+
+
+def paired_change(before: list[float], after: list[float]) -> tuple[float, float, int]:
+    """(mean difference, its standard error, count) of values measured twice on the same items,
+    pooled over the data-parallel replicas, each of which pairs its own share (collective). What
+    the items differ in cancels; what is left is what changed and the noise of both measurements."""
+    if len(before) != len(after):
+        raise ValueError(f"the evaluations have {len(before)} and {len(after)} values on this rank; a paired change "
+                         "needs the same chunks")
+    change = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
+    sums = distributed.sum_over_data_parallel(torch.stack([change.sum(), change.square().sum(),
+                                                           torch.tensor(float(len(change)), dtype=torch.float64)]))
+    total, squares, count = sums.tolist()
+    mean = total / count
+    variance = (squares - count * mean * mean) / (count - 1) if count > 1 else math.nan
+    return mean, math.sqrt(max(variance, 0.0) / count), int(count)
+
+
+def changes(before: Evaluation, after: Evaluation) -> dict[str, Change]:
+    """The CFM's change (at the full rollout length, paired over (chunk, block) groups) and the
+    CE's (paired over chunks) between two evaluations of the same chunks (collective)."""
+    result = {}
+    if before.curve is not None and after.curve is not None:
+        result["cfm"] = Change(before.curve.cfm[-1], after.curve.cfm[-1],
+                               *paired_change(before.curve.group_cfm, after.curve.group_cfm))
+    if before.ce is not None and after.ce is not None:
+        result["ce"] = Change(before.ce["eval/ce"], after.ce["eval/ce"],
+                              *paired_change(list(before.chunk_ce), list(after.chunk_ce)))
+    return result
 
 
 # The evaluation's rollouts draw from their own stream, apart from training's (seed + this).
@@ -49,11 +99,13 @@ def evaluate(policy, feature_model, layout: BlockLayout, chunks: PackedChunks, v
     """Validation CE of ``policy`` on the first ``ce_chunks`` chunks and its feature-matching
     curve on the first ``cfm_chunks`` (0 = all) (collective); with ``document_masking`` both keep
     attention inside documents, as training does."""
-    ce = validation_ce(policy, first_chunks(chunks, ce_chunks), micro_batch_size, document_masking=document_masking)
+    chunk_ce: list[float] = []
+    ce = validation_ce(policy, first_chunks(chunks, ce_chunks), micro_batch_size, document_masking=document_masking,
+                       chunk_ce=chunk_ce)
     curve = feature_matching_by_length(policy, feature_model, layout, first_chunks(chunks, cfm_chunks), vocab_size,
                                        sampling, generator, pooling, micro_batch_size,
                                        document_masking=document_masking)
-    return Evaluation(ce, curve)
+    return Evaluation(ce, curve, tuple(chunk_ce))
 
 
 def evaluate_run(config, policy, feature_model, chunks: PackedChunks, vocab_size: int, dp_rank: int) -> Evaluation:

@@ -173,22 +173,32 @@ class Trainer:
         result = evaluation.evaluate_run(c, self.ddp, self.feature_model, self.val_chunks, self.arch.vocab_size,
                                          self.info.dp_rank)
         if c.train.save:
-            evaluation.write_report(Path(c.train.save) / "eval" / tag, *result, before=self._first_evaluation)
+            evaluation.write_report(Path(c.train.save) / "eval" / tag, result.ce, result.curve,
+                                    before=self._first_evaluation)
         if self._first_evaluation is None:
             self._first_evaluation = result
         self._last_evaluation = result
         return result.metrics()
 
     def change_since_first_evaluation(self) -> str:
-        """One line: the held-out CFM's change since the first evaluation, with its standard error
-        (paired over the same blocks), and whether it is beyond noise (more than 2 standard errors)."""
-        from ebft_megatron.evaluation.feature_matching import paired_cfm_change
+        """One line: the held-out CFM's and CE's changes since the first evaluation, each with its
+        standard error (paired over the same blocks or chunks), and whether the CFM's is beyond
+        noise (more than 2 standard errors); also written to <save>/eval/change.json."""
+        from ebft_megatron.evaluation.files import atomic_write
+        from ebft_megatron.evaluation.report import changes
 
-        first, last = self._first_evaluation.curve, self._last_evaluation.curve
-        change, error, groups = paired_cfm_change(first, last)
-        verdict = "beyond noise" if abs(change) > 2 * error else "within noise (2 standard errors)"
-        return (f"eval change: CFM {first.cfm[-1]:.4f} -> {last.cfm[-1]:.4f}, {change:+.4f} +- {error:.4f} (standard "
-                f"error over {groups} blocks, paired): {verdict}")
+        found = changes(self._first_evaluation, self._last_evaluation)
+        cfm = found["cfm"]
+        verdict = "beyond noise" if cfm.beyond(2.0) else "within noise"
+        line = f"eval change: {cfm.text('CFM', 'blocks')}: {verdict} (2 standard errors)"
+        if "ce" in found:
+            line += f"; {found['ce'].text('CE', 'chunks')}"
+        if self.config.train.save and distributed.is_rank0():
+            report = {name: {**vars(change), "beyond_2_standard_errors": change.beyond(2.0)}
+                      for name, change in found.items()}
+            atomic_write(Path(self.config.train.save) / "eval" / "change.json",
+                         (json.dumps(report, indent=1) + "\n").encode())
+        return line
 
     def save(self) -> Optional[Path]:
         from ebft_megatron.training.checkpointing import save_training_checkpoint

@@ -54,19 +54,22 @@ TABLE = (  # (metric key, column title, lower is better)
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/replication", help="output folder (default runs/replication)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="training seeds (default 1 2)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds (default 1 2 3)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default 8)")
     parser.add_argument("--load", default=str(Path.home() / ".cache/ebft_megatron/smollm2/mcore"),
                         help="the starting checkpoint (default: tools/prepare_smollm2.py's)")
-    parser.add_argument("--unit-test-tasks", type=int, default=16, help="test-split tasks evaluated (default 16)")
-    parser.add_argument("--humaneval", type=int, default=8, help="HumanEval problems evaluated (default 8)")
+    parser.add_argument("--unit-test-tasks", type=int, default=30, help="test-split tasks evaluated (default 30: all)")
+    parser.add_argument("--humaneval", type=int, default=0,
+                        help="HumanEval problems evaluated (default 0: none; a 135M model solves none of the first 8)")
     parser.add_argument("--samples", type=int, default=4, help="completions per prompt: pass@1 and pass@k (default 4)")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="per completion (default 96)")
     parser.add_argument("--python", default=sys.executable, help="interpreter with ebft_megatron installed")
     args = parser.parse_args(argv)
-    if min(args.steps, args.unit_test_tasks, args.humaneval, args.samples, args.max_new_tokens) < 1:
-        parser.error("--steps, --unit-test-tasks, --humaneval, --samples and --max-new-tokens must be >= 1")
+    if min(args.steps, args.unit_test_tasks, args.samples, args.max_new_tokens) < 1:
+        parser.error("--steps, --unit-test-tasks, --samples and --max-new-tokens must be >= 1")
+    if args.humaneval < 0:
+        parser.error("--humaneval must be >= 0 (0 = no HumanEval)")
     if not Path(args.load, "config.json").is_file() and not Path(args.load).is_dir():
         parser.error(f"--load {args.load}: no checkpoint there; run tools/prepare_smollm2.py first")
     return args

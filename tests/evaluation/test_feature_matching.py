@@ -134,25 +134,6 @@ def test_bad_settings_are_refused(qwen2_features, chunks):
         feature_matching_curve(qwen2_features, LAYOUT, short, ground_truth_rollouts)
 
 
-def test_paired_change_is_the_mean_difference_with_its_standard_error():
-    import statistics
-
-    from ebft_megatron.evaluation.feature_matching import FeatureMatchingCurve, paired_cfm_change
-
-    before_values = [0.50, 0.41, 0.62, 0.38, 0.55]
-    differences = [0.02, -0.01, 0.03, 0.00, 0.01]
-    before = FeatureMatchingCurve([1], [0.0], [0.0], [0.0], group_cfm=before_values)
-    after = FeatureMatchingCurve([1], [0.0], [0.0], [0.0],
-                                 group_cfm=[b + d for b, d in zip(before_values, differences)])
-    change, error, groups = paired_cfm_change(before, after)
-    assert groups == 5
-    assert abs(change - statistics.fmean(differences)) < 1e-12
-    # the groups' own spread (0.09) cancels: only the differences' spread counts
-    assert abs(error - statistics.stdev(differences) / 5 ** 0.5) < 1e-12
-    with pytest.raises(ValueError, match="the same chunks"):
-        paired_cfm_change(before, FeatureMatchingCurve([1], [0.0], [0.0], [0.0], group_cfm=[0.1]))
-
-
 def test_the_curve_keeps_each_valid_group_cfm(qwen2_features, chunks):
     curve = feature_matching_curve(qwen2_features, LAYOUT, chunks, ground_truth_rollouts, "last_token",
                                    micro_batch_size=2)

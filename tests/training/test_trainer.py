@@ -1,6 +1,7 @@
 """The training loop in one process: exact resume, non-finite steps, checkpoint refusal,
 atomic saves under a kill, and config errors."""
 
+import json
 import os
 import signal
 import subprocess
@@ -149,13 +150,14 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint(setup):
     assert resumed.save() == save / "step_000003"
 
 
-def test_the_run_says_whether_the_cfm_change_is_beyond_noise(setup):
+def test_the_run_says_whether_the_cfm_change_is_beyond_noise(setup, tmp_path):
     from ebft_megatron.config import load_config
     from ebft_megatron.training.loop import Trainer
 
     ckpt, code, root = setup
     lines = []
-    trainer = Trainer(load_config(None, tiny_overrides(ckpt, code, "", steps=2, **{"eval.cfm_chunks": 2})),
+    trainer = Trainer(load_config(None, tiny_overrides(ckpt, code, tmp_path / "run", steps=2,
+                                                      **{"eval.cfm_chunks": 2})),
                       log=lines.append)
     history = trainer.run()
     change = [line for line in lines if line.startswith("eval change: CFM")]
@@ -163,3 +165,7 @@ def test_the_run_says_whether_the_cfm_change_is_beyond_noise(setup):
     before, after = history["eval_before"]["eval/cfm"], history["eval_after"]["eval/cfm"]
     assert f"CFM {before:.4f} -> {after:.4f}, {after - before:+.4f} +- " in change[0]
     assert "blocks, paired): " in change[0] and ("beyond noise" in change[0] or "within noise" in change[0])
+    ce_before, ce_after = history["eval_before"]["eval/ce"], history["eval_after"]["eval/ce"]
+    assert f"; CE {ce_before:.4f} -> {ce_after:.4f}, {ce_after - ce_before:+.4f} +- " in change[0]
+    saved = json.loads((Path(trainer.config.train.save) / "eval" / "change.json").read_text())
+    assert saved["cfm"]["before"] == pytest.approx(before) and saved["ce"]["after"] == pytest.approx(ce_after)
