@@ -42,10 +42,15 @@ CANDIDATES = {
     "file_pp2": ("the file as it was: lr 1e-5, 4 steps, PP=2", []),
     "lr1e-4_dp2_s8": ("lr 1e-4, 8 steps, DP=2", [*DP2, "optimizer.lr=1e-4", "train.steps=8"]),
     "lr3e-4_dp2_s8": ("lr 3e-4, 8 steps, DP=2", [*DP2, "optimizer.lr=3e-4", "train.steps=8"]),
-    "lr1e-4_dp2_s8_nowhiten": ("lr 1e-4, 8 steps, DP=2, no whitening",
-                               [*DP2, "optimizer.lr=1e-4", "train.steps=8", "objective.whiten=false"]),
-    "lr1e-4_dp2_s4_c4": ("lr 1e-4, 4 steps of 4 chunks, DP=2",
-                         [*DP2, "optimizer.lr=1e-4", "train.steps=4", "train.chunks_per_step=4"]),
+    "lr1e-3_dp2_s8_nowhiten": ("lr 1e-3, 8 steps, DP=2, no whitening",
+                               [*DP2, "optimizer.lr=1e-3", "train.steps=8", "objective.whiten=false"]),
+    "lr3e-5_dp2_s10": ("lr 3e-5, 10 steps, DP=2", [*DP2, "optimizer.lr=3e-5", "train.steps=10"]),
+    # alpha = beta = 1 without whitening: the reward whose REINFORCE gradient is the evaluated CFM's own
+    "lr3e-5_dp2_s10_beta1_nowhiten": ("lr 3e-5, 10 steps, DP=2, diversity coefficient 1, no whitening",
+                                      [*DP2, "optimizer.lr=3e-5", "train.steps=10", "objective.diversity_coef=1.0",
+                                       "objective.whiten=false"]),
+    "lr1e-4_dp2_s8_ce1": ("lr 1e-4, 8 steps, DP=2, CE coefficient 1 (instead of 0.03)",
+                          [*DP2, "optimizer.lr=1e-4", "train.steps=8", "objective.ce_coef=1.0"]),
 }
 
 

@@ -139,3 +139,29 @@ def test_replication_methods_share_the_chunks_and_rlvr_samples_at_the_response_a
         assert config.objective.reward.endswith("unit_tests:UnitTestReward")
     else:
         assert layout.num_blocks > 1
+
+
+def test_replication_table_gives_95_percent_intervals_over_seeds_and_paired_differences():
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("replicate", EXAMPLES / "replication" / "replicate.py")
+    replicate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replicate)
+    args = SimpleNamespace(samples=4, methods=["sft", "ebft"])
+    base = {"eval/ce": 2.0, "eval/ce_se": 0.1, "eval/cfm": 0.5}  # no HumanEval: no HumanEval column
+    results = {"sft": {1: {"eval/ce": 1.0, "eval/cfm": 0.40}, 2: {"eval/ce": 2.0, "eval/cfm": 0.42},
+                       3: {"eval/ce": 3.0, "eval/cfm": 0.44}},
+               "ebft": {1: {"eval/ce": 1.5, "eval/cfm": 0.30}, 2: {"eval/ce": 2.5, "eval/cfm": 0.30},
+                        3: {"eval/ce": 3.5, "eval/cfm": 0.30}}}
+    lines = replicate.summarize(args, base, results).splitlines()
+    assert lines[0] == "| method | val CE | CFM |"
+    assert lines[2] == "| base (SmolLM2-135M) | 2.0000 (SE 0.1000) | 0.5000 |"
+    # CE over seeds 1, 2, 3: mean 2, sd 1, 95% half-width t(2) = 4.303 times 1 / sqrt(3) = 2.4843
+    assert lines[3].startswith("| sft (3 seeds) | 2.0000 [-0.4843, 4.4843] | 0.4200 [")
+    differences = {line.split(" | ")[0]: line for line in lines if line.startswith("| ebft - ") or
+                   line.startswith("| sft - ")}
+    # paired by seed, the seeds' shared spread cancels: ebft - sft is exactly +0.5 for every seed
+    assert differences["| ebft - sft"] == "| ebft - sft | +0.5000 [0.5000, 0.5000] | -0.1200 [-0.1697, -0.0703] |"
+    assert differences["| sft - base"].startswith("| sft - base | +0.0000 [-2.4843, 2.4843] | -0.0800 [")
+    assert "| ebft - rlvr" not in differences  # no RLVR runs: no comparison with them

@@ -26,7 +26,7 @@ import torch
 
 from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.data.packing import PackedChunks
-from ebft_megatron.evaluation.sharding import model_device, replica_share
+from ebft_megatron.evaluation.sharding import mean_and_error, model_device, replica_share
 from ebft_megatron.models.attention import BlockAttentionParams
 from ebft_megatron.models.output import model_output
 from ebft_megatron.objective.loss import next_token_nll, real_targets
@@ -72,6 +72,7 @@ def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
 
     ``response_mask`` [N, P] defaults to ``chunks.response_mask``; ``document_masking`` keeps
     attention inside the documents of ``chunks.doc_ids``. Returns ``eval/ce``,
+    ``eval/ce_se`` (the standard error over chunks: of the mean of the chunks' own CE),
     ``eval/perplexity`` and ``eval/tokens`` (targets counted), and with a response mask
     ``eval/response_tokens`` and, when there are any, ``eval/response_ce`` and
     ``eval/response_perplexity``. A ``chunk_ce`` list gets this replica's per-chunk CE appended,
@@ -82,6 +83,7 @@ def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
         raise ValueError(f"response_mask has shape {tuple(response_mask.shape)}, the chunks {tuple(chunks.tokens.shape)}")
     device = model_device(model)
     totals = torch.zeros(4, dtype=torch.float64, device=device)
+    per_chunk: list[float] = []
     for batch in micro_batches(replica_share(len(chunks)), micro_batch_size):
         watchdog.progress()  # a long evaluation is not a stall
         index = torch.tensor(batch)
@@ -99,12 +101,15 @@ def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
             attention_mask=mask,
         ).to(device)
         totals += rows.sum(0)
-        if chunk_ce is not None:
-            chunk_ce += (rows[:, 0] / rows[:, 1].clamp(min=1)).tolist()
+        per_chunk += (rows[:, 0] / rows[:, 1].clamp(min=1)).tolist()
+    if chunk_ce is not None:
+        chunk_ce += per_chunk
+    chunk_error = mean_and_error(per_chunk)[1]
     nll, count, response_nll, response_count = sum_over_data_parallel(totals).tolist()
     if count == 0:
         raise ValueError("the validation chunks have no next-token targets (every chunk is shorter than 2 tokens)")
-    metrics = {"eval/ce": nll / count, "eval/perplexity": _exp(nll / count), "eval/tokens": int(count)}
+    metrics = {"eval/ce": nll / count, "eval/ce_se": chunk_error, "eval/perplexity": _exp(nll / count),
+               "eval/tokens": int(count)}
     if response_mask is not None:
         metrics["eval/response_tokens"] = int(response_count)
         if response_count > 0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,7 +31,7 @@ import torch
 from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation.files import atomic_write
-from ebft_megatron.evaluation.sharding import replica_share
+from ebft_megatron.evaluation.sharding import mean_and_error, replica_share
 from ebft_megatron.features.network import FeatureMoments, embed
 from ebft_megatron.objective.rewards import alignment_and_diversity, cfm_loss
 from ebft_megatron.rollouts.layout import BlockLayout
@@ -48,16 +49,18 @@ class FeatureMatchingCurve:
     alignment: list[float]  # mean 2a per length
     diversity: list[float]  # mean 2d per length
     groups: int = 0  # valid (chunk, block) groups averaged at every length
+    cfm_error: float = math.nan  # standard error over those groups of the CFM at the full length
     # this rank's groups' CFM at the full length, in evaluation order (for paired comparisons)
     group_cfm: list[float] = field(default_factory=list, repr=False)
 
     def as_metrics(self) -> dict[str, float]:
         """The values at the full rollout length G (what training optimizes)."""
-        return {"eval/cfm": self.cfm[-1], "eval/alignment": self.alignment[-1], "eval/diversity": self.diversity[-1]}
+        return {"eval/cfm": self.cfm[-1], "eval/cfm_se": self.cfm_error, "eval/alignment": self.alignment[-1],
+                "eval/diversity": self.diversity[-1]}
 
     def as_dict(self) -> dict:
         return {"lengths": list(self.lengths), "cfm": list(self.cfm), "alignment": list(self.alignment),
-                "diversity": list(self.diversity), "groups": self.groups}
+                "diversity": list(self.diversity), "groups": self.groups, "cfm_error": self.cfm_error}
 
     def csv_text(self, other: Optional["FeatureMatchingCurve"] = None, other_label: str = "before") -> str:
         """One row per completion length; with ``other``, its columns follow, suffixed _<other_label>."""
@@ -116,7 +119,8 @@ class _CurveSums:
                              "tokens of its chunk; use longer validation chunks or a smaller first_anchor/rollout_len")
         means = (sums / groups).tolist()
         lengths = list(range(1, sums.shape[1] + 1))
-        return FeatureMatchingCurve(lengths, *means, groups=groups, group_cfm=self.group_cfm)
+        error = mean_and_error(self.group_cfm)[1]
+        return FeatureMatchingCurve(lengths, *means, groups=groups, cfm_error=error, group_cfm=self.group_cfm)
 
 
 def check_layout(layout: BlockLayout, chunks: PackedChunks) -> None:

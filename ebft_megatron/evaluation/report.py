@@ -19,6 +19,7 @@ from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation.ce import validation_ce
 from ebft_megatron.evaluation.feature_matching import FeatureMatchingCurve, feature_matching_by_length
 from ebft_megatron.evaluation.files import atomic_write
+from ebft_megatron.evaluation.sharding import mean_and_error
 from ebft_megatron.rollouts.layout import BlockLayout
 from ebft_megatron.rollouts.sampler import SamplingSettings
 from ebft_megatron.runtime import distributed
@@ -61,13 +62,7 @@ def paired_change(before: list[float], after: list[float]) -> tuple[float, float
     if len(before) != len(after):
         raise ValueError(f"the evaluations have {len(before)} and {len(after)} values on this rank; a paired change "
                          "needs the same chunks")
-    change = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
-    sums = distributed.sum_over_data_parallel(torch.stack([change.sum(), change.square().sum(),
-                                                           torch.tensor(float(len(change)), dtype=torch.float64)]))
-    total, squares, count = sums.tolist()
-    mean = total / count
-    variance = (squares - count * mean * mean) / (count - 1) if count > 1 else math.nan
-    return mean, math.sqrt(max(variance, 0.0) / count), int(count)
+    return mean_and_error([b - a for a, b in zip(before, after)])
 
 
 def changes(before: Evaluation, after: Evaluation) -> dict[str, Change]:

@@ -8,6 +8,8 @@ depend on the parallel layout (up to float64 summation order).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -23,6 +25,22 @@ def replica_share(num_chunks: int) -> list[int]:
     """Indices of the chunks this data-parallel replica evaluates (every dp_size-th one)."""
     rank, size = _data_parallel()
     return list(range(rank, num_chunks, size))
+
+
+def mean_and_error(values: list[float]) -> tuple[float, float, int]:
+    """(mean, standard error of the mean, count) of per-item values (chunks, blocks, differences),
+    each replica holding its own share (collective over the data-parallel group)."""
+    from ebft_megatron.runtime.distributed import sum_over_data_parallel
+
+    local = torch.tensor(values, dtype=torch.float64)
+    sums = sum_over_data_parallel(torch.stack([local.sum(), local.square().sum(),
+                                               torch.tensor(float(len(values)), dtype=torch.float64)]))
+    total, squares, count = sums.tolist()
+    if count == 0:
+        return math.nan, math.nan, 0
+    mean = total / count
+    variance = (squares - count * mean * mean) / (count - 1) if count > 1 else math.nan
+    return mean, math.sqrt(max(variance, 0.0) / count), int(count)
 
 
 def model_device(model) -> torch.device:

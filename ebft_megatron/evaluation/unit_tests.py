@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import statistics
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
@@ -229,7 +230,7 @@ def evaluate_tasks(tasks: Sequence[Task], completions: Sequence[Sequence[str]], 
                    workers: int = 2, limits: SandboxLimits = UNIT_TEST_LIMITS) -> dict:
     """pass@k (unbiased) and the mean fraction of examples passed, from ``completions[i]``: the
     samples (text after the prompt) for ``tasks[i]``, each cut where its function ends."""
-    from ebft_megatron.evaluation.humaneval import checked_ks, mean_pass_at_k
+    from ebft_megatron.evaluation.humaneval import checked_ks, mean_pass_at_k, pass_at_k
 
     if len(completions) != len(tasks):
         raise ValueError(f"{len(completions)} completion lists for {len(tasks)} tasks")
@@ -243,6 +244,10 @@ def evaluate_tasks(tasks: Sequence[Task], completions: Sequence[Sequence[str]], 
     correct = [sum(o.passed for o in outcomes[i * samples_per_task:(i + 1) * samples_per_task])
                for i in range(len(tasks))]
     metrics = {f"unit_tests/pass@{k}": value for k, value in mean_pass_at_k(samples_per_task, correct, ks).items()}
+    for k in ks:  # what another draw of as many tasks would move the mean by
+        per_task = [pass_at_k(samples_per_task, count, k) for count in correct]
+        metrics[f"unit_tests/pass@{k}_se"] = (statistics.stdev(per_task) / len(per_task) ** 0.5
+                                              if len(per_task) > 1 else float("nan"))
     metrics["unit_tests/fraction_passed"] = sum(o.fraction_passed for o in outcomes) / max(1, len(outcomes))
     metrics["unit_tests/tasks"] = len(tasks)
     return metrics

@@ -13,7 +13,7 @@ What it does, each step skipped when its output already exists (so a stopped run
   3. every checkpoint and the base model: python -m ebft_megatron.evaluate with the same file:
      validation CE (whole chunk and body tokens only), CFM at the training layout, pass@1 and
      pass@k on unit-test tasks of the test split and on HumanEval (in context, sampled);
-  4. a table (mean and spread over seeds) in OUT/results.md and OUT/results.json, and plots
+  4. tables (means and differences with 95% intervals over seeds) in OUT/results.md and OUT/results.json, and plots
      OUT/metrics.png (final metrics) and OUT/training.png (training-chunk CE per step).
 
 The machine's 2 cores are used by one job at a time (OMP_NUM_THREADS=2).
@@ -40,15 +40,19 @@ METHOD_OVERRIDES = {
     "rlvr": ["objective.mode=rlvr", "objective.reward=ebft_megatron.evaluation.unit_tests:UnitTestReward",
              "objective.ce_coef=0.0", "rollout.first_anchor=256", "rollout.stride=1", "rollout.rollout_len=96"],
 }
-TABLE = (  # (metric key, column title, lower is better)
-    ("eval/ce", "val CE", True),
-    ("eval/response_ce", "val CE (body)", True),
-    ("eval/cfm", "CFM", True),
-    ("unit_tests/pass@1", "unit tests pass@1", False),
-    ("unit_tests/pass@{k}", "unit tests pass@{k}", False),
-    ("humaneval/pass@1", "HumanEval pass@1", False),
-    ("humaneval/pass@{k}", "HumanEval pass@{k}", False),
+TABLE = (  # (metric key, column title, the key of its standard error over the evaluation's items)
+    ("eval/ce", "val CE", "eval/ce_se"),
+    ("eval/response_ce", "val CE (body)", None),
+    ("eval/cfm", "CFM", "eval/cfm_se"),
+    ("unit_tests/pass@1", "unit tests pass@1", "unit_tests/pass@1_se"),
+    ("unit_tests/pass@{k}", "unit tests pass@{k}", "unit_tests/pass@{k}_se"),
+    ("humaneval/pass@1", "HumanEval pass@1", None),
+    ("humaneval/pass@{k}", "HumanEval pass@{k}", None),
 )
+# Student's t at 97.5% for 1..5 degrees of freedom: a 95% interval of a mean over 2..6 seeds.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
+# The comparisons the paper's claims are about: (a, b) -> the per-seed difference a - b.
+COMPARISONS = (("ebft", "sft"), ("ebft", "rlvr"), ("ebft", "base"), ("sft", "base"), ("rlvr", "base"))
 
 
 def parse_args(argv=None):
@@ -159,36 +163,63 @@ def evaluate(args, runner: Runner, data: Path, checkpoint: str, name: str) -> di
     return metrics
 
 
-def summarize(args, base: dict, results: dict) -> str:
-    """results[method][seed] -> metrics. Markdown table: mean ± half the range over seeds."""
+def columns(args, base: dict) -> list[tuple[str, str, str]]:
+    """(key, title, standard-error key) of the table's columns: the metrics the base model has."""
     k = args.samples
-    columns = [(key.format(k=k), title.format(k=k), lower) for key, title, lower in TABLE]
-    lines = ["| method | " + " | ".join(title for _, title, _ in columns) + " |",
-             "|---|" + "---|" * len(columns)]
-    lines.append("| base (SmolLM2-135M) | " + " | ".join(_cell([base.get(key)]) for key, _, _ in columns) + " |")
+    found = [(key.format(k=k), title.format(k=k), error and error.format(k=k)) for key, title, error in TABLE]
+    return [column for column in found if _number(base.get(column[0]))]
+
+
+def summarize(args, base: dict, results: dict) -> str:
+    """results[method][seed] -> metrics. Two markdown tables: each method's mean with a 95% interval
+    over seeds (the base model: its value with the standard error over the evaluation's items), and
+    the per-seed differences between methods with their 95% intervals."""
+    used = columns(args, base)
+    lines = ["| method | " + " | ".join(title for _, title, _ in used) + " |", "|---|" + "---|" * len(used)]
+    lines.append("| base (SmolLM2-135M) | " + " | ".join(
+        f"{base[key]:.4f}" + (f" (SE {base[error]:.4f})" if _number(base.get(error)) else "")
+        for key, _, error in used) + " |")
     for method in args.methods:
         runs = results.get(method, {})
-        cells = [_cell([metrics.get(key) for metrics in runs.values()]) for key, _, _ in columns]
+        cells = [_interval([metrics.get(key) for metrics in runs.values()]) for key, _, _ in used]
         lines.append(f"| {method} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
+    lines += ["", "| difference (per seed) | " + " | ".join(title for _, title, _ in used) + " |",
+              "|---|" + "---|" * len(used)]
+    for first, second in COMPARISONS:
+        if first not in results or (second != "base" and second not in results):
+            continue
+        seeds = sorted(set(results[first]) & (set(results[second]) if second != "base" else set(results[first])))
+        cells = []
+        for key, _, _ in used:
+            other = (lambda seed: base.get(key)) if second == "base" else (lambda seed: results[second][seed].get(key))
+            pairs = [(results[first][seed].get(key), other(seed)) for seed in seeds]
+            cells.append(_interval([a - b for a, b in pairs if _number(a) and _number(b)], signed=True))
+        lines.append(f"| {first} - {second} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _cell(values) -> str:
-    values = [v for v in values if isinstance(v, (int, float))]
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and value == value
+
+
+def _interval(values, signed: bool = False) -> str:
+    """The mean and its 95% interval over seeds (Student's t), or the one value there is."""
+    values = [v for v in values if _number(v)]
     if not values:
         return "n/a"
     mean = statistics.fmean(values)
+    text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
     if len(values) == 1:
-        return f"{mean:.4f}"
-    return f"{mean:.4f} ± {(max(values) - min(values)) / 2:.4f}"
+        return text
+    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    return f"{text} [{mean - half:.4f}, {mean + half:.4f}]"
 
 
 def plot(args, base: dict, results: dict, out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    k = args.samples
-    keys = [(key.format(k=k), title.format(k=k)) for key, title, _ in TABLE]
+    keys = [(key, title) for key, title, _ in columns(args, base)]
     figure = Figure(figsize=(4 * len(keys), 3.6), dpi=90)
     FigureCanvasAgg(figure)
     for axes, (key, title) in zip(figure.subplots(1, len(keys)), keys):
@@ -240,7 +271,8 @@ def main(argv=None) -> int:
     skipped = runner.jobs_done - runner.jobs_run
     took = f"{minutes:.0f} min" + (f" ({skipped} jobs done earlier were skipped)" if skipped else "")
     (runner.out / "results.md").write_text(
-        f"{table}\n\nmean ± half the range over seeds {args.seeds}; {args.steps} steps per run; {took}\n")
+        f"{table}\n\nmean [95% interval over seeds {args.seeds}, Student's t]; base: its value (standard error over "
+        f"the evaluation's chunks, blocks or tasks); {args.steps} steps per run; {took}\n")
     plot(args, base, results, runner.out)
     print(table)
     print(f"[replicate] done in {minutes:.0f} min: {runner.out}/results.md, metrics.png, training.png", flush=True)

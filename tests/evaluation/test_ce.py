@@ -2,6 +2,7 @@
 the response-only CE against a hand computation with the response mask."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -61,6 +62,7 @@ def test_full_ce_equals_hugging_face_loss_pooled_per_token(qwen2_policy, chunks)
         # each chunk's own CE, in order, for paired before/after comparisons
         assert len(chunk_ce) == len(chunks)
         assert max(abs(a - b) for a, b in zip(chunk_ce, hf_chunk_ce)) < 1e-5, micro_batch_size
+        assert abs(metrics["eval/ce_se"] - statistics.stdev(hf_chunk_ce) / 3 ** 0.5) < 1e-5
     # a per-chunk mean then a mean over chunks would weigh the short chunk more; pooling must not
     assert abs(sum(hf_chunk_ce) / len(chunks) - expected) > 1e-4
 

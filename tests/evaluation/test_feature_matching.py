@@ -3,6 +3,8 @@ same draws, zero when the rollouts are the ground truth (given directly, or samp
 chunk that is the policy's own greedy continuation), and the length axis checked by rollouts that
 leave the ground truth after k tokens."""
 
+import statistics
+
 import pytest
 import torch
 
@@ -65,8 +67,10 @@ def test_curve_at_full_length_equals_embed_and_cfm_loss(qwen2_policy, qwen2_feat
     # unit features (last-token pooling): mean(2a) - mean(2d)/2 = 1 - CFM at every length (reference §5.2)
     for t in range(G):
         assert abs(curve.alignment[t] - curve.diversity[t] / 2 - (1 - curve.cfm[t])) < 1e-9
-    assert curve.as_metrics() == {"eval/cfm": curve.cfm[-1], "eval/alignment": curve.alignment[-1],
-                                  "eval/diversity": curve.diversity[-1]}
+    assert curve.as_metrics() == {"eval/cfm": curve.cfm[-1], "eval/cfm_se": curve.cfm_error,
+                                  "eval/alignment": curve.alignment[-1], "eval/diversity": curve.diversity[-1]}
+    per_group = cfm_loss(gram)[valid].tolist()  # the standard error is over the valid groups
+    assert abs(curve.cfm_error - statistics.stdev(per_group) / len(per_group) ** 0.5) < 1e-10
 
 
 @pytest.mark.parametrize("pooling", ["last_token", "mean"])

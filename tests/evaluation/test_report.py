@@ -37,8 +37,9 @@ def test_report_files_hold_the_curves_and_metrics(tmp_path):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
     report = json.loads((out / "metrics.json").read_text())
-    assert report["metrics"] == {**CE_AFTER, "eval/cfm": 0.4, "eval/alignment": 1.2, "eval/diversity": 1.4}
-    assert report["cfm_by_length"] == AFTER.as_dict()
+    assert report["metrics"] == {**CE_AFTER, "eval/cfm": 0.4, "eval/cfm_se": None, "eval/alignment": 1.2,
+                                 "eval/diversity": 1.4}
+    assert report["cfm_by_length"] == {**AFTER.as_dict(), "cfm_error": None}  # NaN: no spread was measured
     assert report["before"]["metrics"]["eval/perplexity"] is None
     assert report["before"]["cfm_by_length"]["cfm"] == BEFORE.cfm
 

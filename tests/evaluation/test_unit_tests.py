@@ -100,6 +100,9 @@ def test_pass_at_k_from_completions(median_low):
     assert metrics["unit_tests/pass@1"] == pytest.approx(0.5)
     assert metrics["unit_tests/pass@2"] == pytest.approx(1.0)
     assert metrics["unit_tests/tasks"] == 1
+    two = ut.evaluate_tasks([median_low, median_low], [[median_low.response] * 2, ["    return 0\n"] * 2], ks=(1,))
+    assert two["unit_tests/pass@1"] == pytest.approx(0.5)
+    assert two["unit_tests/pass@1_se"] == pytest.approx(0.5)  # per task 1 and 0: sd 0.71 over sqrt(2)
     with pytest.raises(ValueError, match="every k"):
         ut.evaluate_tasks([median_low], [[median_low.response]], ks=(2,))
 
