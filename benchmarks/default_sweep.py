@@ -39,7 +39,6 @@ BUDGET_SECONDS = 600
 # name -> (what it changes against the quickstart file, overrides)
 DP2 = ["parallel.pp=1", "model.recompute=none"]  # 2 data-parallel replicas instead of 2 pipeline stages
 CANDIDATES = {
-    "file_pp2": ("the file as it was: lr 1e-5, 4 steps, PP=2", []),
     "lr1e-4_dp2_s8": ("lr 1e-4, 8 steps, DP=2", [*DP2, "optimizer.lr=1e-4", "train.steps=8"]),
     "lr3e-4_dp2_s8": ("lr 3e-4, 8 steps, DP=2", [*DP2, "optimizer.lr=3e-4", "train.steps=8"]),
     "lr1e-3_dp2_s8_nowhiten": ("lr 1e-3, 8 steps, DP=2, no whitening",
@@ -107,16 +106,27 @@ def describe(trial: dict) -> str:
             + ("passes" if trial["passes"] else "fails"))
 
 
+def parts_of_the_change(run: Path) -> tuple[float, float]:
+    """The changes of the CFM's two parts between the first and last evaluation of a run: the
+    alignment 2a (up is closer to the ground truth) and the diversity 2d (up is samples more alike);
+    with unit features CFM = 1 - 2a + 2d/2."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval/cfm"' in line]
+    first, last = rows[0], rows[-1]
+    return last["eval/alignment"] - first["eval/alignment"], last["eval/diversity"] - first["eval/diversity"]
+
+
 def table(out: Path) -> str:
-    trials = [json.loads(path.read_text()) for path in sorted(out.glob("*/seed*/trial.json"))]
-    lines = ["| candidate | settings | seed | run s | CFM before -> after | CFM change +- SE | CE change +- SE | "
-             "passes |", "|---|---|---|---|---|---|---|---|"]
-    for trial in trials:
+    paths = sorted(out.glob("*/seed*/trial.json"))
+    trials = [json.loads(path.read_text()) for path in paths]
+    lines = ["| candidate | settings | seed | run s | CFM before -> after | CFM change +- SE | 2a change | 2d change | "
+             "CE change +- SE | passes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for path, trial in zip(paths, trials):
         cfm, ce = trial["cfm"], trial["ce"]
+        alignment, diversity = parts_of_the_change(path.parent / "run")
         lines.append(f"| {trial['candidate']} | {CANDIDATES.get(trial['candidate'], ('?',))[0]} | {trial['seed']} | "
                      f"{trial['wall_s']:.0f} | {cfm['before']:.4f} -> {cfm['after']:.4f} | "
-                     f"{cfm['change']:+.4f} +- {cfm['error']:.4f} | {ce['change']:+.4f} +- {ce['error']:.4f} | "
-                     f"{'yes' if trial['passes'] else 'no'} |")
+                     f"{cfm['change']:+.4f} +- {cfm['error']:.4f} | {alignment:+.4f} | {diversity:+.4f} | "
+                     f"{ce['change']:+.4f} +- {ce['error']:.4f} | {'yes' if trial['passes'] else 'no'} |")
     by_candidate: dict[str, list] = {}
     for trial in trials:
         by_candidate.setdefault(trial["candidate"], []).append(trial)
@@ -125,10 +135,23 @@ def table(out: Path) -> str:
         walls = [run["wall_s"] + SETUP_SECONDS for run in runs]
         verdict = ("passes" if len(runs) >= 3 and all(run["passes"] for run in runs) and max(walls) <= BUDGET_SECONDS
                    else "does not pass")
-        lines.append(f"- {name}: {sum(run['passes'] for run in runs)} of {len(runs)} seeds pass; mean CFM change "
-                     f"{statistics.fmean(run['cfm']['change'] for run in runs):+.4f}; longest run with setup "
+        lines.append(f"- {name}: {sum(run['passes'] for run in runs)} of {len(runs)} seeds pass; CFM change "
+                     f"{over_seeds([run['cfm']['change'] for run in runs])}, CE change "
+                     f"{over_seeds([run['ce']['change'] for run in runs])}; longest run with setup "
                      f"{max(walls):.0f} s: {verdict}")
     return "\n".join(lines)
+
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student's t, 95% two-sided, by degrees of freedom
+
+
+def over_seeds(values: list[float]) -> str:
+    """The mean over seeds, with its 95% interval (Student's t) when there are several."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:+.4f} (1 seed)"
+    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    return f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] over {len(values)} seeds"
 
 
 def main(argv=None) -> int:

