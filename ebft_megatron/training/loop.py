@@ -182,17 +182,16 @@ class Trainer:
 
     def change_since_first_evaluation(self) -> str:
         """One line: the held-out CFM's and CE's changes since the first evaluation, each with its
-        standard error (paired over the same blocks or chunks), and whether the CFM's is beyond
-        noise (more than 2 standard errors); also written to <save>/eval/change.json."""
+        standard error (paired over the same blocks or chunks), and whether each is beyond noise
+        (more than 2 standard errors); also written to <save>/eval/change.json."""
         from ebft_megatron.evaluation.files import atomic_write
         from ebft_megatron.evaluation.report import changes
 
         found = changes(self._first_evaluation, self._last_evaluation)
-        cfm = found["cfm"]
-        verdict = "beyond noise" if cfm.beyond(2.0) else "within noise"
-        line = f"eval change: {cfm.text('CFM', 'blocks')}: {verdict} (2 standard errors)"
-        if "ce" in found:
-            line += f"; {found['ce'].text('CE', 'chunks')}"
+        units = {"cfm": "blocks", "ce": "chunks"}
+        line = "eval change: " + "; ".join(
+            f"{change.text(name.upper(), units[name])}: {'beyond' if change.beyond(2.0) else 'within'} noise"
+            for name, change in found.items()) + " (noise: 2 standard errors)"
         if self.config.train.save and distributed.is_rank0():
             report = {name: {**vars(change), "beyond_2_standard_errors": change.beyond(2.0)}
                       for name, change in found.items()}

@@ -167,5 +167,6 @@ def test_the_run_says_whether_the_cfm_change_is_beyond_noise(setup, tmp_path):
     assert "blocks, paired): " in change[0] and ("beyond noise" in change[0] or "within noise" in change[0])
     ce_before, ce_after = history["eval_before"]["eval/ce"], history["eval_after"]["eval/ce"]
     assert f"; CE {ce_before:.4f} -> {ce_after:.4f}, {ce_after - ce_before:+.4f} +- " in change[0]
+    assert "chunks, paired): " in change[0] and change[0].endswith("noise (noise: 2 standard errors)")
     saved = json.loads((Path(trainer.config.train.save) / "eval" / "change.json").read_text())
     assert saved["cfm"]["before"] == pytest.approx(before) and saved["ce"]["after"] == pytest.approx(ce_after)
