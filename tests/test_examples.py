@@ -165,3 +165,10 @@ def test_replication_table_gives_95_percent_intervals_over_seeds_and_paired_diff
     assert differences["| ebft - sft"] == "| ebft - sft | +0.5000 [0.5000, 0.5000] | -0.1200 [-0.1697, -0.0703] |"
     assert differences["| sft - base"].startswith("| sft - base | +0.0000 [-2.4843, 2.4843] | -0.0800 [")
     assert "| ebft - rlvr" not in differences  # no RLVR runs: no comparison with them
+    # the evaluation's own standard error: a method's is the mean over its seeds, a difference's
+    # combines both sides'
+    for seed, error in ((1, 0.05), (2, 0.07), (3, 0.06)):
+        results["sft"][seed]["eval/ce_se"] = error
+    lines = replicate.summarize(args, base, results).splitlines()
+    assert lines[3].startswith("| sft (3 seeds) | 2.0000 [-0.4843, 4.4843] (SE 0.0600) | ")
+    assert "| sft - base | +0.0000 [-2.4843, 2.4843] (SE 0.1166) | " in "\n".join(lines)  # sqrt(0.06^2 + 0.1^2)

@@ -181,7 +181,8 @@ def summarize(args, base: dict, results: dict) -> str:
         for key, _, error in used) + " |")
     for method in args.methods:
         runs = results.get(method, {})
-        cells = [_interval([metrics.get(key) for metrics in runs.values()]) for key, _, _ in used]
+        cells = [_interval([metrics.get(key) for metrics in runs.values()]) + _error([_standard_error(runs, error)])
+                 for key, _, error in used]
         lines.append(f"| {method} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
     lines += ["", "| difference (per seed) | " + " | ".join(title for _, title, _ in used) + " |",
               "|---|" + "---|" * len(used)]
@@ -190,12 +191,30 @@ def summarize(args, base: dict, results: dict) -> str:
             continue
         seeds = sorted(set(results[first]) & (set(results[second]) if second != "base" else set(results[first])))
         cells = []
-        for key, _, _ in used:
+        for key, _, error in used:
             other = (lambda seed: base.get(key)) if second == "base" else (lambda seed: results[second][seed].get(key))
             pairs = [(results[first][seed].get(key), other(seed)) for seed in seeds]
-            cells.append(_interval([a - b for a, b in pairs if _number(a) and _number(b)], signed=True))
+            errors = [_standard_error(results[first], error),
+                      base.get(error) if second == "base" else _standard_error(results[second], error)]
+            cells.append(_interval([a - b for a, b in pairs if _number(a) and _number(b)], signed=True)
+                         + _error(errors))
         lines.append(f"| {first} - {second} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _standard_error(runs: dict, key) -> float:
+    """The evaluation's own standard error for a method: the mean over its seeds (NaN if none)."""
+    values = [metrics.get(key) for metrics in runs.values()] if key else []
+    values = [v for v in values if _number(v)]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _error(errors: list) -> str:
+    """' (SE x)': the evaluation's standard error of a cell; of a difference, sqrt(SE_a^2 + SE_b^2)
+    (as if the two evaluations were independent: an upper bound for the same chunks and tasks)."""
+    if not errors or not all(_number(e) for e in errors):
+        return ""
+    return f" (SE {sum(e * e for e in errors) ** 0.5:.4f})"
 
 
 def _number(value) -> bool:
