@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """SFT vs RLVR vs EBFT from the same SmolLM2-135M start, on the same data and budget.
 
-  .venv/bin/python examples/replication/replicate.py --out runs/replication       # ~1 h on 2 CPU cores
+  .venv/bin/python examples/replication/replicate.py --out runs/replication       # ~1.3 h on 2 CPU cores
   .venv/bin/python examples/replication/replicate.py --out runs/replication --seeds 1 2 3 --steps 16
 
 What it does, each step skipped when its output already exists (so a stopped run resumes):
