@@ -26,12 +26,12 @@ import torch
 
 from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.data.packing import PackedChunks
-from ebft_megatron.evaluation.sharding import mean_and_error, model_device, replica_share
+from ebft_megatron.evaluation.sharding import mean_and_error, replica_share
 from ebft_megatron.models.attention import BlockAttentionParams
 from ebft_megatron.models.output import model_output
 from ebft_megatron.objective.loss import next_token_nll, real_targets
 from ebft_megatron.rollouts.layout import document_causal_visibility, document_position_ids
-from ebft_megatron.runtime import pipeline, watchdog
+from ebft_megatron.runtime import device, pipeline, watchdog
 from ebft_megatron.runtime.distributed import sum_over_data_parallel
 
 
@@ -81,25 +81,24 @@ def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
         response_mask = chunks.response_mask
     if response_mask is not None and tuple(response_mask.shape) != tuple(chunks.tokens.shape):
         raise ValueError(f"response_mask has shape {tuple(response_mask.shape)}, the chunks {tuple(chunks.tokens.shape)}")
-    device = model_device(model)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    totals = torch.zeros(4, dtype=torch.float64, device=device.current())
     per_chunk: list[float] = []
     for batch in micro_batches(replica_share(len(chunks)), micro_batch_size):
         watchdog.progress()  # a long evaluation is not a stall
         index = torch.tensor(batch)
-        chunk, lengths = chunks.tokens[index].to(device), chunks.lengths[index]
-        response = None if response_mask is None else response_mask[index]
+        chunk, lengths, response, doc_ids = device.to_device((  # the evaluation batch's boundary
+            chunks.tokens[index], chunks.lengths[index], None if response_mask is None else response_mask[index],
+            chunks.doc_ids[index] if document_masking else None))
         B, P = chunk.shape
-        positions, mask = torch.arange(P, device=device).expand(B, P), None
+        positions, mask = torch.arange(P, device=chunk.device).expand(B, P), None
         if document_masking:
-            doc_ids = chunks.doc_ids[index].to(device)
             positions = document_position_ids(doc_ids)
             mask = ~document_causal_visibility(doc_ids)[:, None]  # megatron: True = masked out
         rows = pipeline.forward(
             model, chunk, positions, block_params=BlockAttentionParams(mode="dense", return_hidden=True),
             reduce=lambda output: nll_sums(model_output(output, model), chunk, lengths, response),
             attention_mask=mask,
-        ).to(device)
+        ).to(totals.device)
         totals += rows.sum(0)
         per_chunk += (rows[:, 0] / rows[:, 1].clamp(min=1)).tolist()
     if chunk_ce is not None:

@@ -36,7 +36,7 @@ from ebft_megatron.features.network import FeatureMoments, embed
 from ebft_megatron.objective.rewards import alignment_and_diversity, cfm_loss
 from ebft_megatron.rollouts.layout import BlockLayout
 from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
-from ebft_megatron.runtime import watchdog
+from ebft_megatron.runtime import device, watchdog
 from ebft_megatron.runtime.distributed import sum_over_data_parallel
 
 SERIES = ("cfm", "alignment", "diversity")
@@ -112,7 +112,7 @@ class _CurveSums:
     def curve(self) -> FeatureMatchingCurve:
         """Pooled over data-parallel replicas; the same on every rank."""
         packed = torch.cat([self.sums.reshape(-1), torch.tensor([float(self.groups)], dtype=torch.float64)])
-        packed = sum_over_data_parallel(packed)
+        packed = sum_over_data_parallel(packed.to(device.current())).cpu()
         sums, groups = packed[:-1].reshape(self.sums.shape), int(packed[-1])
         if groups == 0:
             raise ValueError("no valid (chunk, block) group: every block's ground-truth window reaches past the real "
@@ -149,6 +149,7 @@ def feature_matching_curve(feature_model, layout: BlockLayout, chunks: PackedChu
             continue
         chunk, valid = chunks.tokens[index][keep], valid[keep]
         doc_ids = chunks.doc_ids[index][keep] if document_masking else None
+        chunk, doc_ids = device.to_device((chunk, doc_ids))  # the evaluation batch's boundary
         rollouts = rollouts_of(chunk) if doc_ids is None else rollouts_of(chunk, doc_ids)
         moments = embed(feature_model, layout, layout.pack(chunk, rollouts), pooling, doc_ids=doc_ids)
         sums.add(moments, valid)

@@ -30,21 +30,15 @@ def replica_share(num_chunks: int) -> list[int]:
 def mean_and_error(values: list[float]) -> tuple[float, float, int]:
     """(mean, standard error of the mean, count) of per-item values (chunks, blocks, differences),
     each replica holding its own share (collective over the data-parallel group)."""
+    from ebft_megatron.runtime import device
     from ebft_megatron.runtime.distributed import sum_over_data_parallel
 
     local = torch.tensor(values, dtype=torch.float64)
-    sums = sum_over_data_parallel(torch.stack([local.sum(), local.square().sum(),
-                                               torch.tensor(float(len(values)), dtype=torch.float64)]))
+    sums = sum_over_data_parallel(torch.tensor([local.sum(), local.square().sum(), float(len(values))],
+                                               dtype=torch.float64, device=device.current()))
     total, squares, count = sums.tolist()
     if count == 0:
         return math.nan, math.nan, 0
     mean = total / count
     variance = (squares - count * mean * mean) / (count - 1) if count > 1 else math.nan
     return mean, math.sqrt(max(variance, 0.0) / count), int(count)
-
-
-def model_device(model) -> torch.device:
-    """Where the model's weights live (inputs are moved there); CPU for a stage without weights."""
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")

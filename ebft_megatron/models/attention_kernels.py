@@ -39,11 +39,17 @@ _CUDA_MASK_ALIGNMENT = 16
 _CUDA_LSE_ALIGNMENT = 32
 
 
+def _kernel_type(device: torch.device) -> str:
+    """Which kernels run on ``device``'s data: without CUDA that is the host's, also for the device
+    guard's emulated GPU tensors (their data is on the host)."""
+    return device.type if torch.cuda.is_available() else "cpu"
+
+
 def available(device: torch.device) -> bool:
     """Whether fused kernels exist for tensors on ``device``."""
-    if device.type == "cpu":
+    if _kernel_type(device) == "cpu":
         return _cpu_forward is not None and _cpu_backward is not None
-    if device.type == "cuda":
+    if _kernel_type(device) == "cuda":
         return _cuda_forward is not None and _cuda_backward is not None
     return False
 
@@ -79,7 +85,7 @@ def _cuda_bias(mask, q, k):
 
 
 def _uses_cpu_kernels(tensor) -> bool:
-    return tensor.device.type == "cpu"
+    return _kernel_type(tensor.device) == "cpu"
 
 
 def attend(q, k, v, scale: float, mask=None, causal: bool = False):

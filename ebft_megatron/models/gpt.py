@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ebft_megatron.models import layers
 from ebft_megatron.models.architecture import ModelArchitecture
 from ebft_megatron.models.attention import BlockCoreAttention
+from ebft_megatron.runtime import device
 
 
 def transformer_engine_available() -> bool:
@@ -73,6 +74,8 @@ def transformer_config(arch: ModelArchitecture, tp: int, pp: int, params_dtype=t
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
+        # megatron's GPU initialisation draws from CUDA's RNG tracker: only where CUDA exists; the
+        # model is moved to the run's device after it is built either way
         use_cpu_initialization=not torch.cuda.is_available(),
         # Fusions are CUDA kernels; off on CPU (megatron's defaults are already off).
         bias_activation_fusion=False,
@@ -241,11 +244,14 @@ def build_model(
         rotary_base=arch.rope_theta,
     )
     if arch.rope_scaling is not None:
-        model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(model.rotary_pos_emb.inv_freq.device)
+        # a plain attribute, not a buffer: moving the model does not move it
+        model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(device.current())
     if model.post_process and arch.padded_vocab_size != arch.vocab_size:
         model.output_layer.register_forward_hook(_mask_padded_vocab(arch.vocab_size, tp))
     model.architecture = arch
-    return model
+    # built on the host (megatron's CPU initialisation; our norms), moved to the run's device once,
+    # as Megatron-LM's get_model does: every model of a run is built here
+    return device.move_model(model)
 
 
 def _mask_padded_vocab(vocab_size: int, tp: int):
@@ -270,13 +276,12 @@ def expand_positions(position_ids: torch.Tensor) -> torch.Tensor:
 def model_forward(model, tokens, position_ids, attention_mask=None, block_params=None, labels=None):
     """One forward of this stage. ``tokens``/``position_ids`` are [b, s] (ignored off the first
     stage except for rotary). Returns vocab-parallel logits [b, s, V/TP] on the last stage (or
-    per-token loss when ``labels`` is given), hidden states [s, b, h] elsewhere. Inputs are moved to
-    the device of the model's weights."""
-    device = next(model.parameters()).device
+    per-token loss when ``labels`` is given), hidden states [s, b, h] elsewhere. Inputs are on the
+    run's device already (``runtime.device.to_device`` is where batches cross)."""
     return model(
-        input_ids=tokens.to(device),
-        position_ids=expand_positions(position_ids.to(device)),
-        attention_mask=None if attention_mask is None else attention_mask.to(device),
+        input_ids=tokens,
+        position_ids=expand_positions(position_ids),
+        attention_mask=attention_mask,
         labels=labels,
         packed_seq_params=block_params,
     )

@@ -29,6 +29,10 @@ x[a_b + t], so the steps of one block may belong to different documents.
 - Rollout token (b, i, t) sees the prefix keys j < a_b of the document of x[a_b + t] (none when
   that document starts at or after a_b), and its own tokens t' <= t of the same document.
 Without ``doc_ids`` everything is one document and the rules above reduce to the plain ones.
+
+The index maps (anchors, positions, windows, predictor indices) are made once, on the run's device
+(``runtime.device``), where the sampler, the attention and the loss use them; what is computed from
+an input (valid blocks from chunk lengths, document masks) lives where that input lives.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Optional
 import torch
 
 from ebft_megatron.errors import UserError
+from ebft_megatron.runtime import device
 
 
 class LayoutError(UserError, ValueError):
@@ -111,7 +116,7 @@ class BlockLayout:
     @cached_property
     def anchor_positions(self) -> torch.Tensor:
         """[NB] a_b = C + b*s."""
-        return self.first_anchor + self.stride * torch.arange(self.num_blocks)
+        return self.first_anchor + self.stride * torch.arange(self.num_blocks, device=device.current())
 
     def rollout_index(self, block, sample, step):
         """Packed index of rollout token ``step`` of ``sample`` in ``block`` (ints or tensors)."""
@@ -120,12 +125,15 @@ class BlockLayout:
     @cached_property
     def position_ids(self) -> torch.Tensor:
         """[packed_len] position ids: 0..P-1 for the chunk, a_b + t for rollout token (b, i, t)."""
-        return torch.cat([torch.arange(self.chunk_len), self._rollout_rows(self.ground_truth_windows)])
+        return torch.cat([torch.arange(self.chunk_len, device=device.current()),
+                          self._rollout_rows(self.ground_truth_windows)])
 
     def chunk_position_ids(self, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[P] 0..P-1, or with ``doc_ids`` [B, P] the [B, P] positions k - start(doc(k)), which
         restart at every document start."""
-        return torch.arange(self.chunk_len) if doc_ids is None else document_position_ids(doc_ids)
+        if doc_ids is None:
+            return torch.arange(self.chunk_len, device=device.current())
+        return document_position_ids(doc_ids)
 
     def batch_position_ids(self, batch: int, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[batch, packed_len] position ids of packed sequences: :attr:`position_ids` on every row,
@@ -150,25 +158,26 @@ class BlockLayout:
     def rollout_predictor_index(self) -> torch.Tensor:
         """[NB, n, G] packed index of the logit that predicts each rollout token."""
         NB, n, G = self.num_blocks, self.num_samples, self.rollout_len
-        index = torch.empty(NB, n, G, dtype=torch.long)
+        where = device.current()
+        index = torch.empty(NB, n, G, dtype=torch.long, device=where)
         index[:, :, 0] = (self.anchor_positions - 1)[:, None]
         if G > 1:
-            b = torch.arange(NB)[:, None, None]
-            i = torch.arange(n)[None, :, None]
-            t = torch.arange(G - 1)[None, None, :]
+            b = torch.arange(NB, device=where)[:, None, None]
+            i = torch.arange(n, device=where)[None, :, None]
+            t = torch.arange(G - 1, device=where)[None, None, :]
             index[:, :, 1:] = self.rollout_index(b, i, t)
         return index
 
     @cached_property
     def ground_truth_windows(self) -> torch.Tensor:
         """[NB, G] chunk indices of each block's ground-truth continuation x[a_b : a_b + G]."""
-        return self.anchor_positions[:, None] + torch.arange(self.rollout_len)[None, :]
+        return self.anchor_positions[:, None] + torch.arange(self.rollout_len, device=device.current())[None, :]
 
     def valid_blocks(self, lengths: torch.Tensor) -> torch.Tensor:
         """[B] real (unpadded) chunk lengths -> [B, NB] bool: the block's ground-truth window
         x[a_b : a_b + G] lies inside the real tokens. Blocks that reach into the padding of a
         last, short chunk are still sampled (shapes stay static) but carry no reward or loss."""
-        window_end = self.anchor_positions + self.rollout_len
+        window_end = (self.anchor_positions + self.rollout_len).to(lengths.device)
         return window_end[None, :] <= lengths[:, None]
 
     # --- who attends to whom ---------------------------------------------------------------
@@ -181,7 +190,7 @@ class BlockLayout:
     def chunk_visibility(self, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[P, P] (or [B, P, P]): chunk token k sees chunk tokens <= k (in its own document)."""
         if doc_ids is None:
-            return torch.ones(self.chunk_len, self.chunk_len, dtype=torch.bool).tril()
+            return torch.ones(self.chunk_len, self.chunk_len, dtype=torch.bool, device=device.current()).tril()
         return document_causal_visibility(doc_ids)
 
     def prefix_visibility(self, first_block: int, stop_block: int, key_len: int,
@@ -191,9 +200,9 @@ class BlockLayout:
         alike; with document masking step t sees only the keys in the document of x[a_b + t], so a
         step whose document starts at or after a_b sees no prefix key at all. The n samples of a
         block see the same (:meth:`rollout_rows`)."""
-        device = None if doc_ids is None else doc_ids.device
-        anchors = self.anchor_positions[first_block:stop_block].to(device)
-        keys = torch.arange(key_len, device=device)
+        where = device.current() if doc_ids is None else doc_ids.device
+        anchors = self.anchor_positions[first_block:stop_block].to(where)
+        keys = torch.arange(key_len, device=where)
         visible = keys[None, :] < anchors[:, None]  # [blocks, key_len]
         if doc_ids is None:
             return visible.unsqueeze(-2).expand(*visible.shape[:-1], self.rollout_len, key_len)
@@ -207,14 +216,13 @@ class BlockLayout:
         expanded = per_step.unsqueeze(-3).expand(*lead, blocks, self.num_samples, G, X)
         return expanded.reshape(*lead, blocks * self.num_samples * G, X)
 
-    def own_visibility(self, device=None, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def own_visibility(self, where=None, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[G, G]: rollout token t of a (block, sample) sees its own tokens 0..t. With ``doc_ids``
         [B, NB, G, G]: only those t' <= t whose ground-truth token x[a_b + t'] lies in the document
         of x[a_b + t] (itself always); the n samples of a block see the same."""
         G = self.rollout_len
-        if doc_ids is not None:
-            device = doc_ids.device
-        causal = torch.ones(G, G, dtype=torch.bool, device=device).tril()
+        where = doc_ids.device if doc_ids is not None else (where or device.current())
+        causal = torch.ones(G, G, dtype=torch.bool, device=where).tril()
         if doc_ids is None:
             return causal
         scored = self.window_doc_ids(doc_ids)  # [B, NB, G]
@@ -235,11 +243,11 @@ class BlockLayout:
         """
         S, P, G = self.packed_len, self.chunk_len, self.rollout_len
         lead = () if doc_ids is None else (len(doc_ids),)
-        device = None if doc_ids is None else doc_ids.device
-        allowed = torch.zeros(*lead, S, S, dtype=torch.bool, device=device)
+        where = device.current() if doc_ids is None else doc_ids.device
+        allowed = torch.zeros(*lead, S, S, dtype=torch.bool, device=where)
         allowed[..., :P, :P] = self.chunk_visibility(doc_ids)
         allowed[..., P:, :P] = self.rollout_rows(self.prefix_visibility(0, self.num_blocks, P, doc_ids))
-        own = self.own_visibility(device, doc_ids)
+        own = self.own_visibility(where, doc_ids)
         for row, start in enumerate(range(P, S, G)):
             allowed[..., start:start + G, start:start + G] = own if doc_ids is None else own[:, row // self.num_samples]
         return allowed

@@ -29,6 +29,10 @@ P8  Without Transformer Engine, megatron's output-discarding checkpoint (the nor
     the default ``fp8=False``. Stand-ins that say FP8 is off are put where it looks. Applied
     wherever TE is missing, GPU included; with TE nothing changes.
 
+Under the device guard (``EBFT_DEVICE_GUARD=1``, ``runtime.device_guard``) P3 is replaced by the
+guard's mode, which also tracks which tensors a GPU run would hold on the GPU and fails where CUDA
+would; ``current_device()`` then answers the emulated GPU's index, as CUDA answers an index.
+
 P1 (stubbing a triton-only MoE module) is not needed by megatron-core 0.16.1, which we pin.
 """
 
@@ -38,6 +42,8 @@ import queue
 import time
 
 import torch
+
+from ebft_megatron.runtime import device_guard
 
 _APPLIED = False
 
@@ -57,7 +63,10 @@ def apply() -> None:
     if cuda_available():
         return
     _patch_cuda_runtime_calls()
-    _enter_cuda_to_cpu_mode()
+    if device_guard.active():
+        device_guard.enter()
+    else:
+        _enter_cuda_to_cpu_mode()
     _patch_rng_state_helpers()
     _patch_default_masks()
 
@@ -129,10 +138,7 @@ class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
         if func is torch.Tensor.to:
             args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            if name.startswith("torch.") and not name.startswith("torch.cuda."):
-                return "torch.cuda." + name[len("torch."):]
-            return name
+            return device_guard.cuda_type_name(func(*args))
         return func(*args, **kwargs)
 
 

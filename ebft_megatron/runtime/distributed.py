@@ -3,7 +3,7 @@
 One entry, :func:`initialize`, used by every command-line tool and test:
 - reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (torchrun), or runs as a single
   process when they are absent (plain ``python``, pytest);
-- gloo on CPU, nccl on GPU;
+- the run's device, decided once (``runtime.device``), and gloo on CPU, nccl on GPU;
 - megatron's tensor/pipeline/data parallel groups;
 - every RNG seeded (python, numpy, torch, and megatron's model-parallel tracker).
 """
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ebft_megatron.errors import UserError
-from ebft_megatron.runtime import cpu_fallbacks
+from ebft_megatron.runtime import cpu_fallbacks, device
 
 
 class ParallelLayoutError(UserError, ValueError):
@@ -84,13 +84,12 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: floa
     Idempotent for the same layout within a process (tests call it repeatedly).
     """
     cpu_fallbacks.apply()
+    device.decide()  # before any collective: NCCL binds each rank to its current CUDA device
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = datetime.timedelta(minutes=timeout_minutes + COLLECTIVE_GRACE_MINUTES)
         if "RANK" in os.environ:  # launched by torchrun
             dist.init_process_group(backend=backend, timeout=timeout, store=_launcher_store(timeout),
@@ -177,7 +176,7 @@ def is_rank0() -> bool:
 
 def sum_over_data_parallel(tensor):
     """All-reduce (sum, in place) over the data-parallel group; a no-op with one replica or before
-    the parallel groups exist."""
+    the parallel groups exist. ``tensor`` is on the run's device (NCCL takes nothing else)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -187,7 +186,8 @@ def sum_over_data_parallel(tensor):
 
 
 def sum_over_pipeline(tensor):
-    """All-reduce (sum, in place) over the pipeline group; a no-op without pipeline parallelism."""
+    """All-reduce (sum, in place) over the pipeline group; a no-op without pipeline parallelism.
+    ``tensor`` is on the run's device."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -204,8 +204,9 @@ def mean_over_data_parallel(values: dict[str, float]) -> dict[str, float]:
     if dp_size == 1:
         return values
     keys = sorted(values)
-    summed = sum_over_data_parallel(torch.tensor([values[key] for key in keys], dtype=torch.float64))
-    return {key: float(value) / dp_size for key, value in zip(keys, summed)}
+    summed = sum_over_data_parallel(torch.tensor([values[key] for key in keys], dtype=torch.float64,
+                                                 device=device.current()))
+    return {key: float(value) / dp_size for key, value in zip(keys, summed.tolist())}
 
 
 class ReplicaLeaderFailed(RuntimeError):
@@ -229,16 +230,15 @@ def once_per_replica(compute, shape, dtype=torch.float64) -> torch.Tensor:
     if dist.get_world_size(group) == 1:
         return compute().to(dtype)
     leader = dist.get_global_rank(group, 0)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    failed = torch.zeros(1, device=device)
-    result = torch.empty(tuple(shape), dtype=dtype, device=device)
+    failed = torch.zeros(1, device=device.current())
+    result = torch.empty(tuple(shape), dtype=dtype, device=device.current())
     error = None
     if dist.get_rank() == leader:
         try:
             value = compute()
             if tuple(value.shape) != tuple(shape):
                 raise ValueError(f"expected a result of shape {tuple(shape)}, got {tuple(value.shape)}")
-            result.copy_(value)
+            result.copy_(value)  # from wherever compute() made it
         except Exception as err:  # tell the others before raising, so that they do not wait for it
             error = err
             failed.fill_(1)
@@ -256,6 +256,6 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank."""
     import torch.distributed as dist
 
-    value = torch.tensor([1.0 if flag else 0.0])
+    value = torch.tensor([1.0 if flag else 0.0], device=device.current())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())

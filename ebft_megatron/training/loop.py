@@ -14,7 +14,7 @@ import torch
 
 from ebft_megatron.config import Config, layout_of
 from ebft_megatron.errors import UserError
-from ebft_megatron.runtime import distributed
+from ebft_megatron.runtime import device, distributed
 
 
 class TrainingAborted(UserError, RuntimeError):
@@ -109,7 +109,8 @@ class Trainer:
         for group in micro_batches(indices, self.config.train.micro_batch):
             picked = torch.as_tensor(group, dtype=torch.long)
             doc_ids = chunks.doc_ids[picked] if self.config.data.document_masking else None
-            yield Batch(chunks.tokens[picked], chunks.lengths[picked], doc_ids)
+            # the one boundary a training batch crosses from the host to the run's device
+            yield device.to_device(Batch(chunks.tokens[picked], chunks.lengths[picked], doc_ids))
 
     def _grads_finite(self) -> bool:
         local = all(bool(torch.isfinite(buffer.grad_data).all()) for buffer in self.ddp.buffers)

@@ -1,0 +1,356 @@
+"""The device guard: CUDA's device rules, enforced on a CPU-only machine.
+
+On a CPU every tensor lives on the one device, so code that a GPU would refuse (a model never
+moved to the GPU, a batch never copied there, a tensor made without its device, a collective on a
+host tensor) runs there without complaint. With ``EBFT_DEVICE_GUARD=1`` on a machine without CUDA,
+the run's device (``runtime.device``) becomes an emulated ``cuda:0`` and the guard tracks which
+tensors would live on it:
+
+- *on the GPU*: what is made with a CUDA device (``device="cuda"``, megatron's
+  ``torch.cuda.current_device()``, ``device=x.device`` of such a tensor), what ``.cuda()`` and
+  ``.to(<cuda>)`` return, and what an op computes from such tensors; views share their base's
+  place. These tensors report ``device == cuda:0`` and ``is_cuda``.
+- *on the host*: everything else, and what ``.cpu()`` / ``.to("cpu")`` return.
+
+and fails, with a :class:`DeviceRuleViolation` naming the op and the line that called it, wherever
+CUDA would:
+- an op that mixes GPU and host tensors (a 0-dim host tensor is a scalar and allowed, as on CUDA;
+  copies between the two, and host index tensors into a GPU tensor, are allowed);
+- a random op with a host ``torch.Generator`` that makes or reads GPU tensors;
+- ``.numpy()`` of a GPU tensor;
+- a collective on a host tensor (NCCL's rule), except the object collectives (torch moves their
+  bytes to the GPU itself) and collectives on groups created with ``backend="gloo"``.
+
+Tracking is by storage (the data itself), so views, ``param.data = x`` and in-place updates keep
+their place; a weak set forgets storages as they are freed. The data stays on the CPU and every
+value is exact, so whole training steps run under the guard. It is a check for CI: a no-op where
+CUDA exists, off unless the variable is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+import threading
+import weakref
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ENV = "EBFT_DEVICE_GUARD"
+EMULATED_GPU = torch.device("cuda", 0)
+_HOST = torch.device("cpu")
+
+
+def active() -> bool:
+    """Whether the guard is asked for (``EBFT_DEVICE_GUARD=1``) and can run (no CUDA)."""
+    return os.environ.get(ENV, "") not in ("", "0") and not torch.cuda.is_available()
+
+
+class DeviceRuleViolation(RuntimeError):
+    """What a GPU would have refused, found on a CPU."""
+
+
+_gpu_storages: "weakref.WeakSet[torch.UntypedStorage]" = weakref.WeakSet()
+_state = threading.local()  # .target: force outputs onto the GPU (True) or host (False); .exempt
+
+
+def on_gpu(tensor) -> bool:
+    """Whether ``tensor`` would live on the GPU."""
+    # plain tensors and parameters only: subclasses with a dispatch of their own (torch's
+    # ShardedTensor in checkpoints) hold plain tensors, which are tracked
+    if not isinstance(tensor, torch.Tensor) or not (type(tensor) is torch.Tensor or isinstance(tensor, torch.nn.Parameter)):
+        return False
+    if tensor.is_meta:
+        return False
+    try:
+        return tensor.untyped_storage() in _gpu_storages
+    except (RuntimeError, NotImplementedError):  # no storage (e.g. a sparse or nested tensor)
+        return False
+
+
+def _place(tensor, gpu: bool) -> None:
+    storage = tensor.untyped_storage()
+    if gpu:
+        _gpu_storages.add(storage)
+    else:
+        _gpu_storages.discard(storage)
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)  # an index is a CUDA device
+
+
+def _is_device(value) -> bool:
+    return isinstance(value, (torch.device, str)) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def cuda_type_name(name: str) -> str:
+    """``Tensor.type()`` as CUDA says it (megatron's optimizer and gradient clipping branch on
+    ``torch.cuda.*Tensor``)."""
+    if name.startswith("torch.") and not name.startswith("torch.cuda."):
+        return "torch.cuda." + name[len("torch."):]
+    return name
+
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _where() -> str:
+    """The innermost caller outside torch: the line to look at."""
+    frame = sys._getframe(2)
+    fallback = None
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if "/torch/" not in path and not path.endswith(("device_guard.py", "_python_dispatch.py")):
+            if path.startswith(_ROOT):
+                return f"{os.path.relpath(path, _ROOT)}:{frame.f_lineno} in {frame.f_code.co_name}"
+            fallback = fallback or f"{path}:{frame.f_lineno} in {frame.f_code.co_name}"
+        frame = frame.f_back
+    return fallback or "an unknown place"
+
+
+def _violation(what: str) -> DeviceRuleViolation:
+    return DeviceRuleViolation(f"device guard: {what}, at {_where()} (a GPU run fails here)")
+
+
+class _Target:
+    """Within: outputs go to the GPU (True) or the host (False), whatever the inputs."""
+
+    def __init__(self, gpu: bool):
+        self.gpu = gpu
+
+    def __enter__(self):
+        self.saved = getattr(_state, "target", None)
+        _state.target = self.gpu
+
+    def __exit__(self, *exc):
+        _state.target = self.saved
+        return False
+
+
+class _Exempt:
+    """Within: collectives may take host tensors (object collectives, gloo groups)."""
+
+    def __enter__(self):
+        self.saved = getattr(_state, "exempt", False)
+        _state.exempt = True
+
+    def __exit__(self, *exc):
+        _state.exempt = self.saved
+        return False
+
+
+# --- what Python code sees: devices, moves, factories ---------------------------------------
+# a property's getter reaches the mode as a fresh method-wrapper each time: compare its owner
+_DEVICE_PROPERTY = torch.Tensor.device
+_IS_CUDA_PROPERTY = torch.Tensor.is_cuda
+
+
+def _moved(func, tensor, gpu: bool, args, kwargs):
+    """``tensor.to(...)``/``.cuda()``/``.cpu()`` towards ``gpu``: a new tensor there, as on CUDA
+    (or the tensor itself when it is there already)."""
+    with _Target(gpu):
+        if func is None:
+            result = tensor
+        else:
+            result = func(*args, **kwargs) if tensor is None else func(tensor, *args, **kwargs)
+        if isinstance(result, torch.Tensor) and on_gpu(result) != gpu:
+            result = result.clone()
+    return result
+
+
+class _GuardMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        owner = getattr(func, "__self__", None)
+        if owner is _DEVICE_PROPERTY:
+            return EMULATED_GPU if on_gpu(args[0]) else _HOST
+        if owner is _IS_CUDA_PROPERTY:
+            return on_gpu(args[0])
+        if func is torch.Tensor.get_device:
+            return 0 if on_gpu(args[0]) else -1
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return cuda_type_name(name) if on_gpu(args[0]) else name
+        if func is torch.Tensor.cuda:
+            return _moved(None, args[0], True, (), {})
+        if func is torch.Tensor.cpu:
+            return _moved(None, args[0], False, (), {})
+        if func is torch.Tensor.numpy and on_gpu(args[0]):
+            raise _violation("numpy() of a GPU tensor (move it to the host with .cpu() first)")
+        if func is torch.Tensor.pin_memory:
+            if on_gpu(args[0]):
+                raise _violation("pin_memory() of a GPU tensor")
+            return args[0]  # host memory; pinning needs a CUDA build
+        if func is torch.Tensor.to:
+            return self._to(func, args, kwargs)
+        if "device" in kwargs and kwargs["device"] is not None:
+            gpu = _is_cuda_device(kwargs["device"])
+            kwargs["device"] = "cpu"
+            return _moved(func, None, gpu, args, kwargs)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _to(func, args, kwargs):
+        tensor, rest = args[0], list(args[1:])
+        target = None
+        if "device" in kwargs and kwargs["device"] is not None:
+            target = _is_cuda_device(kwargs["device"])
+            kwargs["device"] = "cpu"
+        elif rest and isinstance(rest[0], torch.Tensor):  # .to(other): other's device and dtype
+            target = on_gpu(rest[0])
+            rest = [rest[0].dtype, *rest[1:]]
+        elif rest and _is_device(rest[0]) and not isinstance(rest[0], torch.dtype):
+            target = _is_cuda_device(rest[0])
+            rest[0] = "cpu"
+        if target is None or target == on_gpu(tensor):
+            return func(tensor, *rest, **kwargs)
+        kwargs.pop("non_blocking", None)  # a copy either way
+        return _moved(func, tensor, target, rest, kwargs)
+
+
+# --- what every op does: the rules ------------------------------------------------------------
+_aten = torch.ops.aten
+# ops that may take GPU and host tensors together on CUDA: copies across devices, and indexing a
+# GPU tensor with host indices (the values must still be on the GPU, checked below)
+_COPIES = {_aten.copy_.default, _aten._to_copy.default, _aten._has_compatible_shallow_copy_type.default,
+           _aten.lift_fresh.default, _aten.lift_fresh_copy.default}
+_INDEXING = {_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.default, _aten._index_put_impl_.default}
+
+
+def _tensors(values):
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (item for item in value if isinstance(item, torch.Tensor))
+
+
+def _has_generator(args, kwargs) -> bool:
+    return isinstance(kwargs.get("generator"), torch.Generator) or any(isinstance(a, torch.Generator) for a in args)
+
+
+def _storages(tensors) -> list:
+    return [t.untyped_storage() for t in tensors if not t.is_meta]
+
+
+class _RuleMode(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = list(_tensors((*args, *kwargs.values())))
+        if func.namespace == "c10d":
+            if not getattr(_state, "exempt", False) and not all(on_gpu(t) for t in inputs):
+                raise _violation(f"collective {func.__name__} on a host tensor (NCCL takes GPU tensors only)")
+            return func(*args, **kwargs)
+        checked = inputs
+        if func in _INDEXING:  # host index tensors are fine; self and the values must agree
+            indices = list(_tensors(args[1:2]))
+            if not on_gpu(args[0]) and any(on_gpu(t) for t in indices):
+                raise _violation(f"{func} indexes a host tensor with GPU indices")
+            checked = [args[0], *_tensors(args[2:3])]
+        gpu_inputs = any(on_gpu(t) for t in checked)
+        target = getattr(_state, "target", None)
+        if gpu_inputs and func not in _COPIES:
+            host = [tuple(t.shape) for t in checked if not on_gpu(t) and t.dim() > 0]
+            if host:
+                raise _violation(f"{func} mixes GPU tensors with host tensors of shape {', '.join(map(str, host))}")
+        if _has_generator(args, kwargs) and (gpu_inputs or target):
+            raise _violation(f"{func} draws GPU numbers from a host torch.Generator")
+        result = func(*args, **kwargs)
+        gpu = target if target is not None else gpu_inputs
+        if gpu:  # new storages only: views and in-place results keep their storage's place
+            known = _storages(inputs)
+            for tensor in _tensors(result if isinstance(result, (list, tuple)) else (result,)):
+                storage = None if tensor.is_meta else tensor.untyped_storage()
+                if storage is not None and not any(storage is seen for seen in known):
+                    _gpu_storages.add(storage)
+        return result
+
+
+# --- collectives that may see host tensors ------------------------------------------------------
+_gloo_groups: set[int] = set()
+_OBJECT_COLLECTIVES = ("broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list",
+                       "send_object_list", "recv_object_list", "barrier", "monitored_barrier")
+_TENSOR_COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+                       "reduce", "gather", "scatter", "send", "recv", "isend", "irecv", "all_to_all_single",
+                       "reduce_scatter", "all_to_all", "_all_gather_base", "_reduce_scatter_base")
+
+
+def _exempt_always(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with _Exempt():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _exempt_on_gloo(function):
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        group = signature.bind_partial(*args, **kwargs).arguments.get("group")
+        if group is not None and id(group) in _gloo_groups:
+            with _Exempt():
+                return function(*args, **kwargs)
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _recording_gloo_groups(function):
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        group = function(*args, **kwargs)
+        if signature.bind_partial(*args, **kwargs).arguments.get("backend") == "gloo" and group is not None:
+            _gloo_groups.add(id(group))
+        return group
+
+    return wrapper
+
+
+def _guarded_backward(apply):
+    """torch does not carry function modes into autograd's backward; custom backwards (ours, and
+    megatron's recompute, which runs a forward there) make tensors and ask devices, so the guard's
+    mode is entered around each."""
+
+    @functools.wraps(apply)
+    def wrapper(self, *args):
+        with _GuardMode():
+            return apply(self, *args)
+
+    return wrapper
+
+
+_ENTERED = False
+
+
+def enter() -> None:
+    """Start guarding this process (once); the caller has checked :func:`active`."""
+    global _ENTERED
+    if _ENTERED:
+        return
+    _ENTERED = True
+    for name in _OBJECT_COLLECTIVES:
+        if hasattr(dist, name):
+            setattr(dist, name, _exempt_always(getattr(dist, name)))
+    for name in _TENSOR_COLLECTIVES:
+        if hasattr(dist, name):
+            setattr(dist, name, _exempt_on_gloo(getattr(dist, name)))
+    dist.new_group = _recording_gloo_groups(dist.new_group)
+    torch.cuda.current_device = lambda: EMULATED_GPU.index
+    torch.autograd.function.BackwardCFunction.apply = _guarded_backward(torch.autograd.function.BackwardCFunction.apply)
+    _RuleMode().__enter__()
+    _GuardMode().__enter__()
