@@ -14,6 +14,7 @@ import torch
 
 from ebft_megatron.rollouts.layout import BlockLayout
 from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
+from ebft_megatron.runtime import device
 
 
 def completion_layout(prompt_len: int, max_new_tokens: int, num_samples: int) -> BlockLayout:
@@ -30,7 +31,7 @@ def complete_ids(model, prompt_ids: list[int], num_samples: int, max_new_tokens:
         raise ValueError("the prompt is empty; a completion needs at least one token to continue")
     layout = completion_layout(len(prompt_ids), max_new_tokens, num_samples)
     # The chunk's tail after the anchor is never attended by the rollouts; it only fills the shape.
-    chunk = torch.tensor([list(prompt_ids) + [pad_id] * max_new_tokens], dtype=torch.long)
+    chunk = device.to_device(torch.tensor([list(prompt_ids) + [pad_id] * max_new_tokens], dtype=torch.long))
     with torch.no_grad():
         rollouts = sample_rollouts(model, layout, chunk, vocab_size, sampling, generator)
     return rollouts.tokens[0, 0].tolist()
@@ -79,7 +80,8 @@ def complete_in_context(model, tokenizer, documents: list[tuple[str, str]], whic
     for start in range(0, len(which), batch_size):
         rows = torch.as_tensor(which[start:start + batch_size], dtype=torch.long)
         with torch.no_grad():
-            tokens = sample_rollouts(model, layout, packed.tokens[rows], vocab_size, sampling, generator).tokens
+            tokens = sample_rollouts(model, layout, device.to_device(packed.tokens[rows]), vocab_size, sampling,
+                                     generator).tokens
         for row in tokens[:, 0].tolist():  # [n, G] per prompt
             texts.append([tokenizer.decode(ids[:ids.index(eos)] if eos in ids else ids) for ids in row])
     return texts

@@ -40,7 +40,7 @@ import torch
 from ebft_megatron.errors import UserError
 from ebft_megatron.models.attention import packed_attention
 from ebft_megatron.rollouts.layout import BlockLayout
-from ebft_megatron.runtime import pipeline
+from ebft_megatron.runtime import device, pipeline
 from ebft_megatron.runtime.distributed import sum_over_pipeline
 
 
@@ -186,11 +186,12 @@ def span_coordinates(rows: torch.Tensor, known: Optional[torch.Tensor] = None) -
 def completion_rows(layout: BlockLayout) -> torch.Tensor:
     """[NB, n+1, G] packed row of each completion token: ground truth (slot 0), then samples."""
     NB, n, G = layout.num_blocks, layout.num_samples, layout.rollout_len
-    rows = torch.empty(NB, n + 1, G, dtype=torch.long)
+    where = device.current()  # beside the layout's other index maps
+    rows = torch.empty(NB, n + 1, G, dtype=torch.long, device=where)
     rows[:, 0] = layout.ground_truth_windows
-    rows[:, 1:] = layout.rollout_index(
-        torch.arange(NB)[:, None, None], torch.arange(n)[None, :, None], torch.arange(G)[None, None, :]
-    )
+    rows[:, 1:] = layout.rollout_index(torch.arange(NB, device=where)[:, None, None],
+                                       torch.arange(n, device=where)[None, :, None],
+                                       torch.arange(G, device=where)[None, None, :])
     return rows
 
 

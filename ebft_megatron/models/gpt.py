@@ -243,9 +243,9 @@ def build_model(
         position_embedding_type="mrope",
         rotary_base=arch.rope_theta,
     )
-    if arch.rope_scaling is not None:
-        # a plain attribute, not a buffer: moving the model does not move it
-        model.rotary_pos_emb.inv_freq = llama3_inv_freq(arch).to(device.current())
+    # the rotary frequencies are a plain attribute, not a buffer: moving the model does not move them
+    inv_freq = llama3_inv_freq(arch) if arch.rope_scaling is not None else model.rotary_pos_emb.inv_freq
+    model.rotary_pos_emb.inv_freq = inv_freq.to(device.current())
     if model.post_process and arch.padded_vocab_size != arch.vocab_size:
         model.output_layer.register_forward_hook(_mask_padded_vocab(arch.vocab_size, tp))
     model.architecture = arch

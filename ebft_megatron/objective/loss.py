@@ -40,7 +40,7 @@ def next_token_nll(output, chunk: torch.Tensor) -> torch.Tensor:
     """[B, P-1] fp32 -log p(x_{k+1} | x_<=k) at T = 1 from the model ``output`` (``models.output``)
     of a forward whose rows 0..P-1 are the chunk."""
     P = chunk.shape[1]
-    rows = torch.arange(P - 1)
+    rows = torch.arange(P - 1, device=chunk.device)
     return -output.token_logprobs(rows, chunk[:, 1:], 1.0)
 
 

@@ -71,7 +71,7 @@ def chunk_inputs(layout: BlockLayout, batch: Batch):
     from ebft_megatron.models.attention import BlockAttentionParams
 
     B, P = batch.chunk.shape
-    mask, positions = None, torch.arange(P).expand(B, P)
+    mask, positions = None, torch.arange(P, device=batch.chunk.device).expand(B, P)
     if batch.doc_ids is not None:  # causal inside each document (megatron: True = masked out)
         mask = ~layout.chunk_visibility(batch.doc_ids)[:, None]
         positions = layout.chunk_position_ids(batch.doc_ids)

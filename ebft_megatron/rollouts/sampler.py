@@ -94,7 +94,7 @@ def sample_rollouts(
     for t in range(1, G):
         decode = BlockAttentionParams(layout=layout, mode="decode", cache=cache, step=t - 1, doc_ids=doc_ids)
         fed = steps[-1].reshape(B, NB * n)
-        fed_positions = all_positions[:, layout.rollout_index(torch.arange(NB)[:, None], torch.arange(n), t - 1).reshape(-1)]
+        fed_positions = all_positions[:, layout.rollout_index(torch.arange(NB, device=chunk.device)[:, None], torch.arange(n, device=chunk.device), t - 1).reshape(-1)]
         steps.append(pipeline.forward(
             model, fed, fed_positions, block_params=decode,
             reduce=lambda logits, t=t: draw(logits, (B, NB, n), step=t),
@@ -128,12 +128,13 @@ def sample_rollouts_recompute(
         allowed = allowed[None]  # [1 or B, S, S]
     positions_full = single.batch_position_ids(B, doc_ids)  # [B, S]
     predictors = single.rollout_predictor_index[:, 0, :]  # [NB, G]
-    tokens = torch.zeros(B, NB, n, G, dtype=torch.long)
-    kept = torch.zeros(B, NB, n, G, vocab_size) if return_logits else None
+    tokens = torch.zeros(B, NB, n, G, dtype=torch.long, device=chunk.device)
+    kept = torch.zeros(B, NB, n, G, vocab_size, device=chunk.device) if return_logits else None
     for i in range(n):
         for t in range(G):
-            rollout_idx = single.rollout_index(torch.arange(NB)[:, None], 0, torch.arange(t)[None, :]).reshape(-1)
-            index = torch.cat([torch.arange(P), rollout_idx])
+            rollout_idx = single.rollout_index(torch.arange(NB, device=chunk.device)[:, None], 0,
+                                               torch.arange(t, device=chunk.device)[None, :]).reshape(-1)
+            index = torch.cat([torch.arange(P, device=chunk.device), rollout_idx])
             seq = torch.cat([chunk, tokens[:, :, i, :t].reshape(B, -1)], dim=1)
             mask = ~allowed[:, index][:, :, index]  # megatron convention: True = masked out
             # where in `index` each block's predictor sits; the LM head runs on those rows only

@@ -105,17 +105,19 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def _where() -> str:
-    """The innermost caller outside torch: the line to look at."""
+    """The innermost line of this project's code that led here, and the library line beneath it."""
     frame = sys._getframe(2)
-    fallback = None
+    innermost = None
     while frame is not None:
         path = frame.f_code.co_filename
         if "/torch/" not in path and not path.endswith(("device_guard.py", "_python_dispatch.py")):
-            if path.startswith(_ROOT):
-                return f"{os.path.relpath(path, _ROOT)}:{frame.f_lineno} in {frame.f_code.co_name}"
-            fallback = fallback or f"{path}:{frame.f_lineno} in {frame.f_code.co_name}"
+            place = f"{os.path.relpath(path, _ROOT) if path.startswith(_ROOT) else path}:{frame.f_lineno} " \
+                    f"in {frame.f_code.co_name}"
+            if path.startswith(_ROOT) and "site-packages" not in path:
+                return place if innermost is None else f"{place} (in {innermost})"
+            innermost = innermost or place
         frame = frame.f_back
-    return fallback or "an unknown place"
+    return innermost or "an unknown place"
 
 
 def _violation(what: str) -> DeviceRuleViolation:
@@ -280,9 +282,11 @@ class _RuleMode(TorchDispatchMode):
 _gloo_groups: set[int] = set()
 _OBJECT_COLLECTIVES = ("broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list",
                        "send_object_list", "recv_object_list", "barrier", "monitored_barrier")
+# (point-to-point sends are left unwrapped: P2POp checks its op is torch's isend/irecv itself; the
+# pipeline's sends run on NCCL groups anyway)
 _TENSOR_COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-                       "reduce", "gather", "scatter", "send", "recv", "isend", "irecv", "all_to_all_single",
-                       "reduce_scatter", "all_to_all", "_all_gather_base", "_reduce_scatter_base")
+                       "reduce", "gather", "scatter", "all_to_all_single", "reduce_scatter", "all_to_all",
+                       "_all_gather_base", "_reduce_scatter_base")
 
 
 def _exempt_always(function):

@@ -215,7 +215,7 @@ class ReplicaLeaderFailed(RuntimeError):
 
 def once_per_replica(compute, shape, dtype=torch.float64) -> torch.Tensor:
     """``compute()`` on the first rank of this model replica (its TP x PP group) only, the result
-    ([shape], ``dtype``) broadcast to the replica's other ranks.
+    ([shape], ``dtype``, on the run's device) broadcast to the replica's other ranks.
 
     For what must be identical on every rank of a replica and need not be computed on each: a
     verifiable reward that runs programs (a timeout on one loaded rank and not on another would
@@ -225,10 +225,10 @@ def once_per_replica(compute, shape, dtype=torch.float64) -> torch.Tensor:
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
-        return compute().to(dtype)
+        return compute().to(device=device.current(), dtype=dtype)
     group = ps.get_model_parallel_group()
     if dist.get_world_size(group) == 1:
-        return compute().to(dtype)
+        return compute().to(device=device.current(), dtype=dtype)
     leader = dist.get_global_rank(group, 0)
     failed = torch.zeros(1, device=device.current())
     result = torch.empty(tuple(shape), dtype=dtype, device=device.current())
@@ -249,7 +249,7 @@ def once_per_replica(compute, shape, dtype=torch.float64) -> torch.Tensor:
         raise ReplicaLeaderFailed(f"the computation failed on rank {leader}, the first of this model replica; its "
                                   "error is in that rank's output")
     dist.broadcast(result, src=leader, group=group)
-    return result.cpu()
+    return result
 
 
 def any_rank(flag: bool) -> bool:

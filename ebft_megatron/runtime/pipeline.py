@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ebft_megatron.models.gpt import model_forward
+from ebft_megatron.runtime import device
 
 
 def gather_vocab_parallel(logits: torch.Tensor) -> torch.Tensor:
@@ -27,7 +28,9 @@ def gather_vocab_parallel(logits: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_from_last_stage(value: Any) -> Any:
-    """Send a picklable value (tensors included) from the last pipeline stage to all stages."""
+    """Send a picklable value (tensors included) from the last pipeline stage to all stages; its
+    tensors arrive on each rank's own device (unpickled they would be where the sender had them:
+    another GPU of the node, or the host)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -35,7 +38,7 @@ def broadcast_from_last_stage(value: Any) -> Any:
         return value
     box = [value if ps.is_pipeline_last_stage() else None]
     dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-    return box[0]
+    return value if ps.is_pipeline_last_stage() else device.to_device(box[0])
 
 
 def forward(

@@ -1,0 +1,73 @@
+"""Every training mode under the device guard, in one 4-process launch (see test_device_guard.py).
+
+    EBFT_DEVICE_GUARD=1 torchrun --nproc_per_node=4 tests/runtime/guarded_launch.py --work DIR --checkpoint CKPT
+
+At TP1 (4 data-parallel replicas: data-parallel means and evaluation sums are collectives) and at
+TP2 x PP2: SFT saved after one step and resumed for a second, EBFT, RLVR and LoRA EBFT, each with
+evaluation before and after. Rank 0 appends each finished run to DIR/guarded.json as it finishes,
+so a run that fails leaves the earlier ones reported and itself missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from ebft_megatron.cli import quiet_imports  # noqa: E402
+
+quiet_imports()
+
+import torch.distributed as dist  # noqa: E402
+
+from ebft_megatron.config import load_config  # noqa: E402
+from ebft_megatron.runtime import device, device_guard, distributed  # noqa: E402
+from ebft_megatron.training.loop import Trainer  # noqa: E402
+from tests.training.common import tiny_overrides  # noqa: E402
+
+LAYOUTS = {"tp1": (1, 1), "tp2pp2": (2, 2)}
+RUNS = {  # name: (mode, steps, extra settings)
+    "sft": ("sft", 1, {}),
+    "sft_resumed": ("sft", 2, {}),  # the same folder as "sft": resumes its step-1 checkpoint
+    "ebft": ("ebft", 1, {}),
+    "rlvr": ("rlvr", 1, {}),
+    "lora_ebft": ("ebft", 1, {"lora.rank": 4}),
+}
+
+
+def run(work: Path, checkpoint: Path, layout: str, name: str) -> dict:
+    tp, pp = LAYOUTS[layout]
+    mode, steps, extra = RUNS[name]
+    folder = work / f"{layout}_{name.replace('_resumed', '')}"
+    overrides = tiny_overrides(checkpoint, work / "code", folder, steps=steps, mode=mode, **{
+        "parallel.tp": tp, "parallel.pp": pp, "train.chunks_per_step": 4, "train.save_interval": 1,
+        "eval.ce_chunks": 4, "eval.cfm_chunks": 1, **extra})
+    trainer = Trainer(load_config(None, overrides))
+    start = trainer.step
+    history = trainer.run()
+    return {"start": start, "losses": history["losses"], "dp": trainer.info.dp_size,
+            "ce_after": history["eval_after"]["eval/ce"], "device": str(device.current()),
+            "guarded": device_guard.active()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", required=True)
+    parser.add_argument("--checkpoint", required=True)
+    args = parser.parse_args()
+    work, checkpoint = Path(args.work), Path(args.checkpoint)
+    distributed.initialize(1, 1)
+    results = {}
+    for layout in LAYOUTS:
+        for name in RUNS:
+            results[f"{layout}/{name}"] = run(work, checkpoint, layout, name)
+            if dist.get_rank() == 0:
+                (work / "guarded.json").write_text(json.dumps(results, indent=1))
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main()
