@@ -31,7 +31,7 @@ def complete_ids(model, prompt_ids: list[int], num_samples: int, max_new_tokens:
         raise ValueError("the prompt is empty; a completion needs at least one token to continue")
     layout = completion_layout(len(prompt_ids), max_new_tokens, num_samples)
     # The chunk's tail after the anchor is never attended by the rollouts; it only fills the shape.
-    chunk = device.to_device(torch.tensor([list(prompt_ids) + [pad_id] * max_new_tokens], dtype=torch.long))
+    chunk = torch.tensor([list(prompt_ids) + [pad_id] * max_new_tokens], dtype=torch.long, device=device.current())
     with torch.no_grad():
         rollouts = sample_rollouts(model, layout, chunk, vocab_size, sampling, generator)
     return rollouts.tokens[0, 0].tolist()

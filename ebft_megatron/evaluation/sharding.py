@@ -33,9 +33,8 @@ def mean_and_error(values: list[float]) -> tuple[float, float, int]:
     from ebft_megatron.runtime import device
     from ebft_megatron.runtime.distributed import sum_over_data_parallel
 
-    local = torch.tensor(values, dtype=torch.float64)
-    sums = sum_over_data_parallel(torch.tensor([local.sum(), local.square().sum(), float(len(values))],
-                                               dtype=torch.float64, device=device.current()))
+    local = [math.fsum(values), math.fsum(value * value for value in values), float(len(values))]
+    sums = sum_over_data_parallel(torch.tensor(local, dtype=torch.float64, device=device.current()))
     total, squares, count = sums.tolist()
     if count == 0:
         return math.nan, math.nan, 0

@@ -191,7 +191,7 @@ def _output_layer_input(model, hidden_states):
 def llama3_inv_freq(arch: ModelArchitecture) -> torch.Tensor:
     """Llama-3 frequency-dependent RoPE scaling (as in the Llama-3.1 release)."""
     dim = arch.head_dim
-    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device.current()) / dim))
     s = arch.rope_scaling
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ebft_megatron.runtime import device
+
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
@@ -53,7 +55,7 @@ class RMSNorm(torch.nn.Module):
             raise ValueError("this RMSNorm supports normalization=RMSNorm without zero-centered gamma or "
                              "sequence parallelism")
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device.current()))
 
     def forward(self, x):
         # a view (the key split from the fused qkv output) would keep its whole buffer for backward

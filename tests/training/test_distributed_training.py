@@ -1,5 +1,6 @@
 """End-to-end EBFT/SFT training under torchrun: a 2-process launch (PP2 and DP2) and a 4-process
-launch (TP2 x PP2, plus a resume of the DP2 checkpoint at TP2 x PP2). See launch.py."""
+launch (TP2 x PP2, plus a resume of the DP2 checkpoint at TP2 x PP2), both under the device guard.
+See launch.py."""
 
 import json
 import os
@@ -20,7 +21,8 @@ def torchrun(nproc: int, phase: str, work: Path, checkpoint: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
            str(ROOT / "tests" / "training" / "launch.py"), "--phase", phase, "--work", str(work),
            "--checkpoint", str(checkpoint)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # under the device guard: every tensor where a GPU run would hold it (tests/runtime)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), EBFT_DEVICE_GUARD="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
     return json.loads((work / f"{phase}.json").read_text())
