@@ -1,6 +1,7 @@
 """Every training mode under the device guard, in one 4-process launch (see test_device_guard.py).
 
     EBFT_DEVICE_GUARD=1 torchrun --nproc_per_node=4 tests/runtime/guarded_launch.py --work DIR --checkpoint CKPT
+    torchrun --nproc_per_node=1 tests/runtime/guarded_launch.py --work DIR --checkpoint CKPT --layouts tp1  # a GPU
 
 At TP1 (4 data-parallel replicas: data-parallel means and evaluation sums are collectives) and at
 TP2 x PP2: SFT saved after one step and resumed for a second, EBFT, RLVR and LoRA EBFT, each with
@@ -57,11 +58,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", required=True)
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS),
+                        help="tp1 alone runs on one process (one GPU)")
     args = parser.parse_args()
     work, checkpoint = Path(args.work), Path(args.checkpoint)
     distributed.initialize(1, 1)
     results = {}
-    for layout in LAYOUTS:
+    for layout in args.layouts:
         for name in RUNS:
             results[f"{layout}/{name}"] = run(work, checkpoint, layout, name)
             if dist.get_rank() == 0:
