@@ -23,13 +23,21 @@ def quiet_imports() -> None:
 
 def run_cli(job, also: tuple = ()) -> int:
     """Run ``job``; a user error (``errors.UserError``, a missing or existing file, and the types in
-    ``also``) becomes one ``error:`` line on rank 0 and exit code 2."""
+    ``also``) becomes one ``error:`` line for the whole job and exit code 2. Under torchrun the
+    line comes from whichever rank finds the error first (``distributed.print_once_per_job``):
+    a settings error reaches every rank, a bad data line or checkpoint may reach one."""
     quiet_imports()
     try:
         job()
     except (UserError, FileNotFoundError, FileExistsError, *also) as err:
-        if os.environ.get("RANK", "0") == "0":  # the same error on every rank: say it once
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             print(f"error: {err}", file=sys.stderr, flush=True)
+        else:
+            # torch and the job's store, for launches of several processes only (a one-process
+            # tool need not pay for the import)
+            from ebft_megatron.runtime.distributed import print_once_per_job
+
+            print_once_per_job(f"error: {err}")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ import datetime
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +76,46 @@ def _launcher_store(timeout: datetime.timedelta):
                               multi_tenant=True)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"ebft_megatron/attempt_{attempt}", store)
+
+
+def _job_store(timeout: datetime.timedelta):
+    """The job's key-value store: the process group's once it exists, else torchrun's; None when
+    there is none to reach."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.distributed_c10d._get_default_store()
+    if "MASTER_ADDR" not in os.environ or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # before initialisation only torchrun's agent serves a store
+    try:
+        return _launcher_store(timeout)
+    except Exception:  # noqa: BLE001 (no store: the caller falls back to printing)
+        return None
+
+
+def print_once_per_job(line: str, wait_seconds: float = 30.0) -> None:
+    """Print ``line`` (a user error) on stderr once for the whole job, from whichever rank gets here
+    first; the others wait until it is printed before they return (and exit).
+
+    Whichever rank fails first ends the job: torchrun stops the other ranks as soon as one exits,
+    so a line left to rank 0 alone is lost when another rank gets there first, and a line from
+    every rank is one line per rank. With no store to agree through, every rank prints."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        print(line, file=sys.stderr, flush=True)
+        return
+    store = _job_store(datetime.timedelta(seconds=wait_seconds))
+    if store is None:
+        print(line, file=sys.stderr, flush=True)
+        return
+    try:
+        first = store.add("user_error/count", 1) == 1
+        if first:
+            print(line, file=sys.stderr, flush=True)
+            store.set("user_error/printed", "1")
+        else:
+            store.wait(["user_error/printed"], datetime.timedelta(seconds=wait_seconds))
+    except Exception:  # noqa: BLE001 (the store went away: say it here rather than not at all)
+        print(line, file=sys.stderr, flush=True)
 
 
 def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: float = 20.0) -> ParallelInfo:
