@@ -5,18 +5,20 @@ predicts for the same step.
 
   python benchmarks/memory.py                      # SmolLM2-135M, fp32, P=1024, C=s=G=8, n=4
   python benchmarks/memory.py --chunk-len 256 --recompute selective   # a quicker look
+  python benchmarks/memory.py --random-weights     # SmolLM2-135M's shape, random weights: nothing downloaded
 
 With ``--lora-rank`` (default 16; 0 = skip) an EBFT step with LoRA adapters on every linear layer
 is measured too, on the same chunk: base weights frozen (no gradients, no Adam state for them) and
 the policy with its adapters off as the feature network (no second copy of the model).
 
-Each process builds what the trainer builds (the policy in megatron's DDP with distributed Adam,
+The model is prepared once, before the workers start (``--random-weights``: made here). Each
+process builds what the trainer builds (the policy in megatron's DDP with distributed Adam,
 and the frozen feature network, which the trainer holds in every mode for evaluation), runs one
 SFT step so that the optimizer state exists, then measures one step of its mode. The figure is the
 peak over that step alone: on a CPU the peak resident set (the kernel's high-water mark, reset
-just before the step), on a GPU torch's max allocated. The whole process's peak RSS (model loading
-included) is printed too. On a CPU the model's prediction adds the resident set the process had
-before it built anything (Python, torch, megatron).
+just before the step), on a GPU torch's max allocated (also reset just before the step). The whole
+process's peak RSS (model loading included) is printed too. On a CPU the model's prediction adds
+the resident set the process had before it built anything (Python, torch, megatron).
 
 On a CPU the workers run with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), so that a freed
 large tensor leaves the resident set, as a freed CUDA block leaves torch's max-allocated count;
@@ -38,7 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import StepBench, add_layout_arguments, layout_from  # noqa: E402
+from common import (  # noqa: E402
+    StepBench, add_layout_arguments, add_model_arguments, layout_from, model_checkpoint, peak_gpu_bytes, synchronize)
 
 GIB = 1024 ** 3
 
@@ -50,20 +53,16 @@ def resident_bytes(field: str = "VmRSS") -> int:
 def reset_peak() -> None:
     import torch
 
+    synchronize()
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
 
 
 def step_peak() -> int:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return resident_bytes("VmHWM")
+    gpu = peak_gpu_bytes()
+    return resident_bytes("VmHWM") if gpu is None else gpu
 
 
 def worker(args) -> None:
@@ -76,14 +75,15 @@ def worker(args) -> None:
     import megatron.core  # noqa: F401  (the runtime is part of the baseline)
     import torch
 
+    from ebft_megatron.runtime import device
     from ebft_megatron.training import memory
 
     baseline = 0 if torch.cuda.is_available() else resident_bytes()
     layout = layout_from(args)
-    bench = StepBench(layout, args.recompute, args.random_weights, lora_rank=args.lora)
-    bench.sft_step()  # Adam's state is created at the first step
+    bench = StepBench(layout, Path(args.load), args.recompute, lora_rank=args.lora)
+    bench.step("sft")  # Adam's state is created at the first step
     reset_peak()
-    phases = bench.step(args.mode)
+    phases, terms = bench.step(args.mode)
     peak = step_peak()
     objective = bench.objectives[args.mode]
     shape = memory.StepShape(
@@ -93,16 +93,18 @@ def worker(args) -> None:
     )
     estimate = memory.estimate(bench.arch, shape)
     print(json.dumps({
-        "mode": args.mode, "lora_rank": args.lora, "recompute": args.recompute, "step_peak": peak,
+        "mode": args.mode, "lora_rank": args.lora, "recompute": args.recompute, "device": str(device.current()),
+        "step_peak": peak,
         "process_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "baseline": baseline, "predicted": baseline + estimate.peak, "model": estimate.describe(),
-        "step_s": phases["total"],
+        "step_s": phases["total"], "loss": terms["loss"],
     }), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_layout_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--recompute", nargs="+", default=["none", "selective", "full"],
                         choices=["none", "selective", "full"])
     parser.add_argument("--allocator-default", action="store_true",
@@ -112,12 +114,17 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--lora", type=int, default=0, help=argparse.SUPPRESS)  # a worker's LoRA rank
     parser.add_argument("--mode", choices=["sft", "ebft"], help=argparse.SUPPRESS)  # one worker process
+    parser.add_argument("--load", help=argparse.SUPPRESS)  # a worker's checkpoint
     args = parser.parse_args()
     if args.mode:
         args.recompute = args.recompute[0]
         return worker(args)
 
+    from ebft_megatron.cli import quiet_imports
+
+    quiet_imports()
     layout = layout_from(args)
+    checkpoint = model_checkpoint(args)
     env = dict(os.environ)
     if not args.allocator_default:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -131,9 +138,7 @@ def main() -> None:
             flags = [f"--{name.replace('_', '-')}={getattr(args, name)}"
                      for name in ("chunk_len", "first_anchor", "stride", "rollout_len", "num_samples")]
             cmd = [sys.executable, __file__, f"--mode={mode}", f"--lora={lora_rank}", "--recompute", recompute,
-                   *flags]
-            if args.random_weights:
-                cmd.append("--random-weights")
+                   f"--load={checkpoint}", *flags]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             if proc.returncode or not lines:

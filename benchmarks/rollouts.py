@@ -2,15 +2,19 @@
 """Rollout engine (KV cache, real-pair attention) vs the reference's full recompute, same run.
 
   python benchmarks/rollouts.py                       # P=1024, C=s=G=8, n=4, SmolLM2-135M, fp32
-  python benchmarks/rollouts.py --random-weights      # same shapes, no download
-  python benchmarks/rollouts.py --layers 4 --chunk-len 256   # a quick look
+  python benchmarks/rollouts.py --random-weights      # same shapes, random weights: nothing downloaded
+  python benchmarks/rollouts.py --random-weights --layers 4 --chunk-len 256   # a quick look
 
 The reference's method (reference §1.5): for each of the n sample copies, G full forwards of the chunk
 plus all blocks' tokens so far, dense block mask, logits only at the rows that are sampled.
 Ours: one prefill of the chunk (LM head on NB rows), then G-1 decode steps of n*NB tokens against
 the cached prefix. Both draw from the same random numbers, so they must produce the same tokens
-(checked and printed). Prints tokens/s, the ratio, peak RSS and the FLOP-model ratio, and where
-our engine's time went (prefill / decode forwards, their core attention and LM head, sampling).
+(checked and printed). The chunks are the standard library's source, tokenized with the model's
+tokenizer, on the run's device (on CUDA the clock waits for the device). Prints tokens/s, the
+ratio, peak RSS (and on CUDA torch's max allocated memory) and the FLOP-model ratio, and where our
+engine's time went (prefill / decode forwards, their core attention and LM head, sampling), from a
+run of its own before the timed ones (it warms them up): the phase clocks wait for the device at
+every boundary, which would slow a timed run on CUDA.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_layout_arguments, layout_from  # noqa: E402
+from common import (  # noqa: E402
+    add_layout_arguments, add_model_arguments, device_clock, layout_from, model_checkpoint, peak_gpu_bytes,
+    text_tokens)
 
 
 def flop_model(arch, layout, dense_decode: bool = False) -> dict:
@@ -56,12 +62,14 @@ def flop_model(arch, layout, dense_decode: bool = False) -> dict:
 
 
 class EnginePhases:
-    """Wall time of our engine by phase, measured in the timed run itself.
+    """Wall time of our engine by phase, in a run of its own.
 
     Wraps ``pipeline.forward`` and ``sample_tokens`` as the sampler module sees them, and times the
     core attention and the LM head with forward hooks. Sampling runs inside a forward's reduce, so
-    it is subtracted from that forward. The wrappers and hooks cost microseconds per call (a few
-    hundred calls per chunk), negligible against the seconds measured.
+    it is subtracted from that forward. Every clock read waits for the device (on CUDA: a
+    synchronization, so that a phase's time is its kernels' and not their queueing; that also
+    serializes host and device, hence a run of its own). On a CPU the wrappers and hooks cost
+    microseconds per call (a few hundred calls per chunk), negligible against the seconds measured.
     """
 
     def __init__(self, model):
@@ -73,12 +81,12 @@ class EnginePhases:
         started = []
 
         def before(mod, args, kwargs):
-            started.append(time.perf_counter())
+            started.append(device_clock())
 
         def after(mod, args, kwargs, output):
             name = name_of(kwargs)
             if name is not None:
-                self.seconds[name] += time.perf_counter() - started.pop()
+                self.seconds[name] += device_clock() - started.pop()
             else:
                 started.pop()
 
@@ -94,19 +102,19 @@ class EnginePhases:
         seconds = self.seconds
 
         def timed_forward(*args, block_params=None, **kwargs):
-            start, sampled = time.perf_counter(), seconds["sampling"]
+            start, sampled = device_clock(), seconds["sampling"]
             try:
                 return self._forward(*args, block_params=block_params, **kwargs)
             finally:
-                spent = time.perf_counter() - start - (seconds["sampling"] - sampled)
+                spent = device_clock() - start - (seconds["sampling"] - sampled)
                 seconds[block_params.mode] = seconds.get(block_params.mode, 0.0) + spent
 
         def timed_draw(*args, **kwargs):
-            start = time.perf_counter()
+            start = device_clock()
             try:
                 return self._draw(*args, **kwargs)
             finally:
-                seconds["sampling"] += time.perf_counter() - start
+                seconds["sampling"] += device_clock() - start
 
         def attention_phase(kwargs):
             params = kwargs.get("packed_seq_params")
@@ -129,7 +137,7 @@ class EnginePhases:
     def summary(self, total: float) -> dict:
         s = self.seconds
         return {
-            "prefill_forward": s["prefill"], "decode_forwards": s["decode"], "sampling": s["sampling"],
+            "total": total, "prefill_forward": s["prefill"], "decode_forwards": s["decode"], "sampling": s["sampling"],
             "other": total - s["prefill"] - s["decode"] - s["sampling"],
             "of_which_prefill_core_attention": s["prefill_attention"],
             "of_which_decode_core_attention": s["decode_attention"],
@@ -141,7 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_layout_arguments(parser)
     parser.add_argument("--chunks", type=int, default=1, help="chunks timed (batch 1 each)")
-    parser.add_argument("--layers", type=int, default=None, help="truncate the model to this many layers")
+    add_model_arguments(parser)
     parser.add_argument("--skip-recompute", action="store_true", help="time only our engine")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
@@ -154,41 +162,26 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import torch
 
-    from ebft_megatron import assets
     from ebft_megatron.checkpoint import store
-    from ebft_megatron.models.architecture import from_hf_config
+    from ebft_megatron.data.tokenizers import Tokenizer
     from ebft_megatron.models.gpt import build_model
     from ebft_megatron.rollouts.layout import BlockLayout
     from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts, sample_rollouts_recompute
-    from ebft_megatron.runtime import distributed
+    from ebft_megatron.runtime import device, distributed
 
+    ckpt = model_checkpoint(args)
     distributed.initialize(1, 1, seed=0)
-    if args.random_weights:
-        hf_config = json.loads((Path(__file__).parent / "smollm2_config.json").read_text())
-        arch = from_hf_config(hf_config)
-        ckpt = None
-    else:
-        ckpt = assets.smollm2_checkpoint()
-        arch = store.architecture_of(ckpt)
-    if args.layers:
-        from dataclasses import replace
-
-        arch = replace(arch, num_layers=args.layers)
+    arch = store.architecture_of(ckpt)
     model = build_model(arch)
-    if ckpt is not None and not args.layers:
-        store.load_model_weights(model, ckpt)
+    store.load_model_weights(model, ckpt)
     layout = layout_from(args)
     settings = SamplingSettings(temperature=0.6, top_p=1.0)
-    gen = torch.Generator().manual_seed(0)
-    chunks = torch.randint(0, arch.vocab_size, (args.chunks, 1, layout.chunk_len), generator=gen)
-    if ckpt is not None:  # real text for the real model: the standard library's own source
-        from ebft_megatron.data.tokenizers import Tokenizer
-
-        text = (python_stdlib_dir() / "json" / "decoder.py").read_text()
-        ids = Tokenizer(ckpt / "tokenizer").encode(text * 4)
-        need = args.chunks * layout.chunk_len
-        chunks = torch.tensor(ids[:need]).view(args.chunks, 1, layout.chunk_len)
-    uniforms = torch.rand(args.chunks, 1, layout.num_blocks, layout.num_samples, layout.rollout_len, generator=gen)
+    # real text: the standard library's own source, in the model's tokenizer
+    ids = text_tokens(Tokenizer(ckpt / "tokenizer"), args.chunks * layout.chunk_len, "json/decoder.py")
+    chunks = device.to_device(torch.tensor(ids).view(args.chunks, 1, layout.chunk_len))
+    gen = torch.Generator().manual_seed(0)  # drawn on the host: the same numbers on every device
+    uniforms = device.to_device(
+        torch.rand(args.chunks, 1, layout.num_blocks, layout.num_samples, layout.rollout_len, generator=gen))
     generated = args.chunks * layout.num_rollout_tokens
 
     # Other jobs on a shared machine stretch wall time unevenly between the two timed runs (and so
@@ -197,25 +190,29 @@ def main() -> None:
 
     def run(sampler, name):
         load_before = os.getloadavg()[0]
-        cpu_start, start = time.process_time(), time.perf_counter()
+        cpu_start, start = time.process_time(), device_clock()
         outs = [sampler(model, layout, chunks[c], arch.vocab_size, settings, uniforms=uniforms[c]).tokens
                 for c in range(args.chunks)]
-        seconds = time.perf_counter() - start
+        seconds = device_clock() - start
         machine[name] = {"cpu_seconds": time.process_time() - cpu_start,
                          "load_avg_1min_before_after": [load_before, os.getloadavg()[0]]}
         return seconds, outs
 
-    sample_rollouts(model, BlockLayout(2 * layout.first_anchor + layout.rollout_len, layout.first_anchor,
-                                       layout.stride, layout.rollout_len, 1),
-                    chunks[0][:, : 2 * layout.first_anchor + layout.rollout_len], arch.vocab_size, settings)  # warm-up
+    # warm-up (allocations, first calls of each kernel): both methods on a short chunk, then the
+    # run by phase, which is ours on the real chunk
+    short = 2 * layout.first_anchor + layout.rollout_len
+    for sampler in (sample_rollouts, sample_rollouts_recompute):
+        sampler(model, BlockLayout(short, layout.first_anchor, layout.stride, layout.rollout_len, 1),
+                chunks[0][:, :short], arch.vocab_size, settings)
     with EnginePhases(model) as phases:
-        ours_s, ours_tokens = run(sample_rollouts, "ours")
+        phased_s, _ = run(sample_rollouts, "ours_by_phase")
+    ours_s, ours_tokens = run(sample_rollouts, "ours")
     rss_after_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
         "settings": vars(args) | {"num_blocks": layout.num_blocks, "threads": torch.get_num_threads(),
-                                  "layers": arch.num_layers},
+                                  "layers": arch.num_layers, "device": str(device.current())},
         "ours_seconds": ours_s, "ours_tokens_per_s": generated / ours_s, "peak_rss_mb_after_ours": rss_after_ours,
-        "ours_seconds_by_phase": phases.summary(ours_s),
+        "ours_seconds_by_phase": phases.summary(phased_s),
         "flops_real_pair_decode": flop_model(arch, layout), "flops_dense_decode": flop_model(arch, layout, True),
     }
     if not args.skip_recompute:
@@ -230,6 +227,9 @@ def main() -> None:
             "peak_rss_mb_total": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         })
     result["machine"] = machine
+    peak_gpu = peak_gpu_bytes()
+    if peak_gpu is not None:
+        result["peak_gpu_mb"] = peak_gpu / 2 ** 20
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
