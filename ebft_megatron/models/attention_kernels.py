@@ -104,7 +104,7 @@ def attend_backward(grad_out, q, k, v, out, lse, scale: float, mask=None, causal
         return _cpu_backward(grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
     rows = lse.shape[-1]
     padded = torch.nn.functional.pad(lse, (0, (-rows) % _CUDA_LSE_ALIGNMENT)).contiguous()
-    unused = torch.empty((), dtype=torch.long)  # dropout's RNG seed and offset (no dropout)
+    unused = torch.zeros((), dtype=torch.long)  # dropout's RNG seed and offset (no dropout): defined values
     key_heads = k.shape[1]
     k, v = _expand_heads(k, q.shape[1]), _expand_heads(v, q.shape[1])
     dq, dk, dv, _ = _cuda_backward(

@@ -156,9 +156,12 @@ class PackedBlockAttention(torch.autograd.Function):
         out = output.view(S, B, H, d)
         g, o = _bhld(grad), _bhld(out)
 
-        d_query = torch.empty_like(query)
-        d_key = torch.empty_like(key)
-        d_value = torch.empty_like(value)
+        # zeroed, not empty: on CUDA a reused block holds an earlier step's values, and a row the
+        # parts below leave unwritten must not carry them (bf16 EBFT steps on an H200 went
+        # non-finite from the second step on with uninitialised gradients)
+        d_query = torch.zeros_like(query)
+        d_key = torch.zeros_like(key)
+        d_value = torch.zeros_like(value)
         dq, dk, dv = kernels.attend_backward(g[:, :, :P], q[:, :, :P], k[:, :, :P], v[:, :, :P], o[:, :, :P],
                                              chunk_lse, scale, masks.chunk, causal=masks.chunk is None)
         d_query[:P] = dq.permute(2, 0, 1, 3)
