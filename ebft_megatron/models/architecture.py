@@ -73,9 +73,10 @@ class ModelArchitecture:
 
     def default_feature_layers(self) -> tuple[int, ...]:
         """Layers after which the reference reads features: floor(L/4), floor(L/2), floor(3L/4),
-        each clamped to [1, L] (1-based: "after layer k" = HF hidden_states[k])."""
+        each clamped to [1, L] (1-based: "after layer k" = HF hidden_states[k]); a layer that
+        models of fewer than 4 layers would name twice is named once."""
         L = self.num_layers
-        return tuple(min(max(int(q * L), 1), L) for q in (0.25, 0.5, 0.75))
+        return tuple(sorted({min(max(int(q * L), 1), L) for q in (0.25, 0.5, 0.75)}))
 
     def check_parallel(self, tp: int, pp: int) -> None:
         """Refuse layouts that cannot shard this model, before any compute."""

@@ -51,6 +51,13 @@ def is_gpu() -> bool:
     return current().type == "cuda"
 
 
+def synchronize() -> None:
+    """Wait for the device's queued work (CUDA runs kernels after the host returns): before a
+    clock is read for a phase or a step."""
+    if torch.cuda.is_available() and current().type == "cuda":
+        torch.cuda.synchronize(current())
+
+
 def move_model(model):
     """Move a freshly built model (its parameters and buffers) to the run's device, once."""
     return model.to(current())

@@ -3,7 +3,8 @@
 The objectives time their phases (rollouts, features, rewards), the trainer the policy's forward
 and backward and the optimizer; the progress line, the metrics files and the benchmarks all read
 the same figures. Entering a phase is also progress for the stall watchdog
-(``runtime.watchdog``), which names the phase a stalled rank was in.
+(``runtime.watchdog``), which names the phase a stalled rank was in. On a GPU each phase ends
+by waiting for its kernels, so a phase's time is its own and not the next one's.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-from ebft_megatron.runtime import watchdog
+from ebft_megatron.runtime import device, watchdog
 
 
 class PhaseTimer:
@@ -25,6 +26,7 @@ class PhaseTimer:
         try:
             yield
         finally:
+            device.synchronize()  # on CUDA the phase's kernels run after the host has left it
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
     def take(self) -> dict[str, float]:

@@ -147,6 +147,7 @@ class Trainer:
                     f"(limit train.max_nonfinite_steps={c.train.max_nonfinite_steps}); stopping. Lower optimizer.lr, "
                     "check the data, or resume from the last checkpoint")
         self.step += 1
+        device.synchronize()  # the step's time includes its queued kernels
         local = {key: sum(e.metrics[key] for e in experiences) / len(experiences) for key in experiences[0].metrics}
         metrics.update(distributed.mean_over_data_parallel(local))
         elapsed = time.perf_counter() - started

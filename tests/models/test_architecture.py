@@ -51,6 +51,12 @@ def test_feature_layers_follow_the_reference():
     assert arch.default_feature_layers() == (7, 14, 21)
 
 
+@pytest.mark.parametrize("layers, expected", [(1, (1,)), (2, (1,)), (3, (1, 2)), (4, (1, 2, 3))])
+def test_feature_layers_of_small_models_are_named_once(layers, expected):
+    arch = from_hf_config(dict(BASE, architectures=["LlamaForCausalLM"], num_hidden_layers=layers))
+    assert arch.default_feature_layers() == expected
+
+
 def test_llama3_rope_scaling_parsed():
     arch = from_hf_config(dict(BASE, architectures=["LlamaForCausalLM"], rope_scaling={
         "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
