@@ -6,6 +6,7 @@ another rank got there first (a cluster's ranks start seconds apart). Each launc
 rank 1 alone meets (a bad data line in its shard), under train, evaluate and generate."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def launch(*args) -> subprocess.CompletedProcess:
 def project_traceback(result) -> bool:
     """Whether a traceback shows a frame of the project or megatron (torchrun's own report of the
     failed child is not ours to change)."""
-    return "ebft_megatron/" in result.stderr.replace("ebft_megatron.", "") or "megatron/core" in result.stderr
+    return re.search(r'File "[^"]*(ebft_megatron|megatron/core)/', result.stderr) is not None
 
 
 def error_lines(result) -> list[str]:
@@ -75,9 +76,11 @@ def test_a_generate_error_is_one_line_when_rank0_is_slow(setup, tmp_path):
     assert len(lines) == 1 and str(missing) in lines[0], result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("tool", ["train", "evaluate", "generate"])
-def test_an_error_only_one_rank_meets_is_one_line(setup, tool):
-    result = launch("--delay-rank0", 2, "--fail-rank1", SHARD_ERROR, *tools(*setup)[tool])
+@pytest.mark.parametrize("tool, after_init", [("train", False), ("evaluate", False), ("generate", False),
+                                              ("train", True)])
+def test_an_error_only_one_rank_meets_is_one_line(setup, tool, after_init):
+    result = launch("--delay-rank0", 2, "--fail-rank1", SHARD_ERROR, *(["--after-init"] if after_init else []),
+                    *tools(*setup)[tool])
     lines = error_lines(result)
     assert lines == [f"error: {SHARD_ERROR}"], result.stderr[-3000:]
     assert "exitcode  : 2" in result.stderr and not project_traceback(result)
