@@ -25,11 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ebft_megatron.evaluation.statistics import t_interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "ebft_smollm2_stdlib.yaml"
@@ -142,15 +145,11 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}  # Student's t, 95% two-sided, by degrees of freedom
-
-
 def over_seeds(values: list[float]) -> str:
     """The mean over seeds, with its 95% interval (Student's t) when there are several."""
-    mean = statistics.fmean(values)
+    mean, half = t_interval(values)
     if len(values) < 2:
         return f"{mean:+.4f} (1 seed)"
-    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
     return f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] over {len(values)} seeds"
 
 

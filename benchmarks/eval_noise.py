@@ -26,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ebft_megatron.evaluation.statistics import standard_error  # noqa: E402
+
 
 def noise_table(ce: list, cfm: list) -> list[dict]:
     """ce[c], cfm[c][s] -> per N: the means, and the standard errors of the N-chunk means."""
@@ -41,9 +43,9 @@ def noise_table(ce: list, cfm: list) -> list[dict]:
             "chunks": n, "cfm_mean": statistics.fmean(by_seed),
             "cfm_seed_se": pooled_seed_sd / math.sqrt(n),
             "cfm_seed_sd_observed": statistics.stdev(by_seed) if seeds > 1 else math.nan,
-            "cfm_chunk_se": statistics.stdev(per_chunk) / math.sqrt(n) if n > 1 else math.nan,
+            "cfm_chunk_se": standard_error(per_chunk),
             "ce_mean": statistics.fmean(ce[:n]),
-            "ce_chunk_se": statistics.stdev(ce[:n]) / math.sqrt(n) if n > 1 else math.nan})
+            "ce_chunk_se": standard_error(ce[:n])})
     return table
 
 

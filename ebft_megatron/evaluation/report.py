@@ -20,6 +20,7 @@ from ebft_megatron.evaluation.ce import validation_ce
 from ebft_megatron.evaluation.feature_matching import FeatureMatchingCurve, feature_matching_by_length
 from ebft_megatron.evaluation.files import atomic_write
 from ebft_megatron.evaluation.sharding import mean_and_error
+from ebft_megatron.evaluation.statistics import NOISE_STANDARD_ERRORS
 from ebft_megatron.rollouts.layout import BlockLayout
 from ebft_megatron.rollouts.sampler import SamplingSettings
 from ebft_megatron.runtime import distributed
@@ -47,7 +48,7 @@ class Change:
     error: float
     count: int
 
-    def beyond(self, standard_errors: float = 2.0) -> bool:
+    def beyond(self, standard_errors: float = NOISE_STANDARD_ERRORS) -> bool:
         return abs(self.change) > standard_errors * self.error
 
     def text(self, name: str, unit: str) -> str:

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from ebft_megatron.evaluation.statistics import standard_error_from_sums
+
 
 def _data_parallel() -> tuple[int, int]:
     from megatron.core import parallel_state as ps
@@ -36,8 +38,4 @@ def mean_and_error(values: list[float]) -> tuple[float, float, int]:
     local = [math.fsum(values), math.fsum(value * value for value in values), float(len(values))]
     sums = sum_over_data_parallel(torch.tensor(local, dtype=torch.float64, device=device.current()))
     total, squares, count = sums.tolist()
-    if count == 0:
-        return math.nan, math.nan, 0
-    mean = total / count
-    variance = (squares - count * mean * mean) / (count - 1) if count > 1 else math.nan
-    return mean, math.sqrt(max(variance, 0.0) / count), int(count)
+    return (*standard_error_from_sums(total, squares, count), int(count))

@@ -27,11 +27,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import statistics
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 from ebft_megatron.evaluation.sandbox import SandboxLimits, run_python
+from ebft_megatron.evaluation.statistics import standard_error
 
 # A stdlib module import can be slow on a loaded machine; the examples themselves are tiny.
 UNIT_TEST_LIMITS = SandboxLimits(timeout_s=15.0, memory_mb=1024)
@@ -246,8 +246,7 @@ def evaluate_tasks(tasks: Sequence[Task], completions: Sequence[Sequence[str]], 
     metrics = {f"unit_tests/pass@{k}": value for k, value in mean_pass_at_k(samples_per_task, correct, ks).items()}
     for k in ks:  # what another draw of as many tasks would move the mean by
         per_task = [pass_at_k(samples_per_task, count, k) for count in correct]
-        metrics[f"unit_tests/pass@{k}_se"] = (statistics.stdev(per_task) / len(per_task) ** 0.5
-                                              if len(per_task) > 1 else float("nan"))
+        metrics[f"unit_tests/pass@{k}_se"] = standard_error(per_task)
     metrics["unit_tests/fraction_passed"] = sum(o.fraction_passed for o in outcomes) / max(1, len(outcomes))
     metrics["unit_tests/tasks"] = len(tasks)
     return metrics

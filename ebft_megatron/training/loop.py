@@ -14,6 +14,7 @@ import torch
 
 from ebft_megatron.config import Config, layout_of
 from ebft_megatron.errors import UserError
+from ebft_megatron.evaluation.statistics import NOISE_STANDARD_ERRORS
 from ebft_megatron.runtime import device, distributed
 
 
@@ -192,10 +193,10 @@ class Trainer:
         found = changes(self._first_evaluation, self._last_evaluation)
         units = {"cfm": "blocks", "ce": "chunks"}
         line = "eval change: " + "; ".join(
-            f"{change.text(name.upper(), units[name])}: {'beyond' if change.beyond(2.0) else 'within'} noise"
-            for name, change in found.items()) + " (noise: 2 standard errors)"
+            f"{change.text(name.upper(), units[name])}: {'beyond' if change.beyond() else 'within'} noise"
+            for name, change in found.items()) + f" (noise: {NOISE_STANDARD_ERRORS:g} standard errors)"
         if self.config.train.save and distributed.is_rank0():
-            report = {name: {**vars(change), "beyond_2_standard_errors": change.beyond(2.0)}
+            report = {name: {**vars(change), "beyond_2_standard_errors": change.beyond()}
                       for name, change in found.items()}
             atomic_write(Path(self.config.train.save) / "eval" / "change.json",
                          (json.dumps(report, indent=1) + "\n").encode())

@@ -30,6 +30,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from ebft_megatron.evaluation.statistics import t_interval  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples" / "replication" / "stdlib_unit_tests.yaml"
 METHODS = ("sft", "rlvr", "ebft")
@@ -50,7 +54,6 @@ TABLE = (  # (metric key, column title, the key of its standard error over the e
     ("humaneval/pass@{k}", "HumanEval pass@{k}", None),
 )
 # Student's t at 97.5% for 1..5 degrees of freedom: a 95% interval of a mean over 2..6 seeds.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
 # The comparisons the paper's claims are about: (a, b) -> the per-seed difference a - b.
 COMPARISONS = (("ebft", "sft"), ("ebft", "rlvr"), ("ebft", "base"), ("sft", "base"), ("rlvr", "base"))
 
@@ -226,11 +229,10 @@ def _interval(values, signed: bool = False) -> str:
     values = [v for v in values if _number(v)]
     if not values:
         return "n/a"
-    mean = statistics.fmean(values)
+    mean, half = t_interval(values)
     text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
     if len(values) == 1:
         return text
-    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
     return f"{text} [{mean - half:.4f}, {mean + half:.4f}]"
 
 
