@@ -40,7 +40,11 @@ class Rollouts:
 
 
 def rollout_generator(seed: int, dp_rank: int) -> torch.Generator:
-    """Each data-parallel rank samples its own chunks, reproducibly from the run seed."""
+    """Each data-parallel rank samples its own chunks, reproducibly from the run seed.
+
+    On the host, by decision: one seed then draws the same numbers on a CPU and on any GPU, and
+    its state is saved with checkpoints; the draws (one uniform per sampled token) are moved to
+    the device with the logits they pick from (``sampling.sample_tokens``)."""
     return torch.Generator().manual_seed(seed * 1000003 + dp_rank)
 
 
