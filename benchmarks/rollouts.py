@@ -166,7 +166,8 @@ def main() -> None:
     from ebft_megatron.data.tokenizers import Tokenizer
     from ebft_megatron.models.gpt import build_model
     from ebft_megatron.rollouts.layout import BlockLayout
-    from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts, sample_rollouts_recompute
+    from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
+    from reference_sampler import sample_rollouts_recompute
     from ebft_megatron.runtime import device, distributed
 
     ckpt = model_checkpoint(args)

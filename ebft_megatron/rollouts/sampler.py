@@ -16,8 +16,8 @@ megatron's pipeline schedule (``runtime.pipeline.forward``), so the decode steps
 pipeline stages; sampling happens on the last stage with TP-gathered logits and the tokens are
 broadcast back, so every rank stays in lockstep.
 
-:func:`sample_rollouts_recompute` is the reference's method (full recompute with a dense mask),
-kept for tests and the benchmark.
+The reference's method (full recompute with a dense mask), which tests and the benchmark check
+this engine against, is ``benchmarks/reference_sampler.py``.
 """
 
 from __future__ import annotations
@@ -108,53 +108,3 @@ def sample_rollouts(
     if return_logits:
         logits = pipeline.broadcast_from_last_stage(torch.stack(kept, dim=3) if kept else None)
     return Rollouts(tokens=tokens, logits=logits)
-
-
-def sample_rollouts_recompute(
-    model,
-    layout: BlockLayout,
-    chunk: torch.Tensor,
-    vocab_size: int,
-    settings: SamplingSettings,
-    generator: Optional[torch.Generator] = None,
-    uniforms: Optional[torch.Tensor] = None,
-    return_logits: bool = False,
-    doc_ids: Optional[torch.Tensor] = None,
-) -> Rollouts:
-    """The reference's method: for each of the n sample copies, G full forwards of the chunk plus
-    all blocks' tokens so far, with a dense block mask (per chunk with ``doc_ids``); logits taken
-    only where needed."""
-    B, P = chunk.shape
-    NB, n, G = layout.num_blocks, layout.num_samples, layout.rollout_len
-    single = BlockLayout(P, layout.first_anchor, layout.stride, G, 1)
-    allowed = single.dense_attention_mask(doc_ids)
-    if allowed.dim() == 2:
-        allowed = allowed[None]  # [1 or B, S, S]
-    positions_full = single.batch_position_ids(B, doc_ids)  # [B, S]
-    predictors = single.rollout_predictor_index[:, 0, :]  # [NB, G]
-    tokens = torch.zeros(B, NB, n, G, dtype=torch.long, device=chunk.device)
-    kept = torch.zeros(B, NB, n, G, vocab_size, device=chunk.device) if return_logits else None
-    for i in range(n):
-        for t in range(G):
-            rollout_idx = single.rollout_index(torch.arange(NB, device=chunk.device)[:, None], 0,
-                                               torch.arange(t, device=chunk.device)[None, :]).reshape(-1)
-            index = torch.cat([torch.arange(P, device=chunk.device), rollout_idx])
-            seq = torch.cat([chunk, tokens[:, :, i, :t].reshape(B, -1)], dim=1)
-            mask = ~allowed[:, index][:, :, index]  # megatron convention: True = masked out
-            # where in `index` each block's predictor sits; the LM head runs on those rows only
-            where = torch.searchsorted(index, predictors[:, t])
-            params = BlockAttentionParams(layout=single, mode="dense", logit_rows=where)
-
-            def draw(logits, i=i, t=t):
-                full = pipeline.gather_vocab_parallel(logits)[..., :vocab_size]
-                u = None if uniforms is None else uniforms[:, :, i, t]
-                return full, sample_tokens(full, settings.temperature, settings.top_p, generator, uniforms=u)
-
-            full, step_tokens = pipeline.forward(
-                model, seq, positions_full[:, index], reduce=draw,
-                attention_mask=mask[:, None], block_params=params,
-            )
-            tokens[:, :, i, t] = step_tokens
-            if return_logits:
-                kept[:, :, i, t] = full
-    return Rollouts(tokens=tokens, logits=kept)

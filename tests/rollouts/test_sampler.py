@@ -4,9 +4,10 @@
 import pytest
 import torch
 
+from benchmarks.reference_sampler import sample_rollouts_recompute
 from ebft_megatron.models.attention import BlockAttentionParams
 from ebft_megatron.rollouts.layout import BlockLayout, LayoutError
-from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts, sample_rollouts_recompute
+from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
 from ebft_megatron.runtime import pipeline
 
 EDGE_LAYOUTS = {
