@@ -8,9 +8,15 @@
 
 Writes PREFIX.bin and PREFIX.idx (one sequence per document: its token ids, no EOS), PREFIX.keys.npy
 (each document's split hash, so data.validation_fraction holds out the same documents as from the raw
-files) and PREFIX.json (tokenizer, vocabulary size, counts), all under temporary names renamed at the
-end: an error or an interrupt leaves nothing behind. Existing outputs are never overwritten. Bad input
-gives one `error:` line naming the file and line, and exit code 2.
+files), for prompt/response kinds (jsonl, chat, translation) PREFIX.spans.npy (each response's token
+spans: the response mask and data.response_anchor) and PREFIX.json (tokenizer, vocabulary size,
+counts), all under temporary names renamed at the end: an error or an interrupt leaves nothing
+behind. Existing outputs are never overwritten. Bad input gives one `error:` line naming the file and
+line, and exit code 2.
+
+Training reads the corpus in place through a memory map. The first run (or `train --check`) builds
+each split's chunk index once into PREFIX.chunk_index/ (or data.cache_dir when this folder is not
+writable); every later run and every process reuses it (docs/launching.md, Data).
 """
 
 import argparse
@@ -23,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # The data settings a corpus is prepared with, each a flag of the same name (data.path is --input);
 # their help, defaults and checks are the data settings' own (ebft_megatron/data/config.py).
-PREPARED = ("kind", "path", "extensions", "exclude_dirs", "prompt_key", "response_key", "source_key", "target_key",
-            "source_lang", "target_lang", "template", "skip_bad", "max_documents")
+PREPARED = ("kind", "path", "extensions", "exclude_dirs", "prompt_key", "response_key", "chat_train_on", "source_key",
+            "target_key", "source_lang", "target_lang", "template", "skip_bad", "max_documents")
 FLAG_NAMES = {"path": "input"}
 
 
@@ -86,35 +92,23 @@ def data_settings(args):
 
 def prepare(args) -> None:
     from ebft_megatron.errors import UsageError
-    from ebft_megatron.data.reading import Progress, open_documents, tokenized_documents
-    from ebft_megatron.data.indexed import IndexedCorpusInfo, IndexedCorpusWriter
-    from ebft_megatron.data.sources import DataError, SkipReport
+    from ebft_megatron.data.dataset import require_eos
+    from ebft_megatron.data.indexed import tokenize_to_corpus
     from ebft_megatron.data.tokenizers import Tokenizer
 
     if args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
     config = data_settings(args)
     tokenizer = Tokenizer(args.tokenizer)
-    if tokenizer.eos_id is None:
-        raise DataError(f"the tokenizer {args.tokenizer} has no EOS token, which packing puts between documents; "
-                        "use a tokenizer whose tokenizer_config.json names an eos_token")
+    require_eos(tokenizer)
     path = config.resolved_path()
-    report = SkipReport()
-    info = IndexedCorpusInfo(tokenizer=str(Path(args.tokenizer).resolve()), vocab_size=tokenizer.vocab_size,
-                             eos_id=tokenizer.eos_id, kind=args.kind, source=str(path.resolve()))
     start = time.monotonic()
-    with IndexedCorpusWriter(args.output, info) as out:
-        source = open_documents(config, path, report, count_units=not args.quiet, tokenizer=tokenizer)
-        progress = Progress(f"[prepare] {path}", source.total_units, source.unit, enabled=not args.quiet)
-        for document in tokenized_documents(source, tokenizer, report, max_documents=config.max_documents,
-                                            workers=args.workers, progress=progress):
-            out.add(document.token_ids, document.key_hash)
-        progress.close()
-        if out.info.documents == 0:
-            raise DataError(f"{path}: no documents ({report.summary()})")
-        info.skipped = dict(report.counts)
+    info, report = tokenize_to_corpus(config, path, tokenizer, args.output,
+                                      tokenizer_name=str(Path(args.tokenizer).resolve()), workers=args.workers,
+                                      label="[prepare]", verbose=not args.quiet)
     elapsed = time.monotonic() - start
-    print(f"[prepare] wrote {args.output}.{{bin,idx,keys.npy,json}}: {info.documents} documents, {info.tokens} tokens "
+    files = "bin,idx,keys.npy,spans.npy,json" if info.responses else "bin,idx,keys.npy,json"
+    print(f"[prepare] wrote {args.output}.{{{files}}}: {info.documents} documents, {info.tokens} tokens "
           f"in {elapsed:.1f}s ({report.summary()})", file=sys.stderr, flush=True)
 
 

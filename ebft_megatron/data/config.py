@@ -12,6 +12,7 @@ from ebft_megatron.settings import Section, setting
 
 DEFAULT_TRANSLATION_TEMPLATE = "Translate from {source_lang} to {target_lang}:\n{source}\n"
 TEMPLATE_FIELDS = {"source_lang", "target_lang", "source"}
+RESPONSE_KINDS = ("jsonl", "translation", "chat")  # documents with a response: the response mask, the anchor
 
 
 @dataclass
@@ -64,15 +65,24 @@ class DataConfig(Section):
     eval_path: Optional[str] = setting(None, "A separate validation input of the same kind; the whole of path is "
                                              "then used for training.", expect="a file or folder path")
     response_anchor: Optional[int] = setting(
-        None, "jsonl/translation/chat: one chunk per document with its response (chat: its last assistant turn) "
-              "starting at this token index (prompt right before it, neighbouring documents around it) instead of "
-              "back-to-back packing. Prompt-completion RLVR sets rollout.first_anchor to the same index; null = "
-              "ordinary packing.", minimum=1)
+        None, "jsonl/translation/chat (or an indexed corpus prepared from them): one chunk per document with its "
+              "response (chat: its last assistant turn) starting at this token index (prompt right before it, "
+              "neighbouring documents around it) instead of back-to-back packing. Prompt-completion RLVR sets "
+              "rollout.first_anchor to the same index; null = ordinary packing.", minimum=1)
+    cache_dir: Optional[str] = setting(
+        None, "Where raw input (every kind but indexed) is kept once tokenized, and the chunk indices, each under a "
+              "key of what determines it (input files, tokenizer, settings), so that no restart and no other process "
+              "tokenizes or indexes again. null: $EBFT_CACHE_DIR/data (default ~/.cache/ebft_megatron/data). "
+              "A corpus prepared by "
+              "tools/prepare_data.py keeps its chunk indices next to it (PREFIX.chunk_index/) when its folder is "
+              "writable. Put it on a file system every node sees, or each node builds its own.",
+        expect="a folder path")
 
     def check(self) -> None:
-        for name in ("path", "eval_path"):
+        for name in ("path", "eval_path", "cache_dir"):
             if getattr(self, name) == "":
-                raise DataError(f"data.{name}: expected a file or folder path, got ''")
+                raise DataError(f"data.{name}: expected a {'folder' if name == 'cache_dir' else 'file or folder'} "
+                                "path, got ''")
         if self.path is None and self.kind != "code":
             raise DataError(f"data.path: required for kind={self.kind} (only kind=code defaults to the Python "
                             "standard library)")
@@ -83,9 +93,9 @@ class DataConfig(Section):
         for suffix in self.extensions:
             if not suffix.startswith(".") or len(suffix) < 2:
                 raise DataError(f"data.extensions: {suffix!r} is not a file suffix; write it with its dot, e.g. '.py'")
-        if self.response_anchor is not None and self.kind not in ("jsonl", "translation", "chat"):
+        if self.response_anchor is not None and self.kind not in RESPONSE_KINDS + ("indexed",):
             raise DataError(f"data.response_anchor: needs prompt/response documents (kind jsonl, translation or "
-                            f"chat), not kind={self.kind}")
+                            f"chat, or an indexed corpus prepared from them), not kind={self.kind}")
 
     def _check_translation(self) -> None:
         for name in ("source_lang", "target_lang"):

@@ -1,22 +1,26 @@
 """From the data settings to packed chunks, and the order in which training visits them.
 
-``load_chunks`` reads (``reading``) or loads pre-tokenized (``indexed``) documents, keeps those of
-the requested split and packs them. ``ChunkLoader`` hands out the chunk indices of each step to
-each data-parallel rank, reproducibly and resumably.
+``split_plan`` says which documents a split holds. ``load_chunks`` reads (``reading``) or loads
+pre-tokenized (``indexed``) documents, keeps those of the requested split and packs them, all in
+memory: for small data, and as the reference that ``mapped.open_chunks`` (what training reads, at
+any size) is tested equal to. ``ChunkLoader`` hands out the chunk indices of each step to each
+data-parallel rank, reproducibly and resumably.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 
-from ebft_megatron.data.config import DataConfig
+from ebft_megatron.data.config import RESPONSE_KINDS, DataConfig
 from ebft_megatron.data.indexed import read_indexed
 from ebft_megatron.data.packing import PackedChunks, check_token_range, pack_aligned, pack_documents
 from ebft_megatron.data.reading import Progress, open_documents, tokenized_documents
-from ebft_megatron.data.sources import DataError, SkipReport, is_held_out
+from ebft_megatron.data.sources import DataError, SkipReport, held_out_below, is_held_out
 
 SPLITS = ("train", "validation")
 
@@ -25,24 +29,49 @@ SPLITS = ("train", "validation")
 # Chunks of one split
 
 
-def _split_plan(config: DataConfig, split: str):
-    """(path to read, which split hashes to keep): eval_path is a whole validation set; otherwise
-    the validation split is the held-out fraction of path and training gets the rest."""
+@dataclass(frozen=True)
+class SplitPlan:
+    """The documents of a split: those of ``path`` whose split hash is held out (``held_out``) or
+    not, at ``fraction``; every document of ``path`` when ``fraction`` is None."""
+
+    path: Path
+    fraction: Optional[float] = None
+    held_out: bool = False
+
+    def keeps(self, key_hash: int) -> bool:
+        return self.fraction is None or is_held_out(key_hash, self.fraction) == self.held_out
+
+    def mask(self, key_hashes: np.ndarray) -> np.ndarray:
+        """``keeps`` of each of an array of uint64 hashes, compared as integers (exactly)."""
+        if self.fraction is None:
+            return np.ones(len(key_hashes), dtype=bool)
+        return (key_hashes < np.uint64(held_out_below(self.fraction))) == self.held_out
+
+
+def split_plan(config: DataConfig, split: str) -> SplitPlan:
+    """eval_path is a whole validation set; otherwise the validation split is the held-out fraction
+    of path and training gets the rest."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     fraction = config.validation_fraction
     if split == "train":
         if config.eval_path is not None or fraction == 0:
-            return config.resolved_path(), None
-        return config.resolved_path(), lambda key_hash: not is_held_out(key_hash, fraction)
+            return SplitPlan(config.resolved_path())
+        return SplitPlan(config.resolved_path(), fraction, held_out=False)
     if config.eval_path is not None:
-        return config.eval_path, None
+        return SplitPlan(Path(config.eval_path))
     if fraction == 0:
         raise DataError("no validation data: set data.validation_fraction > 0 or data.eval_path")
-    return config.resolved_path(), lambda key_hash: is_held_out(key_hash, fraction)
+    return SplitPlan(config.resolved_path(), fraction, held_out=True)
 
 
-def _check_corpus_tokenizer(prefix, info, tokenizer) -> None:
+def require_eos(tokenizer) -> None:
+    if tokenizer.eos_id is None:
+        raise DataError(f"the tokenizer {tokenizer.path} has no EOS token, which packing puts between documents; "
+                        "use a tokenizer whose tokenizer_config.json names an eos_token")
+
+
+def check_corpus_tokenizer(prefix, info, tokenizer) -> None:
     if info.vocab_size != tokenizer.vocab_size or info.eos_id != tokenizer.eos_id:
         raise DataError(
             f"{prefix}: tokenized with {info.tokenizer} (vocabulary {info.vocab_size}, EOS {info.eos_id}) but the "
@@ -53,19 +82,21 @@ def _check_corpus_tokenizer(prefix, info, tokenizer) -> None:
 
 def load_chunks(config: DataConfig, tokenizer, chunk_len: int, split: str = "train", verbose: bool = False,
                 workers: int = 1) -> PackedChunks:
-    """Tokenize and pack one split of the data into chunks of ``chunk_len`` tokens."""
-    if tokenizer.eos_id is None:
-        raise DataError(f"the tokenizer {tokenizer.path} has no EOS token, which packing puts between documents; "
-                        "use a tokenizer whose tokenizer_config.json names an eos_token")
-    path, keep = _split_plan(config, split)
+    """Tokenize and pack one split of the data into chunks of ``chunk_len`` tokens, in memory."""
+    require_eos(tokenizer)
+    plan = split_plan(config, split)
+    path, keep = plan.path, None if plan.fraction is None else plan.keeps
     report = SkipReport()
-    response_starts = response_spans = None  # indexed corpora keep no segment boundaries
+    response_starts = response_spans = None
     if config.kind == "indexed":
         corpus = read_indexed(path)
-        _check_corpus_tokenizer(path, corpus.info, tokenizer)
+        check_corpus_tokenizer(path, corpus.info, tokenizer)
         limit = config.max_documents or len(corpus.documents)
-        token_lists = [ids for ids, key_hash in zip(corpus.documents[:limit], corpus.key_hashes[:limit].tolist())
-                       if keep is None or keep(key_hash)]
+        kept = [i for i, key_hash in enumerate(corpus.key_hashes[:limit].tolist()) if keep is None or keep(key_hash)]
+        token_lists = [corpus.documents[i] for i in kept]
+        if corpus.response_spans is not None:  # prepared from prompt/response documents
+            response_spans = [corpus.response_spans[i] for i in kept]
+            response_starts = [spans[-1][0] if spans else len(ids) for spans, ids in zip(response_spans, token_lists)]
         report.counts.update(corpus.info.skipped)  # skipped when the corpus was prepared (reported then)
     else:
         source = open_documents(config, path, report, count_units=verbose, tokenizer=tokenizer)
@@ -74,7 +105,7 @@ def load_chunks(config: DataConfig, tokenizer, chunk_len: int, split: str = "tra
             source, tokenizer, report, keep=keep, max_documents=config.max_documents, workers=workers,
             progress=progress))
         token_lists = [doc.token_ids for doc in documents]
-        if config.kind in ("jsonl", "translation", "chat"):  # prompt/response documents: mark the responses
+        if config.kind in RESPONSE_KINDS:  # prompt/response documents: mark the responses
             response_starts = [doc.response_start for doc in documents]
         if config.kind == "chat":  # the assistant turns, which the template's text separates
             response_spans = [doc.response_spans for doc in documents]
@@ -86,6 +117,9 @@ def load_chunks(config: DataConfig, tokenizer, chunk_len: int, split: str = "tra
                   if keep is not None else report.summary())
         raise DataError(f"{path}: no documents in the {split} split ({detail})")
     if config.response_anchor is not None:  # below chunk_len (config.validate)
+        if response_starts is None:
+            raise DataError(f"data.response_anchor: {path} keeps no responses; prepare it again from prompt/response "
+                            "data or unset data.response_anchor")
         packed = pack_aligned(token_lists, tokenizer.eos_id, chunk_len, response_starts, config.response_anchor,
                               response_spans=response_spans)
     else:

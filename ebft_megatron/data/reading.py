@@ -221,6 +221,14 @@ class TokenizedDocument:
     # last starts at response_start); None: the response runs from response_start to the end.
     response_spans: Optional[tuple[tuple[int, int], ...]] = None
 
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        """The response as token spans either way: what an indexed corpus keeps of it. The last
+        span's start is the response start (the document's length when there is no response)."""
+        if self.response_spans is not None:
+            return self.response_spans
+        end = len(self.token_ids)
+        return ((self.response_start, end),) if self.response_start < end else ()
+
 
 def tokenized_documents(source: DocumentSource, tokenizer, report: SkipReport, *,
                         keep: Callable[[int], bool] | None = None, max_documents: int | None = None,

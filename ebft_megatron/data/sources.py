@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import sysconfig
 from collections import Counter
@@ -101,6 +102,12 @@ def split_hash(split_key: str) -> int:
 
 def is_held_out(key_hash: int, validation_fraction: float) -> bool:
     return key_hash < validation_fraction * 2.0**64
+
+
+def held_out_below(validation_fraction: float) -> int:
+    """The integer T with ``key_hash < T`` exactly when :func:`is_held_out`, for comparing whole
+    arrays of 64-bit hashes without rounding them to floats."""
+    return math.ceil(validation_fraction * 2.0**64)
 
 
 def _is_empty(segments: tuple[str, ...]) -> bool:
