@@ -1,6 +1,6 @@
 """Data: sources (JSONL/Parquet pairs, chat conversations rendered with the model's chat template,
 code folders, translation pairs), tokenizers, packing into fixed chunks, megatron indexed corpora,
-and the chunk order of training.
+chunks read from a memory map through an index built once, and the chunk order of training.
 
 The main names are imported on first use, so ``ebft_megatron.data.tokenizers`` stays a light import.
 """
@@ -10,6 +10,8 @@ _EXPORTS = {
     "DataError": "ebft_megatron.data.sources",
     "ChunkLoader": "ebft_megatron.data.dataset",
     "load_chunks": "ebft_megatron.data.dataset",
+    "open_chunks": "ebft_megatron.data.mapped",
+    "MappedChunks": "ebft_megatron.data.mapped",
     "PackedChunks": "ebft_megatron.data.packing",
     "pack_documents": "ebft_megatron.data.packing",
     "check_tokenizer_matches": "ebft_megatron.data.packing",

@@ -117,7 +117,9 @@ def optimizer(config: Config, model):
 
 
 def chunks(config: Config, tokenizer, split: str, verbose: bool = False):
-    """The data's ``split`` ("train" or "validation") as packed chunks of ``rollout.chunk_len``."""
-    from ebft_megatron.data.dataset import load_chunks
+    """The data's ``split`` ("train" or "validation") as chunks of ``rollout.chunk_len``, read from a
+    memory map when a batch needs them; raw input tokenized and the chunk index built once
+    (``data.mapped``, ``data.cache_dir``)."""
+    from ebft_megatron.data.mapped import open_chunks
 
-    return load_chunks(config.data, tokenizer, config.rollout.chunk_len, split, verbose=verbose)
+    return open_chunks(config.data, tokenizer, config.rollout.chunk_len, split, verbose=verbose)
