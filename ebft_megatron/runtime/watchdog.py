@@ -68,6 +68,10 @@ class Watchdog:
         self.step = self.step if step is None else step
         self.beats += 1
         self._last = time.monotonic()
+        # also from the working thread: the stamp others read must not depend on the watch thread
+        # being scheduled (on a loaded machine it can miss whole seconds)
+        if self._last - getattr(self, "_published", 0.0) >= self.poll_s:
+            self._publish()
 
     def stall_message(self, waited_s: float) -> str:
         message = (f"rank {self.rank}: no progress for {waited_s:.0f} s (train.timeout_minutes) at step "
@@ -82,6 +86,7 @@ class Watchdog:
             return
         try:
             self.store.set(f"ebft_watchdog/{self.rank}", f"{time.time():.3f} {self.beats} {self.step} {self.phase}")
+            self._published = time.monotonic()
         except Exception:  # the store only serves the stall message; training goes on without it
             self.store = None
 
@@ -90,16 +95,20 @@ class Watchdog:
         the step and phase they were last seen in."""
         if self.store is None:
             return ""
-        try:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
-            seen = {}
-            for rank in range(dist.get_world_size()):
-                key = f"ebft_watchdog/{rank}"
-                if rank != self.rank and self.store.check([key]):
-                    stamp, beats, step, phase = self.store.get(key).decode().split(" ", 3)
-                    seen[rank] = (time.time() - float(stamp), int(beats), step, phase)
-        except Exception:
+        seen = {}
+        for attempt in range(3):  # a loaded machine can make one read of the store fail: try again
+            try:
+                for rank in range(dist.get_world_size()):
+                    key = f"ebft_watchdog/{rank}"
+                    if rank != self.rank and rank not in seen and self.store.check([key]):
+                        stamp, beats, step, phase = self.store.get(key).decode().split(" ", 3)
+                        seen[rank] = (time.time() - float(stamp), int(beats), step, phase)
+                break
+            except Exception:
+                time.sleep(0.2)
+        if not seen:
             return ""
         silent = {rank: s for rank, s in seen.items() if s[0] > 3 * self.poll_s + 1.0}
         if silent:
