@@ -46,11 +46,6 @@ def current() -> torch.device:
     return _DEVICE if _DEVICE is not None else decide()
 
 
-def is_gpu() -> bool:
-    """Whether the run's tensors live on a GPU (or the guard's emulated one)."""
-    return current().type == "cuda"
-
-
 def synchronize() -> None:
     """Wait for the device's queued work (CUDA runs kernels after the host returns): before a
     clock is read for a phase or a step."""

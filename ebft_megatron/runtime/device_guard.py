@@ -29,6 +29,7 @@ CUDA exists, off unless the variable is set.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -71,14 +72,6 @@ def on_gpu(tensor) -> bool:
         return tensor.untyped_storage() in _gpu_storages
     except (RuntimeError, NotImplementedError):  # no storage (e.g. a sparse or nested tensor)
         return False
-
-
-def _place(tensor, gpu: bool) -> None:
-    storage = tensor.untyped_storage()
-    if gpu:
-        _gpu_storages.add(storage)
-    else:
-        _gpu_storages.discard(storage)
 
 
 def _is_cuda_device(device) -> bool:
@@ -124,31 +117,17 @@ def _violation(what: str) -> DeviceRuleViolation:
     return DeviceRuleViolation(f"device guard: {what}, at {_where()} (a GPU run fails here)")
 
 
-class _Target:
-    """Within: outputs go to the GPU (True) or the host (False), whatever the inputs."""
-
-    def __init__(self, gpu: bool):
-        self.gpu = gpu
-
-    def __enter__(self):
-        self.saved = getattr(_state, "target", None)
-        _state.target = self.gpu
-
-    def __exit__(self, *exc):
-        _state.target = self.saved
-        return False
-
-
-class _Exempt:
-    """Within: collectives may take host tensors (object collectives, gloo groups)."""
-
-    def __enter__(self):
-        self.saved = getattr(_state, "exempt", False)
-        _state.exempt = True
-
-    def __exit__(self, *exc):
-        _state.exempt = self.saved
-        return False
+@contextlib.contextmanager
+def _within(name: str, value):
+    """Set the thread's ``name`` state for the block: ``target`` (outputs go to the GPU, True, or the
+    host, False, whatever the inputs) or ``exempt`` (collectives may take host tensors: object
+    collectives, gloo groups)."""
+    saved = getattr(_state, name, None)
+    setattr(_state, name, value)
+    try:
+        yield
+    finally:
+        setattr(_state, name, saved)
 
 
 # --- what Python code sees: devices, moves, factories ---------------------------------------
@@ -160,7 +139,7 @@ _IS_CUDA_PROPERTY = torch.Tensor.is_cuda
 def _moved(func, tensor, gpu: bool, args, kwargs):
     """``tensor.to(...)``/``.cuda()``/``.cpu()`` towards ``gpu``: a new tensor there, as on CUDA
     (or the tensor itself when it is there already)."""
-    with _Target(gpu):
+    with _within("target", gpu):
         if func is None:
             result = tensor
         else:
@@ -292,7 +271,7 @@ _TENSOR_COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into
 def _exempt_always(function):
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        with _Exempt():
+        with _within("exempt", True):
             return function(*args, **kwargs)
 
     return wrapper
@@ -305,7 +284,7 @@ def _exempt_on_gloo(function):
     def wrapper(*args, **kwargs):
         group = signature.bind_partial(*args, **kwargs).arguments.get("group")
         if group is not None and id(group) in _gloo_groups:
-            with _Exempt():
+            with _within("exempt", True):
                 return function(*args, **kwargs)
         return function(*args, **kwargs)
 

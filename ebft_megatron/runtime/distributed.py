@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ebft_megatron.errors import UserError
-from ebft_megatron.runtime import cpu_fallbacks, device
+from ebft_megatron.runtime import cpu_fallbacks, device, watchdog
 
 
 class ParallelLayoutError(UserError, ValueError):
@@ -81,10 +81,9 @@ def _launcher_store(timeout: datetime.timedelta):
 def _job_store(timeout: datetime.timedelta):
     """The job's key-value store: the process group's once it exists, else torchrun's; None when
     there is none to reach."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return dist.distributed_c10d._get_default_store()
+    store = watchdog.default_store()  # the process group's
+    if store is not None:
+        return store
     if "MASTER_ADDR" not in os.environ or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None  # before initialisation only torchrun's agent serves a store
     try:

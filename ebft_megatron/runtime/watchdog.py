@@ -47,6 +47,7 @@ class Watchdog:
         self.on_stall = on_stall or _exit_stalled
         self.phase, self.step, self.beats = "setup", 0, 0
         self._last = time.monotonic()
+        self._published = 0.0  # when this rank's stamp last went to the store (monotonic)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="ebft-watchdog", daemon=True)
 
@@ -70,7 +71,7 @@ class Watchdog:
         self._last = time.monotonic()
         # also from the working thread: the stamp others read must not depend on the watch thread
         # being scheduled (on a loaded machine it can miss whole seconds)
-        if self._last - getattr(self, "_published", 0.0) >= self.poll_s:
+        if self._last - self._published >= self.poll_s:
             self._publish()
 
     def stall_message(self, waited_s: float) -> str:
