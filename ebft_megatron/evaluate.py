@@ -28,7 +28,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m ebft_megatron.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="checkpoint folder to evaluate")
-    parser.add_argument("--out", required=True, help="folder for metrics.json, cfm_by_length.csv and .png")
+    parser.add_argument("--out", required=True,
+                        help="folder for metrics.json, items.json (the value of every chunk, block and task), "
+                             "cfm_by_length.csv and .png")
     parser.add_argument("--config", help="YAML with the trainer's sections (data, rollout, eval, parallel)")
     parser.add_argument("--humaneval", type=int, default=0, metavar="N",
                         help="also run the first N HumanEval problems (164 = all; 0 = off, the default); "
@@ -71,9 +73,9 @@ def parse_args(argv=None):
     return args
 
 
-def downstream_metrics(args, model, arch, tokenizer, data) -> dict:
+def downstream_metrics(args, model, arch, tokenizer, data, items: dict) -> dict:
     """What the flags ask for besides CE and CFM: unit-test pass@k, HumanEval (in context or zero-shot)
-    and translation scores. Collective: every rank calls it."""
+    and translation scores; ``items`` gets the per-task values. Collective: every rank calls it."""
     from ebft_megatron.evaluation import downstream
     from ebft_megatron.evaluation.unit_tests import read_tasks
 
@@ -83,7 +85,8 @@ def downstream_metrics(args, model, arch, tokenizer, data) -> dict:
     metrics = {}
     if args.unit_tests:
         metrics.update(downstream.unit_test_accuracy(model, tokenizer, read_tasks(args.unit_tests), settings,
-                                                     arch.vocab_size, limit=args.unit_tests_limit or None))
+                                                     arch.vocab_size, limit=args.unit_tests_limit or None,
+                                                     items=items))
     if args.humaneval:
         run = downstream.humaneval_accuracy if args.in_context else downstream.humaneval_zero_shot
         metrics.update(run(model, tokenizer, settings, arch.vocab_size, limit=args.humaneval))
@@ -114,14 +117,15 @@ def main(argv=None) -> int:
             features = builder.feature_network(config)
             result = evaluation.evaluate_run(config, policy, features, chunks, arch.vocab_size, info.dp_rank)
             evaluation.write_report(args.out, result.ce, result.curve)
-            metrics = result.metrics()
+            metrics, items = result.metrics(), result.items()
             if args.unit_tests or args.translation or args.humaneval:
-                downstream = downstream_metrics(args, policy, arch, tokenizer, config.data)
+                downstream = downstream_metrics(args, policy, arch, tokenizer, config.data, items)
                 metrics.update(downstream)
                 if distributed.is_rank0():
                     name = "humaneval.json" if args.humaneval and not (args.in_context or args.unit_tests
                                                                        or args.translation) else "downstream.json"
                     (Path(args.out) / name).write_text(json.dumps(downstream, indent=1))
+            evaluation.write_items(args.out, items)
             if distributed.is_rank0():
                 print(json.dumps(metrics, indent=1))
         finally:

@@ -16,6 +16,7 @@ _EXPORTS = {
     "Evaluation": "ebft_megatron.evaluation.report",
     "evaluate": "ebft_megatron.evaluation.report",
     "evaluate_run": "ebft_megatron.evaluation.report",
+    "write_items": "ebft_megatron.evaluation.report",
     "write_report": "ebft_megatron.evaluation.report",
 }
 __all__ = sorted(_EXPORTS)

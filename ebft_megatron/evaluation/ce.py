@@ -67,7 +67,7 @@ def _exp(value: float) -> float:
 
 def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
                   response_mask: Optional[torch.Tensor] = None, document_masking: bool = False,
-                  chunk_ce: Optional[list] = None) -> dict[str, float]:
+                  chunk_ce: Optional[dict] = None) -> dict[str, float]:
     """Pooled next-token CE over ``chunks`` (every rank calls this; every rank gets the result).
 
     ``response_mask`` [N, P] defaults to ``chunks.response_mask``; ``document_masking`` keeps
@@ -75,14 +75,14 @@ def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
     ``eval/ce_se`` (the standard error over chunks: of the mean of the chunks' own CE),
     ``eval/perplexity`` and ``eval/tokens`` (targets counted), and with a response mask
     ``eval/response_tokens`` and, when there are any, ``eval/response_ce`` and
-    ``eval/response_perplexity``. A ``chunk_ce`` list gets this replica's per-chunk CE appended,
-    in evaluation order (for paired before/after comparisons)."""
+    ``eval/response_perplexity``. A ``chunk_ce`` dict gets this replica's per-chunk CE, keyed by
+    the chunk's index (for comparisons paired by chunk)."""
     if response_mask is None:
         response_mask = chunks.response_mask
     if response_mask is not None and tuple(response_mask.shape) != tuple(chunks.tokens.shape):
         raise ValueError(f"response_mask has shape {tuple(response_mask.shape)}, the chunks {tuple(chunks.tokens.shape)}")
     totals = torch.zeros(4, dtype=torch.float64, device=device.current())
-    per_chunk: list[float] = []
+    per_chunk: dict[str, float] = {}
     for batch in micro_batches(replica_share(len(chunks)), micro_batch_size):
         watchdog.progress()  # a long evaluation is not a stall
         index = torch.tensor(batch)
@@ -100,10 +100,10 @@ def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
             attention_mask=mask,
         ).to(totals.device)
         totals += rows.sum(0)
-        per_chunk += (rows[:, 0] / rows[:, 1].clamp(min=1)).tolist()
+        per_chunk.update(zip(map(str, batch), (rows[:, 0] / rows[:, 1].clamp(min=1)).tolist()))
     if chunk_ce is not None:
-        chunk_ce += per_chunk
-    chunk_error = mean_and_error(per_chunk)[1]
+        chunk_ce.update(per_chunk)
+    chunk_error = mean_and_error(list(per_chunk.values()))[1]
     nll, count, response_nll, response_count = sum_over_data_parallel(totals).tolist()
     if count == 0:
         raise ValueError("the validation chunks have no next-token targets (every chunk is shorter than 2 tokens)")

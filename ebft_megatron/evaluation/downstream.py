@@ -49,13 +49,14 @@ def _complete(model, tokenizer, documents, which, settings: DownstreamSettings, 
 
 
 def unit_test_accuracy(model, tokenizer, tasks, settings: DownstreamSettings, vocab_size: int,
-                       limit: Optional[int] = None) -> dict:
-    """pass@k over the (first ``limit``) tasks whose prompt fits the anchor."""
+                       limit: Optional[int] = None, items: Optional[dict] = None) -> dict:
+    """pass@k over the (first ``limit``) tasks whose prompt fits the anchor; an ``items`` dict gets
+    each task's pass@k (``unit_tests.evaluate_tasks``)."""
     from ebft_megatron.evaluation.unit_tests import evaluate_tasks
 
     which = _fitting(tokenizer, [task.prompt for task in tasks], settings.anchor)[:limit]
     completions = _complete(model, tokenizer, [(t.prompt, t.response) for t in tasks], which, settings, vocab_size)
-    return evaluate_tasks([tasks[i] for i in which], completions, settings.ks)
+    return evaluate_tasks([tasks[i] for i in which], completions, settings.ks, items=items)
 
 
 def humaneval_accuracy(model, tokenizer, settings: DownstreamSettings, vocab_size: int,

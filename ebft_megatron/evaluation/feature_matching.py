@@ -50,8 +50,8 @@ class FeatureMatchingCurve:
     diversity: list[float]  # mean 2d per length
     groups: int = 0  # valid (chunk, block) groups averaged at every length
     cfm_error: float = math.nan  # standard error over those groups of the CFM at the full length
-    # this rank's groups' CFM at the full length, in evaluation order (for paired comparisons)
-    group_cfm: list[float] = field(default_factory=list, repr=False)
+    # this replica's groups' CFM at the full length, keyed "chunk/block" (for comparisons paired by group)
+    group_cfm: dict[str, float] = field(default_factory=dict, repr=False)
 
     def as_metrics(self) -> dict[str, float]:
         """The values at the full rollout length G (what training optimizes)."""
@@ -97,17 +97,19 @@ class _CurveSums:
     def __init__(self, rollout_len: int):
         self.sums = torch.zeros(len(SERIES), rollout_len, dtype=torch.float64)
         self.groups = 0
-        self.group_cfm: list[float] = []
+        self.group_cfm: dict[str, float] = {}
 
-    def add(self, moments: FeatureMoments, valid: torch.Tensor) -> None:
-        """The feature moments of a micro-batch, valid [B, NB]."""
+    def add(self, moments: FeatureMoments, valid: torch.Tensor, chunk_indices: list[int]) -> None:
+        """The feature moments of a micro-batch of the chunks ``chunk_indices``, valid [B, NB]."""
         a, d = alignment_and_diversity(moments.coordinates_by_length.cpu(), whiten=False)  # [B, NB, G, n]
         cfm = cfm_loss(moments.gram_by_length.cpu())
         per_group = torch.stack([cfm, 2 * a.mean(-1), 2 * d.mean(-1)])  # [3, B, NB, G]
         weight = valid.to(torch.float64).cpu()[None, :, :, None]
         self.sums += (per_group * weight).sum(dim=(1, 2))
         self.groups += int(valid.sum())
-        self.group_cfm += cfm[..., -1][valid.cpu()].tolist()
+        rows, blocks = valid.cpu().nonzero(as_tuple=True)
+        names = [f"{chunk_indices[row]}/{block}" for row, block in zip(rows.tolist(), blocks.tolist())]
+        self.group_cfm.update(zip(names, cfm[..., -1][rows, blocks].tolist()))
 
     def curve(self) -> FeatureMatchingCurve:
         """Pooled over data-parallel replicas; the same on every rank."""
@@ -119,7 +121,7 @@ class _CurveSums:
                              "tokens of its chunk; use longer validation chunks or a smaller first_anchor/rollout_len")
         means = (sums / groups).tolist()
         lengths = list(range(1, sums.shape[1] + 1))
-        error = mean_and_error(self.group_cfm)[1]
+        error = mean_and_error(list(self.group_cfm.values()))[1]
         return FeatureMatchingCurve(lengths, *means, groups=groups, cfm_error=error, group_cfm=self.group_cfm)
 
 
@@ -152,7 +154,7 @@ def feature_matching_curve(feature_model, layout: BlockLayout, chunks: PackedChu
         chunk, doc_ids = device.to_device((chunk, doc_ids))  # the evaluation batch's boundary
         rollouts = rollouts_of(chunk) if doc_ids is None else rollouts_of(chunk, doc_ids)
         moments = embed(feature_model, layout, layout.pack(chunk, rollouts), pooling, doc_ids=doc_ids)
-        sums.add(moments, valid)
+        sums.add(moments, valid, [chunk for chunk, kept in zip(batch, keep.tolist()) if kept])
     return sums.curve()
 
 

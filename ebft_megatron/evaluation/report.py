@@ -11,7 +11,8 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from types import MappingProxyType
+from typing import Mapping, NamedTuple, Optional
 
 import torch
 
@@ -19,22 +20,33 @@ from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation.ce import validation_ce
 from ebft_megatron.evaluation.feature_matching import FeatureMatchingCurve, feature_matching_by_length
 from ebft_megatron.evaluation.files import atomic_write
-from ebft_megatron.evaluation.sharding import mean_and_error
+from ebft_megatron.evaluation.sharding import gather_items, mean_and_error
 from ebft_megatron.evaluation.statistics import NOISE_STANDARD_ERRORS
 from ebft_megatron.rollouts.layout import BlockLayout
 from ebft_megatron.rollouts.sampler import SamplingSettings
 from ebft_megatron.runtime import distributed
 
-CSV_NAME, PNG_NAME, METRICS_NAME = "cfm_by_length.csv", "cfm_by_length.png", "metrics.json"
+CSV_NAME, PNG_NAME, METRICS_NAME, ITEMS_NAME = "cfm_by_length.csv", "cfm_by_length.png", "metrics.json", "items.json"
 
 
 class Evaluation(NamedTuple):
     ce: Optional[dict]  # validation_ce's result
     curve: Optional[FeatureMatchingCurve]
-    chunk_ce: tuple = ()  # this replica's per-chunk CE, in evaluation order (for paired changes)
+    chunk_ce: Mapping[str, float] = MappingProxyType({})  # this replica's per-chunk CE, by chunk index
 
     def metrics(self) -> dict[str, float]:
         return {**(self.ce or {}), **(self.curve.as_metrics() if self.curve is not None else {})}
+
+    def items(self) -> dict[str, dict[str, float]]:
+        """The per-item values behind the means, gathered from every replica (collective): the CE of
+        each chunk (keyed by its index) and the CFM of each (chunk, block) group at the full length
+        (keyed "chunk/block"), so that two evaluations of the same data can be compared item by item."""
+        local = {}
+        if self.ce is not None:
+            local["eval/ce"] = dict(self.chunk_ce)
+        if self.curve is not None:
+            local["eval/cfm"] = dict(self.curve.group_cfm)
+        return gather_items(local)
 
 
 @dataclass(frozen=True)
@@ -56,14 +68,15 @@ class Change:
                 f"(standard error over {self.count} {unit}, paired)")
 
 
-def paired_change(before: list[float], after: list[float]) -> tuple[float, float, int]:
-    """(mean difference, its standard error, count) of values measured twice on the same items,
-    pooled over the data-parallel replicas, each of which pairs its own share (collective). What
-    the items differ in cancels; what is left is what changed and the noise of both measurements."""
-    if len(before) != len(after):
-        raise ValueError(f"the evaluations have {len(before)} and {len(after)} values on this rank; a paired change "
-                         "needs the same chunks")
-    return mean_and_error([b - a for a, b in zip(before, after)])
+def paired_change(before: Mapping[str, float], after: Mapping[str, float]) -> tuple[float, float, int]:
+    """(mean difference, its standard error, count) of values measured twice on the same items
+    (keyed alike), pooled over the data-parallel replicas, each of which pairs its own share
+    (collective). What the items differ in cancels; what is left is what changed and the noise of
+    both measurements."""
+    if before.keys() != after.keys():
+        raise ValueError(f"the evaluations have {len(before)} and {len(after)} items on this rank, not the same ones; "
+                         "a paired change needs the same chunks")
+    return mean_and_error([after[item] - before[item] for item in before])
 
 
 def changes(before: Evaluation, after: Evaluation) -> dict[str, Change]:
@@ -75,7 +88,7 @@ def changes(before: Evaluation, after: Evaluation) -> dict[str, Change]:
                                *paired_change(before.curve.group_cfm, after.curve.group_cfm))
     if before.ce is not None and after.ce is not None:
         result["ce"] = Change(before.ce["eval/ce"], after.ce["eval/ce"],
-                              *paired_change(list(before.chunk_ce), list(after.chunk_ce)))
+                              *paired_change(before.chunk_ce, after.chunk_ce))
     return result
 
 
@@ -95,13 +108,13 @@ def evaluate(policy, feature_model, layout: BlockLayout, chunks: PackedChunks, v
     """Validation CE of ``policy`` on the first ``ce_chunks`` chunks and its feature-matching
     curve on the first ``cfm_chunks`` (0 = all) (collective); with ``document_masking`` both keep
     attention inside documents, as training does."""
-    chunk_ce: list[float] = []
+    chunk_ce: dict[str, float] = {}
     ce = validation_ce(policy, first_chunks(chunks, ce_chunks), micro_batch_size, document_masking=document_masking,
                        chunk_ce=chunk_ce)
     curve = feature_matching_by_length(policy, feature_model, layout, first_chunks(chunks, cfm_chunks), vocab_size,
                                        sampling, generator, pooling, micro_batch_size,
                                        document_masking=document_masking)
-    return Evaluation(ce, curve, tuple(chunk_ce))
+    return Evaluation(ce, curve, MappingProxyType(chunk_ce))
 
 
 def evaluate_run(config, policy, feature_model, chunks: PackedChunks, vocab_size: int, dp_rank: int) -> Evaluation:
@@ -133,6 +146,15 @@ def _section(evaluation: Evaluation) -> dict:
     if evaluation.curve is not None:
         section["cfm_by_length"] = evaluation.curve.as_dict()
     return section
+
+
+def write_items(out_dir, items: dict[str, dict[str, float]]) -> list[Path]:
+    """``items.json`` on rank 0: {metric: {item: value}}, the per-item values behind the reported
+    means (chunks, (chunk, block) groups, tasks), for comparisons paired item by item."""
+    if not distributed.is_rank0():
+        return []
+    text = json.dumps(_json_safe(items), indent=1, allow_nan=False, sort_keys=True) + "\n"
+    return [atomic_write(Path(out_dir) / ITEMS_NAME, text.encode())]
 
 
 def write_report(out_dir, ce: Optional[dict], curve: Optional[FeatureMatchingCurve],

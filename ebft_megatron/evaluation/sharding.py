@@ -29,6 +29,23 @@ def replica_share(num_chunks: int) -> list[int]:
     return list(range(rank, num_chunks, size))
 
 
+def gather_items(local: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """{metric: {item: value}} of every replica's share merged, on every rank (collective over the
+    data-parallel group; a Python-object gather, as the values are few and keyed by name)."""
+    rank, size = _data_parallel()
+    if size == 1:
+        return {metric: dict(values) for metric, values in local.items()}
+    from megatron.core import parallel_state as ps
+
+    shares = [None] * size
+    torch.distributed.all_gather_object(shares, local, group=ps.get_data_parallel_group())
+    merged: dict[str, dict[str, float]] = {}
+    for share in shares:
+        for metric, values in share.items():
+            merged.setdefault(metric, {}).update(values)
+    return merged
+
+
 def mean_and_error(values: list[float]) -> tuple[float, float, int]:
     """(mean, standard error of the mean, count) of per-item values (chunks, blocks, differences),
     each replica holding its own share (collective over the data-parallel group)."""

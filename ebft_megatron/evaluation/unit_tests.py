@@ -226,10 +226,23 @@ class UnitTestReward:
         return rewards
 
 
+def _task_names(tasks: Sequence[Task]) -> list[str]:
+    """"module:qualname" of each task, the same in every evaluation of one task file (a name that
+    repeats gets "#2", "#3", ... in order)."""
+    seen: dict[str, int] = {}
+    names = []
+    for task in tasks:
+        name = f"{task.module}:{task.qualname}"
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return names
+
+
 def evaluate_tasks(tasks: Sequence[Task], completions: Sequence[Sequence[str]], ks: Sequence[int] = (1,),
-                   workers: int = 2, limits: SandboxLimits = UNIT_TEST_LIMITS) -> dict:
+                   workers: int = 2, limits: SandboxLimits = UNIT_TEST_LIMITS, items: Optional[dict] = None) -> dict:
     """pass@k (unbiased) and the mean fraction of examples passed, from ``completions[i]``: the
-    samples (text after the prompt) for ``tasks[i]``, each cut where its function ends."""
+    samples (text after the prompt) for ``tasks[i]``, each cut where its function ends. An ``items``
+    dict gets each task's pass@k under ``unit_tests/pass@k``, keyed "module:qualname"."""
     from ebft_megatron.evaluation.humaneval import checked_ks, mean_pass_at_k, pass_at_k
 
     if len(completions) != len(tasks):
@@ -247,6 +260,8 @@ def evaluate_tasks(tasks: Sequence[Task], completions: Sequence[Sequence[str]], 
     for k in ks:  # what another draw of as many tasks would move the mean by
         per_task = [pass_at_k(samples_per_task, count, k) for count in correct]
         metrics[f"unit_tests/pass@{k}_se"] = standard_error(per_task)
+        if items is not None:
+            items[f"unit_tests/pass@{k}"] = dict(zip(_task_names(tasks), per_task))
     metrics["unit_tests/fraction_passed"] = sum(o.fraction_passed for o in outcomes) / max(1, len(outcomes))
     metrics["unit_tests/tasks"] = len(tasks)
     return metrics

@@ -53,15 +53,15 @@ def test_full_ce_equals_hugging_face_loss_pooled_per_token(qwen2_policy, chunks)
         hf_chunk_ce = [float(hf(input_ids=row[:n][None], labels=row[:n][None]).loss)
                        for row, n in zip(chunks.tokens, chunks.lengths.tolist())]
     for micro_batch_size in (1, 2, 3):  # 2: an uneven last micro-batch
-        chunk_ce = []
+        chunk_ce = {}
         metrics = validation_ce(model, chunks, micro_batch_size=micro_batch_size, response_mask=None,
                                 chunk_ce=chunk_ce)
         assert metrics["eval/tokens"] == targets == 15 + 15 + 10
         assert abs(metrics["eval/ce"] - expected) < 1e-5, micro_batch_size
         assert math.isclose(metrics["eval/perplexity"], math.exp(metrics["eval/ce"]), rel_tol=1e-12)
-        # each chunk's own CE, in order, for paired before/after comparisons
-        assert len(chunk_ce) == len(chunks)
-        assert max(abs(a - b) for a, b in zip(chunk_ce, hf_chunk_ce)) < 1e-5, micro_batch_size
+        # each chunk's own CE, keyed by its index, for comparisons paired by chunk
+        assert sorted(chunk_ce) == [str(i) for i in range(len(chunks))]
+        assert max(abs(chunk_ce[str(i)] - b) for i, b in enumerate(hf_chunk_ce)) < 1e-5, micro_batch_size
         assert abs(metrics["eval/ce_se"] - statistics.stdev(hf_chunk_ce) / 3 ** 0.5) < 1e-5
     # a per-chunk mean then a mean over chunks would weigh the short chunk more; pooling must not
     assert abs(sum(hf_chunk_ce) / len(chunks) - expected) > 1e-4

@@ -142,4 +142,7 @@ def test_the_curve_keeps_each_valid_group_cfm(qwen2_features, chunks):
     curve = feature_matching_curve(qwen2_features, LAYOUT, chunks, ground_truth_rollouts, "last_token",
                                    micro_batch_size=2)
     assert len(curve.group_cfm) == curve.groups == 8
-    assert abs(sum(curve.group_cfm) / len(curve.group_cfm) - curve.cfm[-1]) < 1e-12
+    assert abs(sum(curve.group_cfm.values()) / len(curve.group_cfm) - curve.cfm[-1]) < 1e-12
+    # keyed "chunk/block": exactly the valid groups
+    valid = LAYOUT.valid_blocks(chunks.lengths)
+    assert sorted(curve.group_cfm) == sorted(f"{c}/{b}" for c, b in valid.nonzero().tolist())

@@ -68,17 +68,21 @@ def test_paired_change_is_the_mean_difference_with_its_standard_error():
     before_values = [0.50, 0.41, 0.62, 0.38, 0.55]
     differences = [0.02, -0.01, 0.03, 0.00, 0.01]
     after_values = [b + d for b, d in zip(before_values, differences)]
-    change, error, count = paired_change(before_values, after_values)
+    keyed = lambda values: {str(item): value for item, value in enumerate(values)}
+    change, error, count = paired_change(keyed(before_values), keyed(after_values))
     assert count == 5
     assert abs(change - statistics.fmean(differences)) < 1e-12
     # the items' own spread (0.09) cancels: only the differences' spread counts
     assert abs(error - statistics.stdev(differences) / 5 ** 0.5) < 1e-12
     with pytest.raises(ValueError, match="the same chunks"):
-        paired_change(before_values, [0.1])
+        paired_change(keyed(before_values), {"0": 0.1})
+    # pairs are made by item, not by position
+    assert paired_change({"a": 1.0, "b": 5.0}, {"b": 5.5, "a": 1.5})[:2] == (0.5, 0.0)
 
-    curve = lambda values: FeatureMatchingCurve([1], [sum(values) / len(values)], [0.0], [0.0], group_cfm=values)
-    found = changes(Evaluation(CE_BEFORE, curve(before_values), (2.4, 2.6)),
-                    Evaluation(CE_AFTER, curve(after_values), (1.8, 2.2)))
+    curve = lambda values: FeatureMatchingCurve([1], [sum(values) / len(values)], [0.0], [0.0],
+                                                group_cfm=keyed(values))
+    found = changes(Evaluation(CE_BEFORE, curve(before_values), {"0": 2.4, "1": 2.6}),
+                    Evaluation(CE_AFTER, curve(after_values), {"0": 1.8, "1": 2.2}))
     assert found["cfm"].change == pytest.approx(0.01) and found["cfm"].count == 5
     assert (found["ce"].before, found["ce"].after) == (2.5, 2.0)
     assert found["ce"].change == pytest.approx(-0.5) and found["ce"].error == pytest.approx(0.1)

@@ -100,8 +100,12 @@ def test_pass_at_k_from_completions(median_low):
     assert metrics["unit_tests/pass@1"] == pytest.approx(0.5)
     assert metrics["unit_tests/pass@2"] == pytest.approx(1.0)
     assert metrics["unit_tests/tasks"] == 1
-    two = ut.evaluate_tasks([median_low, median_low], [[median_low.response] * 2, ["    return 0\n"] * 2], ks=(1,))
+    items = {}
+    two = ut.evaluate_tasks([median_low, median_low], [[median_low.response] * 2, ["    return 0\n"] * 2], ks=(1,),
+                            items=items)
     assert two["unit_tests/pass@1"] == pytest.approx(0.5)
+    # each task's own value, named so that another checkpoint's evaluation pairs with it
+    assert items == {"unit_tests/pass@1": {"statistics:median_low": 1.0, "statistics:median_low#2": 0.0}}
     assert two["unit_tests/pass@1_se"] == pytest.approx(0.5)  # per task 1 and 0: sd 0.71 over sqrt(2)
     with pytest.raises(ValueError, match="every k"):
         ut.evaluate_tasks([median_low], [[median_low.response]], ks=(2,))
