@@ -172,3 +172,27 @@ def test_replication_table_gives_95_percent_intervals_over_seeds_and_paired_diff
     lines = replicate.summarize(args, base, results).splitlines()
     assert lines[3].startswith("| sft (3 seeds) | 2.0000 [-0.4843, 4.4843] (SE 0.0600) | ")
     assert "| sft - base | +0.0000 [-2.4843, 2.4843] (SE 0.1166) | " in "\n".join(lines)  # sqrt(0.06^2 + 0.1^2)
+
+
+def test_replication_differences_are_paired_over_the_evaluations_items():
+    import importlib.util
+    import statistics
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("replicate", EXAMPLES / "replication" / "replicate.py")
+    replicate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replicate)
+    args = SimpleNamespace(samples=4, methods=["sft"])
+    # the chunks differ a lot (1.0 to 4.0); SFT lowers each by 0.1 to 0.3
+    chunk_ce = {"0": 1.0, "1": 2.5, "2": 4.0}
+    lowered = {"0": 0.9, "1": 2.3, "2": 3.7}
+    base = {"eval/ce": 2.5, "eval/ce_se": statistics.stdev(chunk_ce.values()) / 3 ** 0.5, "items": {"eval/ce": chunk_ce}}
+    results = {"sft": {seed: {"eval/ce": 2.3, "eval/ce_se": statistics.stdev(lowered.values()) / 3 ** 0.5,
+                              "items": {"eval/ce": lowered}} for seed in (1, 2)}}
+    table = replicate.summarize(args, base, results)
+    paired = statistics.stdev([-0.1, -0.2, -0.3]) / 3 ** 0.5  # 0.0577: the chunks' own spread cancels
+    unpaired = (base["eval/ce_se"] ** 2 + results["sft"][1]["eval/ce_se"] ** 2) ** 0.5  # 1.23
+    assert f"| sft - base | -0.2000 [-0.2000, -0.2000] (SE {paired:.4f} paired, {unpaired:.4f} unpaired) |" in table
+    # items of other chunks cannot be paired: the unpaired error alone
+    results["sft"][2]["items"] = {"eval/ce": {"0": 0.9, "1": 2.3, "5": 3.7}}
+    assert f"(SE {unpaired:.4f}) |" in replicate.summarize(args, base, results)

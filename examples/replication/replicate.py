@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ebft_megatron.evaluation.statistics import t_interval  # noqa: E402
+from ebft_megatron.evaluation.statistics import standard_error, t_interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples" / "replication" / "stdlib_unit_tests.yaml"
@@ -53,7 +53,8 @@ TABLE = (  # (metric key, column title, the key of its standard error over the e
     ("humaneval/pass@1", "HumanEval pass@1", None),
     ("humaneval/pass@{k}", "HumanEval pass@{k}", None),
 )
-# Student's t at 97.5% for 1..5 degrees of freedom: a 95% interval of a mean over 2..6 seeds.
+# Where an evaluation's per-item values (evaluate's items.json: chunk CE, group CFM, task pass@k) are kept
+ITEMS = "items"
 # The comparisons the paper's claims are about: (a, b) -> the per-seed difference a - b.
 COMPARISONS = (("ebft", "sft"), ("ebft", "rlvr"), ("ebft", "base"), ("sft", "base"), ("rlvr", "base"))
 
@@ -162,6 +163,7 @@ def evaluate(args, runner: Runner, data: Path, checkpoint: str, name: str) -> di
     metrics = json.loads((out / "metrics.json").read_text())
     metrics = metrics.get("metrics", metrics)
     metrics.update(json.loads((out / "downstream.json").read_text()))
+    metrics[ITEMS] = json.loads((out / "items.json").read_text())
     metrics_file.write_text(json.dumps(metrics, indent=1))
     return metrics
 
@@ -195,14 +197,33 @@ def summarize(args, base: dict, results: dict) -> str:
         seeds = sorted(set(results[first]) & (set(results[second]) if second != "base" else set(results[first])))
         cells = []
         for key, _, error in used:
-            other = (lambda seed: base.get(key)) if second == "base" else (lambda seed: results[second][seed].get(key))
-            pairs = [(results[first][seed].get(key), other(seed)) for seed in seeds]
+            other = (lambda seed: base) if second == "base" else (lambda seed: results[second][seed])
+            pairs = [(results[first][seed], other(seed)) for seed in seeds]
+            differences = [a.get(key) - b.get(key) for a, b in pairs if _number(a.get(key)) and _number(b.get(key))]
             errors = [_standard_error(results[first], error),
                       base.get(error) if second == "base" else _standard_error(results[second], error)]
-            cells.append(_interval([a - b for a, b in pairs if _number(a) and _number(b)], signed=True)
-                         + _error(errors))
+            paired = [_paired_error(a, b, key) for a, b in pairs]
+            cells.append(_interval(differences, signed=True) + _difference_error(paired, errors))
         lines.append(f"| {first} - {second} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _paired_error(first: dict, second: dict, key: str) -> float:
+    """The standard error of one seed's difference from its items: of the mean of the per-item
+    differences (chunk, block or task) of two evaluations of the same items; NaN without them."""
+    a, b = first.get(ITEMS, {}).get(key), second.get(ITEMS, {}).get(key)
+    if not a or not b or a.keys() != b.keys():
+        return float("nan")
+    return standard_error(a[item] - b[item] for item in a)
+
+
+def _difference_error(paired: list, unpaired: list) -> str:
+    """' (SE p paired, u unpaired)': the evaluation's standard error of a difference, from the
+    items' own differences (the mean over seeds) and, as if the two evaluations were independent,
+    sqrt(SE_a^2 + SE_b^2); ' (SE u)' where the items were not kept."""
+    if paired and all(_number(e) for e in paired) and all(_number(e) for e in unpaired):
+        return f" (SE {statistics.fmean(paired):.4f} paired, {sum(e * e for e in unpaired) ** 0.5:.4f} unpaired)"
+    return _error(unpaired)
 
 
 def _standard_error(runs: dict, key) -> float:
@@ -293,7 +314,8 @@ def main(argv=None) -> int:
     took = f"{minutes:.0f} min" + (f" ({skipped} jobs done earlier were skipped)" if skipped else "")
     (runner.out / "results.md").write_text(
         f"{table}\n\nmean [95% interval over seeds {args.seeds}, Student's t]; base: its value (standard error over "
-        f"the evaluation's chunks, blocks or tasks); {args.steps} steps per run; {took}\n")
+        f"the evaluation's chunks, blocks or tasks); a difference's SE: paired over the same chunks, blocks or tasks "
+        f"(mean over seeds), and unpaired, sqrt(SE_a^2 + SE_b^2); {args.steps} steps per run; {took}\n")
     plot(args, base, results, runner.out)
     print(table)
     print(f"[replicate] done in {minutes:.0f} min: {runner.out}/results.md, metrics.png, training.png", flush=True)
