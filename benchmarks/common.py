@@ -36,7 +36,7 @@ def add_model_arguments(parser) -> None:
 
 
 def layout_from(args):
-    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.block_layout import BlockLayout
 
     return BlockLayout(args.chunk_len, args.first_anchor, args.stride, args.rollout_len, args.num_samples)
 

@@ -125,7 +125,7 @@ def check_block_attention(chunk_len: int, shape: str) -> dict:
 
     from ebft_megatron.models import architecture, gpt
     from ebft_megatron.models.attention import BlockAttentionParams, BlockCoreAttention
-    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.block_layout import BlockLayout
     from ebft_megatron.runtime import device, distributed
 
     distributed.initialize(1, 1, seed=0)

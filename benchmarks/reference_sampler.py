@@ -12,9 +12,10 @@ from typing import Optional
 import torch
 
 from ebft_megatron.models.attention import BlockAttentionParams
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 from ebft_megatron.rollouts.sampler import Rollouts
 from ebft_megatron.rollouts.sampling import SamplingSettings, sample_tokens
+from ebft_megatron.models import gpt
 from ebft_megatron.runtime import pipeline
 
 
@@ -58,7 +59,7 @@ def sample_rollouts_recompute(
                 u = None if uniforms is None else uniforms[:, :, i, t]
                 return full, sample_tokens(full, settings.temperature, settings.top_p, generator, uniforms=u)
 
-            full, step_tokens = pipeline.forward(
+            full, step_tokens = gpt.forward(
                 model, seq, positions_full[:, index], reduce=draw,
                 attention_mask=mask[:, None], block_params=params,
             )

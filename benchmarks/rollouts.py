@@ -64,7 +64,7 @@ def flop_model(arch, layout, dense_decode: bool = False) -> dict:
 class EnginePhases:
     """Wall time of our engine by phase, in a run of its own.
 
-    Wraps ``pipeline.forward`` and ``sample_tokens`` as the sampler module sees them, and times the
+    Wraps ``gpt.forward`` and ``sample_tokens`` as the sampler module sees them, and times the
     core attention and the LM head with forward hooks. Sampling runs inside a forward's reduce, so
     it is subtracted from that forward. Every clock read waits for the device (on CUDA: a
     synchronization, so that a phase's time is its kernels' and not their queueing; that also
@@ -98,7 +98,7 @@ class EnginePhases:
         from ebft_megatron.rollouts import sampler as sampler_module
 
         self._module = sampler_module
-        self._forward, self._draw = sampler_module.pipeline.forward, sampler_module.sample_tokens
+        self._forward, self._draw = sampler_module.gpt.forward, sampler_module.sample_tokens
         seconds = self.seconds
 
         def timed_forward(*args, block_params=None, **kwargs):
@@ -122,7 +122,7 @@ class EnginePhases:
                 return params.mode + "_attention"
             return None
 
-        sampler_module.pipeline.forward = timed_forward
+        sampler_module.gpt.forward = timed_forward
         sampler_module.sample_tokens = timed_draw
         self._hooks = self._timed_module(self.model.output_layer, lambda kwargs: "lm_head")
         for layer in self.model.decoder.layers:
@@ -130,7 +130,7 @@ class EnginePhases:
         return self
 
     def __exit__(self, *exc):
-        self._module.pipeline.forward, self._module.sample_tokens = self._forward, self._draw
+        self._module.gpt.forward, self._module.sample_tokens = self._forward, self._draw
         for hook in self._hooks:
             hook.remove()
 
@@ -165,7 +165,7 @@ def main() -> None:
     from ebft_megatron.checkpoint import store
     from ebft_megatron.data.tokenizers import Tokenizer
     from ebft_megatron.models.gpt import build_model
-    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.block_layout import BlockLayout
     from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
     from reference_sampler import sample_rollouts_recompute
     from ebft_megatron.runtime import device, distributed

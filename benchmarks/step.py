@@ -12,7 +12,7 @@ backward of the chunk + optimizer step. Both use megatron's schedule, DDP and di
 the same activation-recompute setting; every tensor lives on the run's device (on CUDA the clock
 waits for the device). Prints the measured ratio, the time by phase, the steps' losses, peak RSS
 (and on CUDA torch's max allocated memory), and the FLOP-model ratio for the reference's method,
-ours with dense attention and ours with real-pair attention (ebft_megatron.training.flops).
+ours with dense attention and ours with real-pair attention (ebft_megatron.models.flops).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main() -> None:
     import torch
 
     from ebft_megatron.runtime import device, distributed
-    from ebft_megatron.training import flops
+    from ebft_megatron.models import flops
 
     layout = layout_from(args)
     bench = StepBench(layout, model_checkpoint(args), args.recompute)

@@ -19,19 +19,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ebft_megatron.data.config import DataConfig
+from ebft_megatron.models.architecture import DTYPES, torch_dtype
 from ebft_megatron.settings import ConfigError, Section, build, help_lines, setting
 
 __all__ = ["Config", "ConfigError", "DTYPES", "load_config", "layout_of", "settings_help", "torch_dtype"]
-
-# The one dtype vocabulary: settings, checkpoints and tools all name dtypes these ways.
-DTYPES = ("float32", "bfloat16")
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
 
 @dataclass
 class ModelSettings(Section):
@@ -103,7 +94,7 @@ class RolloutSettings(Section):
     top_p: float = setting(1.0, "Nucleus sampling threshold (1.0 = off).", above=0, maximum=1)
 
     def check(self) -> None:
-        from ebft_megatron.rollouts.layout import BlockLayout, LayoutError
+        from ebft_megatron.block_layout import BlockLayout, LayoutError
 
         try:
             BlockLayout(self.chunk_len, self.first_anchor, self.stride, self.rollout_len, self.num_samples)
@@ -329,7 +320,7 @@ def validate(config: Config, where: str = "config") -> None:
 
 
 def layout_of(config: Config):
-    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.block_layout import BlockLayout
 
     r = config.rollout
     return BlockLayout(r.chunk_len, r.first_anchor, r.stride, r.rollout_len, r.num_samples)

@@ -13,7 +13,7 @@ import pytest
 
 from ebft_megatron.config import load_config
 from ebft_megatron.models.architecture import ModelConfigError, from_hf_config
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CONFIGS = sorted(EXAMPLES.glob("*.yaml"))

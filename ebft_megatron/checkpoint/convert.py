@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from ebft_megatron.checkpoint import hf_mapping, store
-from ebft_megatron.config import torch_dtype
 from ebft_megatron.errors import UserError
-from ebft_megatron.models.architecture import ModelConfigError, load_hf_config
+from ebft_megatron.models.architecture import ModelConfigError, load_hf_config, torch_dtype
 
 
 
@@ -120,14 +119,14 @@ def _load_merged(ckpt: Path, log=print):
     meta = store.read_meta(ckpt)
     arch = store.architecture_of(ckpt)
     distributed.initialize(1, 1)
-    saved = lora.lora_of(ckpt)
+    saved = lora_checkpoint.lora_of(ckpt)
     # a LoRA checkpoint's weights are its base's, in the base's dtype
-    dtype = store.stored_dtype(store.read_meta(lora.base_of(ckpt)) if saved else meta)
+    dtype = store.stored_dtype(store.read_meta(lora_checkpoint.base_of(ckpt)) if saved else meta)
     model = build_model(arch, params_dtype=torch_dtype(dtype))
     if saved is None:
         store.load_model_weights(model, ckpt)
     else:
-        lora.load_lora_checkpoint(model, ckpt)
+        lora_checkpoint.load_lora_checkpoint(model, ckpt)
         lora.merge_adapters(model)
         log(f"merged LoRA adapters (rank {saved['rank']}, alpha {saved['alpha']}, {', '.join(saved['targets'])}) "
             f"into the base {saved['base']}")
@@ -141,7 +140,7 @@ def merge_lora(ckpt: str | Path, out: str | Path, log=print) -> Path:
 
     ckpt, out = Path(ckpt), Path(out)
     _refuse_existing(out)
-    if lora.lora_of(ckpt) is None:
+    if lora_checkpoint.lora_of(ckpt) is None:
         raise ConversionError(f"{ckpt} holds no LoRA adapters; it is a full checkpoint already")
     model, arch, dtype = _load_merged(ckpt, log)
     hf_config = json.loads((ckpt / "hf_config.json").read_text())

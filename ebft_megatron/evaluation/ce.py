@@ -9,7 +9,7 @@ reference; the padding of a short last chunk does not. A response target is a ta
 token is a response token (the reference's answer mask shifted by one).
 
 With document masking (as training runs with ``data.document_masking``) the forward masks and
-positions the chunk as training does (``rollouts.layout``, reference §1.4): each token sees only
+positions the chunk as training does (``block_layout``, reference §1.4): each token sees only
 its own document, with positions restarting at every document start; the targets stay the same.
 
 Each micro-batch is one forward through megatron's pipeline schedule; the last stage reduces its
@@ -27,11 +27,12 @@ import torch
 from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation.sharding import mean_and_error, replica_share
+from ebft_megatron.models import gpt
 from ebft_megatron.models.attention import BlockAttentionParams
 from ebft_megatron.models.output import model_output
 from ebft_megatron.objective.loss import next_token_nll, real_targets
-from ebft_megatron.rollouts.layout import document_causal_visibility, document_position_ids
-from ebft_megatron.runtime import device, pipeline, watchdog
+from ebft_megatron.block_layout import document_causal_visibility, document_position_ids
+from ebft_megatron.runtime import device, watchdog
 from ebft_megatron.runtime.distributed import sum_over_data_parallel
 
 
@@ -94,7 +95,7 @@ def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
         if document_masking:
             positions = document_position_ids(doc_ids)
             mask = ~document_causal_visibility(doc_ids)[:, None]  # megatron: True = masked out
-        rows = pipeline.forward(
+        rows = gpt.forward(
             model, chunk, positions, block_params=BlockAttentionParams(mode="dense", return_hidden=True),
             reduce=lambda output: nll_sums(model_output(output, model), chunk, lengths, response),
             attention_mask=mask,

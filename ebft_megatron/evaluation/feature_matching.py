@@ -14,7 +14,7 @@ all without whitening, so the numbers are the plain feature-matching quantities 
 training used. With unit features (last-token pooling) 2a - d = 1 - CFM exactly.
 
 With document masking the rollouts and the feature forward follow the chunks' documents
-(``chunks.doc_ids``), as training does (``rollouts.layout``).
+(``chunks.doc_ids``), as training does (``block_layout``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ebft_megatron.evaluation.files import atomic_write
 from ebft_megatron.evaluation.sharding import mean_and_error, replica_share
 from ebft_megatron.features.network import FeatureMoments, embed
 from ebft_megatron.objective.rewards import alignment_and_diversity, cfm_loss
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
 from ebft_megatron.runtime import device, watchdog
 from ebft_megatron.runtime.distributed import sum_over_data_parallel

@@ -22,7 +22,7 @@ from ebft_megatron.evaluation.feature_matching import FeatureMatchingCurve, feat
 from ebft_megatron.evaluation.files import atomic_write
 from ebft_megatron.evaluation.sharding import gather_items, mean_and_error
 from ebft_megatron.evaluation.statistics import NOISE_STANDARD_ERRORS
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 from ebft_megatron.rollouts.sampler import SamplingSettings
 from ebft_megatron.runtime import distributed
 

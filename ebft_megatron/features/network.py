@@ -11,7 +11,7 @@ feature forward switches the adapters off and runs only the layers up to the dee
 
 A feature of a token is the residual stream after each feature layer (no final norm),
 concatenated over the layers and L2-normalized jointly (reference §2). Features are read, in one
-packed forward of the chunk and all rollouts (``rollouts.layout``), at the completion rows:
+packed forward of the chunk and all rollouts (``block_layout``), at the completion rows:
 - ground truth of block b: chunk rows a_b .. a_b+G-1 (they see x[:a_b+G]);
 - rollout (b, i): its own G rows (they see x[:a_b] and the rollout).
 Pooling over the G completion tokens is ``last_token`` or ``mean`` (of the unit vectors, not
@@ -37,12 +37,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from ebft_megatron.block_layout import BlockLayout
+from ebft_megatron.checkpoint import store
 from ebft_megatron.errors import UserError
+from ebft_megatron.models import gpt
 from ebft_megatron.models.attention import packed_attention
-from ebft_megatron.rollouts.layout import BlockLayout
-from ebft_megatron.runtime import device, pipeline
+from ebft_megatron.models.lora import adapters_disabled
+from ebft_megatron.runtime import device
 from ebft_megatron.runtime.distributed import sum_over_pipeline
-
 
 
 class FeatureConfigError(UserError, ValueError):
@@ -68,10 +70,8 @@ def build_feature_network(arch, feature_layers: Sequence[int], params_dtype=torc
                           **config_overrides):
     """This rank's stage of the frozen feature network, full depth (weights still to be loaded;
     call :func:`truncate` after loading)."""
-    from ebft_megatron.models.gpt import build_model
-
     layers = check_feature_layers(feature_layers, arch.num_layers)
-    model = build_model(arch, params_dtype=params_dtype, use_te=use_te, post_process=False, **config_overrides)
+    model = gpt.build_model(arch, params_dtype=params_dtype, use_te=use_te, post_process=False, **config_overrides)
     for param in model.parameters():
         param.requires_grad_(False)
     model.eval()
@@ -99,8 +99,6 @@ def _keep_feature_layers(decoder, feature_layers) -> None:
 def load_feature_network(checkpoint, feature_layers: Optional[Sequence[int]] = None, params_dtype=torch.float32,
                          **config_overrides):
     """Build, load (from a checkpoint folder, ``checkpoint.store``) and truncate the feature network."""
-    from ebft_megatron.checkpoint import store
-
     arch = store.architecture_of(checkpoint)
     layers = feature_layers or arch.default_feature_layers()
     model = build_feature_network(arch, layers, params_dtype, **config_overrides)
@@ -127,8 +125,6 @@ def _feature_forward(model):
     if not getattr(model, "shares_feature_network", False):
         yield
         return
-    from ebft_megatron.models.lora import adapters_disabled
-
     decoder = model.decoder
     saved = (decoder.layers, decoder.num_layers_per_pipeline_rank, decoder.final_layernorm, model.post_process)
     try:
@@ -286,7 +282,7 @@ def embed(feature_model, layout: BlockLayout, packed_tokens: torch.Tensor, pooli
     taps = _LayerTaps(feature_model, feature_model.feature_layers, rows, S)
     try:
         with _feature_forward(feature_model):
-            pipeline.forward(feature_model, packed_tokens, layout.batch_position_ids(B, doc_ids),
+            gpt.forward(feature_model, packed_tokens, layout.batch_position_ids(B, doc_ids),
                              reduce=lambda output: None, block_params=packed_attention(layout, doc_ids))
     finally:
         taps.remove()

@@ -15,6 +15,18 @@ from typing import Optional
 
 from ebft_megatron.errors import UserError
 
+# The one dtype vocabulary: settings, checkpoints and tools all name dtypes these ways.
+DTYPES = ("float32", "bfloat16")
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a dtype name (torch is imported here, on first use, so that reading
+    settings and architectures stays light)."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",

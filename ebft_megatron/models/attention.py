@@ -5,7 +5,7 @@ policy, the feature network and the rollout decoder uses it, forward and backwar
 
 What a call computes is chosen by what megatron hands through:
 - ``packed_seq_params`` is a :class:`BlockAttentionParams` -> the strided block layout
-  (``rollouts.layout``), over real pairs only. Three modes:
+  (``block_layout``), over real pairs only. Three modes:
     * ``packed``:  chunk + all rollout tokens in one sequence (policy loss, feature network), on
       fused kernels (``models.fused_attention``: no score matrices, forward or backward) or on
       the generic path below, the reference the fused one is tested against;
@@ -50,7 +50,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from ebft_megatron.models import attention_kernels as kernels
 from ebft_megatron.models.fused_attention import packed_block_attention, packed_masks
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 
 # Blocks per prefix tile (generic and fused packed paths). Within a tile the prefix keys are padded up to the tile's last anchor, so
 # the wasted work per query is about (TILE_BLOCKS - 1) * stride / 2 keys out of an average P / 2.

@@ -1,7 +1,7 @@
 """The packed block attention on fused kernels, forward and backward, without score matrices.
 
 A packed sequence holds the chunk (P rows) and then every rollout token (R = NB*n*G rows,
-``rollouts.layout``). Its attention is three parts over disjoint keys:
+``block_layout``). Its attention is three parts over disjoint keys:
 - chunk rows against the chunk, causally;
 - rollout rows against the chunk prefix x[:a_b] of their block, in tiles of consecutive blocks
   (``BlockLayout.prefix_tiles``) with the staircase inside a tile masked;
@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ebft_megatron.models import attention_kernels as kernels
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ebft_megatron.models import layers
 from ebft_megatron.models.architecture import ModelArchitecture
 from ebft_megatron.models.attention import BlockCoreAttention
-from ebft_megatron.runtime import device
+from ebft_megatron.runtime import device, pipeline
 
 
 def transformer_engine_available() -> bool:
@@ -285,3 +285,13 @@ def model_forward(model, tokens, position_ids, attention_mask=None, block_params
         labels=labels,
         packed_seq_params=block_params,
     )
+
+
+def forward(model, tokens: torch.Tensor, position_ids: torch.Tensor, reduce, block_params=None,
+            attention_mask: Optional[torch.Tensor] = None):
+    """No-grad forward of one micro-batch [b, s] through all pipeline stages; returns
+    ``reduce(output)`` computed on the last stage (vocab-parallel logits, or hidden states for a
+    model built with ``post_process=False``), on every rank (``runtime.pipeline.forward``)."""
+    return pipeline.forward(
+        model, lambda stage: model_forward(stage, tokens, position_ids, attention_mask, block_params),
+        seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], reduce=reduce)

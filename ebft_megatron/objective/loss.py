@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 
 
 @dataclass(frozen=True)

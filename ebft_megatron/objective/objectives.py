@@ -25,10 +25,10 @@ import torch
 from ebft_megatron.objective import loss as objective_loss
 from ebft_megatron.objective.rewards import RewardSettings, block_rewards, reward_metrics
 from ebft_megatron.objective.rlvr import VerifiableReward, resolve_reward, verifiable_advantages
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 from ebft_megatron.rollouts.sampling import SamplingSettings
 from ebft_megatron.runtime.timing import PhaseTimer
-from ebft_megatron.training import flops
+from ebft_megatron.models import flops
 
 # The sampler, the feature network and the model's forward params import megatron: they are imported
 # where used, so that the config (which reads the objectives' traits) loads without megatron.
@@ -79,7 +79,7 @@ def chunk_inputs(layout: BlockLayout, batch: Batch):
 
 
 def packed_inputs(layout: BlockLayout, batch: Batch, rollout_tokens: torch.Tensor):
-    """The same for the chunks with every rollout packed after them (``rollouts.layout``)."""
+    """The same for the chunks with every rollout packed after them (``block_layout``)."""
     from ebft_megatron.models.attention import packed_attention
 
     tokens = layout.pack(batch.chunk, rollout_tokens)

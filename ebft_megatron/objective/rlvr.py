@@ -20,7 +20,7 @@ import torch
 
 from ebft_megatron.errors import UserError
 from ebft_megatron.objective.rewards import rloo_baseline
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 
 VerifiableReward = Callable[[torch.Tensor, torch.Tensor, BlockLayout], torch.Tensor]
 

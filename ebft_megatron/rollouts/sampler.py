@@ -6,13 +6,13 @@ For a micro-batch of chunks [B, P]:
    of every block, drawn n times (the n samples share this prefill);
 2. decode: G - 1 forwards of the n*NB newest tokens each (positions a_b + t), attending to the
    cached chunk prefix x[:a_b] and to their own earlier tokens; each gives the next token.
-With document masking (``doc_ids``) both follow the layout's rule (``rollouts.layout``): positions
+With document masking (``doc_ids``) both follow the layout's rule (``block_layout``): positions
 restart per document, and a step sees only the keys of the document of the ground-truth token it
 is scored against.
 
 Cost: one prefill per chunk plus n*NB*(G-1) decoded tokens, against the reference's G full
 forwards of the whole growing sequence for each of the n copies. Every forward goes through
-megatron's pipeline schedule (``runtime.pipeline.forward``), so the decode steps pass through the
+megatron's pipeline schedule (``models.gpt.forward``), so the decode steps pass through the
 pipeline stages; sampling happens on the last stage with TP-gathered logits and the tokens are
 broadcast back, so every rank stays in lockstep.
 
@@ -28,8 +28,9 @@ from typing import Optional
 import torch
 
 from ebft_megatron.models.attention import BlockAttentionParams, RolloutKVCache
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 from ebft_megatron.rollouts.sampling import SamplingSettings, sample_tokens
+from ebft_megatron.models import gpt
 from ebft_megatron.runtime import pipeline
 
 
@@ -90,7 +91,7 @@ def sample_rollouts(
                                    doc_ids=doc_ids)
     all_positions = layout.batch_position_ids(B, doc_ids)  # [B, packed_len]
     positions = all_positions[:, :P]
-    first = pipeline.forward(
+    first = gpt.forward(
         model, chunk, positions, block_params=prefill,
         reduce=lambda logits: draw(logits, (B, NB, 1), num_samples=n, step=0),
     )  # [B, NB, 1, n]
@@ -99,7 +100,7 @@ def sample_rollouts(
         decode = BlockAttentionParams(layout=layout, mode="decode", cache=cache, step=t - 1, doc_ids=doc_ids)
         fed = steps[-1].reshape(B, NB * n)
         fed_positions = all_positions[:, layout.rollout_index(torch.arange(NB, device=chunk.device)[:, None], torch.arange(n, device=chunk.device), t - 1).reshape(-1)]
-        steps.append(pipeline.forward(
+        steps.append(gpt.forward(
             model, fed, fed_positions, block_params=decode,
             reduce=lambda logits, t=t: draw(logits, (B, NB, n), step=t),
         ))

@@ -2,18 +2,18 @@
 
 Inference-style forwards (generation, rollout decode steps, the feature network, evaluation) go
 through ``get_forward_backward_func()(forward_only=True)`` so that PP>1 sends activations between
-stages exactly as training does. The last stage reduces its output with ``reduce`` (for example:
+stages exactly as training does. What runs on a stage is the caller's (``models.gpt.forward``
+runs a GPT model's stage). The last stage reduces its output with ``reduce`` (for example:
 gather the TP shards of the logits for some rows, or take the sampled tokens), and the result is
 broadcast to every stage of the pipeline so that all ranks continue in lockstep.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
-from ebft_megatron.models.gpt import model_forward
 from ebft_megatron.runtime import device
 
 
@@ -41,26 +41,19 @@ def broadcast_from_last_stage(value: Any) -> Any:
     return value if ps.is_pipeline_last_stage() else device.to_device(box[0])
 
 
-def forward(
-    model,
-    tokens: torch.Tensor,
-    position_ids: torch.Tensor,
-    reduce: Callable[[torch.Tensor], Any],
-    block_params=None,
-    attention_mask: Optional[torch.Tensor] = None,
-) -> Any:
-    """No-grad forward of one micro-batch [b, s] through all stages; returns ``reduce(output)``
-    computed on the last stage (vocab-parallel logits, or hidden states for a model built with
-    ``post_process=False``), on every rank."""
+def forward(model, forward_stage: Callable[[Any], torch.Tensor], seq_length: int, micro_batch_size: int,
+            reduce: Callable[[torch.Tensor], Any]) -> Any:
+    """No-grad forward of one micro-batch through all stages of ``model`` (eval mode for the call):
+    ``forward_stage(stage_model)`` runs this rank's stage on the batch (it knows the batch; the
+    schedule passes activations between stages), and ``reduce(output)`` of the last stage's output
+    is returned on every rank."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def forward_step(data_iterator, stage_model):
-        output = model_forward(stage_model, tokens, position_ids, attention_mask, block_params)
-
         def collect(output_tensor, non_loss_data=False):
             return reduce(output_tensor)
 
-        return output, collect
+        return forward_stage(stage_model), collect
 
     was_training = model.training
     model.eval()
@@ -71,8 +64,8 @@ def forward(
                 data_iterator=iter([None]),
                 model=[model],
                 num_microbatches=1,
-                seq_length=tokens.shape[1],
-                micro_batch_size=tokens.shape[0],
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
                 forward_only=True,
                 collect_non_loss_data=True,
             )

@@ -75,10 +75,10 @@ def policy(config: Config, arch, load: bool = True):
         return model
     from ebft_megatron.models import lora
 
-    saved = lora.lora_of(m.load)
+    saved = lora_checkpoint.lora_of(m.load)
     if saved is not None:  # a LoRA checkpoint: its base, then its adapters, as they were trained
-        lora.check_settings_match(m.load, saved, config.lora)
-        lora.load_lora_checkpoint(model, m.load, seed=config.train.seed)
+        lora_checkpoint.check_settings_match(m.load, saved, config.lora)
+        lora_checkpoint.load_lora_checkpoint(model, m.load, seed=config.train.seed)
         return model
     store.load_model_weights(model, m.load)
     if config.lora.rank:

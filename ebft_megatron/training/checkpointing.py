@@ -176,7 +176,7 @@ def save_training_checkpoint(save_dir, step: int, policy, optimizer, arch, sourc
     extra_meta = {"step": step, "kind": "training"}
     if lora.has_adapters(policy):  # the adapters only: the frozen base stays where it is
         model_state = lora.adapter_sharded_state_dict(policy)
-        extra_meta["lora"] = lora.checkpoint_meta(policy.lora)
+        extra_meta["lora"] = lora_checkpoint.checkpoint_meta(policy.lora)
     else:
         model_state = policy.sharded_state_dict()
     optimizer_state = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA)
@@ -249,10 +249,10 @@ def _check_same_base(ckpt: Path, policy) -> None:
     """A LoRA checkpoint resumes only onto the base its adapters were trained on."""
     from ebft_megatron.models import lora
 
-    saved, state = lora.lora_of(ckpt), getattr(policy, "lora", None)
+    saved, state = lora_checkpoint.lora_of(ckpt), getattr(policy, "lora", None)
     if saved is None or state is None:
-        lora.load_adapter_weights(policy, ckpt)  # raises, saying which side has adapters
-    if saved["base_fingerprint"] != lora.base_fingerprint(state.base):
+        lora_checkpoint.load_adapter_weights(policy, ckpt)  # raises, saying which side has adapters
+    if saved["base_fingerprint"] != lora_checkpoint.base_fingerprint(state.base):
         raise CheckpointError(f"checkpoint {ckpt}: its adapters were trained on the base {saved['base']}, but this "
                               f"run's base {state.base} is another checkpoint; set model.load to that base")
 
@@ -268,9 +268,9 @@ def load_training_checkpoint(ckpt: str | Path, policy, optimizer, generator: tor
     ckpt = check_resumable(ckpt)
     try:
         _allocate_optimizer_state(optimizer)  # before the weights: the dummy step must not touch loaded params
-        if lora.has_adapters(policy) or lora.lora_of(ckpt) is not None:
+        if lora.has_adapters(policy) or lora_checkpoint.lora_of(ckpt) is not None:
             _check_same_base(ckpt, policy)
-            lora.load_adapter_weights(policy, ckpt)
+            lora_checkpoint.load_adapter_weights(policy, ckpt)
             model_state = lora.adapter_sharded_state_dict(policy)
         else:
             store.load_model_weights(policy, ckpt)

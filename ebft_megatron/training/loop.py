@@ -159,7 +159,7 @@ class Trainer:
         if torch.cuda.is_available():  # MFU: model FLOPs of the step over what the GPUs could do
             import torch.distributed as dist
 
-            from ebft_megatron.training import flops
+            from ebft_megatron.models import flops
 
             per_chunk = self.objective.flops_per_chunk(flops.CostModel.of(self.arch))
             metrics["mfu"] = chunks * per_chunk / elapsed / (dist.get_world_size() * c.train.peak_tflops * 1e12)

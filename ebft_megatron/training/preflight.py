@@ -49,13 +49,13 @@ def _check_adapters(config: Config, say) -> None:
     adapters were trained on) and adapter settings that match the lora section."""
     from ebft_megatron.models import lora
 
-    saved = lora.lora_of(config.model.load)
+    saved = lora_checkpoint.lora_of(config.model.load)
     if saved is None:
         if config.lora.rank:
             say(f"lora: new adapters of rank {config.lora.rank} on {', '.join(config.lora.targets)}")
         return
-    lora.check_settings_match(config.model.load, saved, config.lora)
-    base = lora.base_of(config.model.load)
+    lora_checkpoint.check_settings_match(config.model.load, saved, config.lora)
+    base = lora_checkpoint.base_of(config.model.load)
     check_weights(base)
     say(f"lora: adapters of rank {saved['rank']} on {', '.join(saved['targets'])}, base {base} (complete, the "
         "one they were trained on)")

@@ -55,14 +55,15 @@ def test_qwen3_norms_map_one_to_one_and_weights_that_do_not_fit_the_config_are_r
 def _megatron_logits(ckpt, tokens):
     from ebft_megatron.checkpoint import store
     from ebft_megatron.models.gpt import build_model
-    from ebft_megatron.runtime import distributed, pipeline
+    from ebft_megatron.models import gpt
+    from ebft_megatron.runtime import distributed
 
     distributed.initialize(1, 1)
     arch = store.architecture_of(ckpt)
     model = build_model(arch)
     store.load_model_weights(model, ckpt)
     positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
-    return pipeline.forward(model, tokens, positions, reduce=lambda out: out[..., : arch.vocab_size])
+    return gpt.forward(model, tokens, positions, reduce=lambda out: out[..., : arch.vocab_size])
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path):

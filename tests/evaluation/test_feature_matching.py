@@ -12,8 +12,9 @@ from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation import feature_matching_by_length, feature_matching_curve
 from ebft_megatron.features.network import embed
 from ebft_megatron.objective.rewards import RewardSettings, block_rewards, cfm_loss, reward_metrics
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
+from ebft_megatron.models import gpt
 from ebft_megatron.runtime import pipeline
 
 LAYOUT = BlockLayout(chunk_len=16, first_anchor=4, stride=4, rollout_len=4, num_samples=3)  # anchors 4, 8, 12
@@ -109,7 +110,7 @@ def greedy_chunks(model, vocab_size: int, prompts: torch.Tensor, chunk_len: int)
     tokens = prompts
     while tokens.shape[1] < chunk_len:
         positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
-        step = pipeline.forward(model, tokens, positions,
+        step = gpt.forward(model, tokens, positions,
                                 reduce=lambda logits: pipeline.gather_vocab_parallel(logits)[:, -1, :vocab_size].argmax(-1))
         tokens = torch.cat([tokens, step[:, None]], dim=1)
     return tokens

@@ -8,7 +8,7 @@ import torch
 from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation import feature_matching as feature_matching_module
 from ebft_megatron.evaluation import feature_matching_by_length, feature_matching_curve
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 from ebft_megatron.rollouts.sampler import SamplingSettings
 
 LAYOUT = BlockLayout(chunk_len=16, first_anchor=4, stride=4, rollout_len=4, num_samples=3)  # anchors 4, 8, 12

@@ -9,7 +9,7 @@ import torch
 
 from tools.preparation.stdlib_functions import ExtractionReport, function_pairs
 from ebft_megatron.evaluation import unit_tests as ut
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

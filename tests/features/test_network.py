@@ -10,7 +10,7 @@ from ebft_megatron.features.network import (
     embed,
     load_feature_network,
 )
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 
 
 def hf_gram_by_length(hf_dir, layout, chunk, rollouts, layers, pooling):

@@ -8,7 +8,7 @@ import torch
 
 from ebft_megatron.models import attention as attention_module
 from ebft_megatron.models.attention import BlockAttentionParams, BlockCoreAttention, RolloutKVCache
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 from tests.rollouts.test_layout import document_ids_with_every_case, reference_document_mask
 
 H, HKV, D, B = 4, 2, 16, 2

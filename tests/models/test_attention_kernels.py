@@ -57,7 +57,7 @@ def cuda_side(monkeypatch):
 
 @pytest.mark.parametrize("settings", LAYOUTS, ids=IDS)
 def test_packed_attention_through_the_cuda_side_equals_the_cpu_kernels(core, settings, monkeypatch):
-    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.block_layout import BlockLayout
 
     layout = BlockLayout(*settings)
     on_cpu = _forward_backward(core, layout, _packed)

@@ -12,11 +12,11 @@ FAMILIES = ("llama", "qwen3")  # tied embeddings; q/k norms with head_dim != hid
 
 def _logits(model, tokens):
     """The real vocabulary's logits (the padded rows are -inf)."""
-    from ebft_megatron.runtime import pipeline
+    from ebft_megatron.models import gpt
 
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     vocab = model.architecture.vocab_size
-    return pipeline.forward(model, tokens, positions, reduce=lambda o: o[..., :vocab].clone())
+    return gpt.forward(model, tokens, positions, reduce=lambda o: o[..., :vocab].clone())
 
 
 def _tokens(arch, seed=0):
@@ -166,7 +166,7 @@ def test_adapter_dropout_acts_in_training_only(tiny_models):
     tokens = _tokens(arch, seed=6)
     attach_adapters(model, rank=4, alpha=8.0, dropout=0.5)
     _randomize_b(model)
-    evaluated = _logits(model, tokens)  # pipeline.forward runs the model in eval mode
+    evaluated = _logits(model, tokens)  # gpt.forward runs the model in eval mode
     model.train()
     with torch.no_grad():
         positions = torch.arange(17).expand_as(tokens)

@@ -10,7 +10,7 @@ from ebft_megatron.models.attention import BlockAttentionParams, packed_attentio
 from ebft_megatron.models.gpt import model_forward
 from ebft_megatron.models.output import HiddenStates, Logits, model_output
 from ebft_megatron.objective.loss import LossSettings, ebft_loss, sft_loss
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 
 # full logits, and the output layer in chunks of 7 rows (several chunks and a partial last one)
 OUTPUTS = {"logits": 0, "chunked": 7}

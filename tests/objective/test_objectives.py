@@ -7,8 +7,8 @@ import torch
 from ebft_megatron.config import Config
 from ebft_megatron.models import architecture
 from ebft_megatron.objective.objectives import EBFT, OBJECTIVES, RLVR, SFT, Batch, ObjectiveContext, build_objective
-from ebft_megatron.rollouts.layout import BlockLayout
-from ebft_megatron.training import flops
+from ebft_megatron.block_layout import BlockLayout
+from ebft_megatron.models import flops
 
 LAYOUT = BlockLayout(24, 4, 4, 4, 3)
 

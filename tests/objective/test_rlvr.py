@@ -10,7 +10,7 @@ from ebft_megatron.objective.rlvr import (
     resolve_reward,
     verifiable_advantages,
 )
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 
 
 def test_ground_truth_token_match_scores_each_rollout():

@@ -29,6 +29,7 @@ def check_logits(models_dir: Path, families, tokens) -> dict:
 
     from ebft_megatron.checkpoint import store
     from ebft_megatron.models.gpt import build_model
+    from ebft_megatron.models import gpt
     from ebft_megatron.runtime import pipeline
     from tests.fixtures import hf_logits
 
@@ -39,7 +40,7 @@ def check_logits(models_dir: Path, families, tokens) -> dict:
         arch = store.architecture_of(ckpt)
         model = build_model(arch)
         store.load_model_weights(model, ckpt)
-        ours = pipeline.forward(model, tokens, positions,
+        ours = gpt.forward(model, tokens, positions,
                                 reduce=lambda o: pipeline.gather_vocab_parallel(o)[..., : arch.vocab_size])
         out[family] = max_diff(ours, hf_logits(models_dir / f"{family}-hf", tokens))
     return out
@@ -51,8 +52,9 @@ def check_packed_and_rollouts(models_dir: Path) -> dict:
     from ebft_megatron.checkpoint import store
     from ebft_megatron.models.attention import BlockAttentionParams
     from ebft_megatron.models.gpt import build_model
-    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.block_layout import BlockLayout
     from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
+    from ebft_megatron.models import gpt
     from ebft_megatron.runtime import pipeline
 
     ckpt = models_dir / "qwen2-mcore"
@@ -64,7 +66,7 @@ def check_packed_and_rollouts(models_dir: Path) -> dict:
 
     def separate(seq):
         L = seq.shape[1]
-        return pipeline.forward(model, seq, torch.arange(L).expand(seq.shape[0], L), reduce=logits_of)
+        return gpt.forward(model, seq, torch.arange(L).expand(seq.shape[0], L), reduce=logits_of)
 
     result = {"packed_vs_separate": 0.0, "packed_chunk_vs_causal": 0.0, "rollout_logits": 0.0,
               "rollout_tokens_equal": True}
@@ -73,7 +75,7 @@ def check_packed_and_rollouts(models_dir: Path) -> dict:
         gen = torch.Generator().manual_seed(P * 31 + s)
         chunk = torch.randint(0, V, (2, P), generator=gen)
         rollouts = torch.randint(0, V, (2, layout.num_blocks, n, G), generator=gen)
-        packed = pipeline.forward(
+        packed = gpt.forward(
             model, layout.pack(chunk, rollouts), layout.position_ids.expand(2, -1),
             block_params=BlockAttentionParams(layout=layout, mode="packed"), reduce=logits_of)
         result["packed_chunk_vs_causal"] = max(result["packed_chunk_vs_causal"],
@@ -107,7 +109,7 @@ def check_dp_sampling(models_dir: Path, seed: int) -> dict:
 
     from ebft_megatron.checkpoint import store
     from ebft_megatron.models.gpt import build_model
-    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.block_layout import BlockLayout
     from ebft_megatron.rollouts.sampler import SamplingSettings, rollout_generator, sample_rollouts
     from ebft_megatron.runtime import distributed
 
@@ -188,7 +190,7 @@ def check_objective(models_dir: Path, name: str) -> dict:
     from ebft_megatron.models.gpt import build_model
     from ebft_megatron.objective.loss import LossSettings
     from ebft_megatron.objective.rewards import RewardSettings, block_rewards, reward_metrics
-    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.block_layout import BlockLayout
     from ebft_megatron.objective.objectives import EBFT, Batch, Experience
     from ebft_megatron.rollouts.sampler import SamplingSettings
     from ebft_megatron.training.optimizer import wrap_ddp
@@ -250,7 +252,7 @@ def packed_ebft_step(ddp, vocab_size: int, seed: int) -> dict:
     from ebft_megatron.objective.loss import LossSettings
     from ebft_megatron.objective.objectives import EBFT, Batch, Experience
     from ebft_megatron.objective.rewards import RewardSettings
-    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.block_layout import BlockLayout
     from ebft_megatron.rollouts.sampler import SamplingSettings
     from ebft_megatron.training.step import forward_backward
 
@@ -365,7 +367,7 @@ def check_fused_paths(models_dir: Path) -> dict:
     from ebft_megatron.objective.loss import LossSettings
     from ebft_megatron.objective.objectives import EBFT, SFT, Batch, Experience
     from ebft_megatron.objective.rewards import RewardSettings
-    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.block_layout import BlockLayout
     from ebft_megatron.rollouts.sampler import SamplingSettings
     from ebft_megatron.training.optimizer import wrap_ddp
     from ebft_megatron.training.step import forward_backward
@@ -424,7 +426,7 @@ def check_replica_rewards() -> dict:
 
     from ebft_megatron.objective.loss import LossSettings
     from ebft_megatron.objective.objectives import RLVR, Batch
-    from ebft_megatron.rollouts.layout import BlockLayout
+    from ebft_megatron.block_layout import BlockLayout
     from ebft_megatron.rollouts.sampling import SamplingSettings
 
     rank = dist.get_rank()

@@ -6,8 +6,9 @@ import torch
 
 from benchmarks.reference_sampler import sample_rollouts_recompute
 from ebft_megatron.models.attention import BlockAttentionParams
-from ebft_megatron.rollouts.layout import BlockLayout, LayoutError
+from ebft_megatron.block_layout import BlockLayout, LayoutError
 from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
+from ebft_megatron.models import gpt
 from ebft_megatron.runtime import pipeline
 
 EDGE_LAYOUTS = {
@@ -55,11 +56,11 @@ def test_changing_a_rollout_token_touches_only_its_own_later_logits(model):
     rollouts = torch.randint(0, arch.vocab_size, (1, layout.num_blocks, 2, 4), generator=gen)
     params = BlockAttentionParams(layout=layout, mode="packed")
     positions = layout.position_ids[None]
-    before = pipeline.forward(net, layout.pack(chunk, rollouts), positions, _logits(net, arch), params)
+    before = gpt.forward(net, layout.pack(chunk, rollouts), positions, _logits(net, arch), params)
     changed = rollouts.clone()
     block, sample, step = 2, 1, 1
     changed[0, block, sample, step] = (changed[0, block, sample, step] + 1) % arch.vocab_size
-    after = pipeline.forward(net, layout.pack(chunk, changed), positions, _logits(net, arch), params)
+    after = gpt.forward(net, layout.pack(chunk, changed), positions, _logits(net, arch), params)
     moved = (before - after).abs().amax(dim=-1)[0] > 0
     expected = torch.zeros(layout.packed_len, dtype=torch.bool)
     start = layout.rollout_index(block, sample, step)
@@ -119,7 +120,7 @@ def test_engine_with_documents_equals_recompute_and_stays_in_documents(model, na
     assert (fast.logits - slow.logits).abs().max() < 1e-5
 
     def alone(sequence):
-        logits = pipeline.forward(net, sequence[None], torch.arange(len(sequence))[None], _logits(net, arch))
+        logits = gpt.forward(net, sequence[None], torch.arange(len(sequence))[None], _logits(net, arch))
         return logits[0, -1]
 
     worst = 0.0

@@ -7,7 +7,7 @@ mask, in the model (against independent forwards) and in a trainer step."""
 import pytest
 import torch
 
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 from ebft_megatron.objective.objectives import Batch, chunk_inputs, packed_inputs
 
 

@@ -20,8 +20,8 @@ def setup(tiny_models, tmp_path_factory):
 def test_the_policy_with_adapters_off_gives_the_base_models_features(setup):
     from ebft_megatron.features.network import embed, load_feature_network, share_policy
     from ebft_megatron.models.lora import adapters, attach_adapters
-    from ebft_megatron.rollouts.layout import BlockLayout
-    from ebft_megatron.runtime import pipeline
+    from ebft_megatron.block_layout import BlockLayout
+    from ebft_megatron.models import gpt
 
     ckpt = setup[0]
     policy, arch = load_megatron_model(ckpt)
@@ -38,7 +38,7 @@ def test_the_policy_with_adapters_off_gives_the_base_models_features(setup):
 
     def logits():
         positions = torch.arange(16).expand_as(tokens)
-        return pipeline.forward(policy, tokens, positions, reduce=lambda o: o[..., :arch.vocab_size].clone())
+        return gpt.forward(policy, tokens, positions, reduce=lambda o: o[..., :arch.vocab_size].clone())
 
     before = logits()
     separate = load_feature_network(ckpt, (1, 3))
@@ -89,7 +89,7 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_bit_identically(setup):
     from torch.distributed.checkpoint import FileSystemReader
 
     from ebft_megatron.checkpoint.store import CheckpointError, read_meta
-    from ebft_megatron.models.lora import base_fingerprint, base_of
+    from ebft_megatron.checkpoint.lora import base_fingerprint, base_of
     from ebft_megatron.training.loop import Trainer
 
     ckpt, code, root = setup
@@ -130,7 +130,7 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_bit_identically(setup):
 def test_a_merged_lora_export_matches_the_lora_model_in_transformers(setup, tiny_models):
     from ebft_megatron.checkpoint import convert
     from ebft_megatron.models.lora import adapters
-    from ebft_megatron.runtime import pipeline
+    from ebft_megatron.models import gpt
     from ebft_megatron.training import builder
     from ebft_megatron.training.loop import Trainer
     from tests.fixtures import hf_logits
@@ -150,7 +150,7 @@ def test_a_merged_lora_export_matches_the_lora_model_in_transformers(setup, tiny
 
     def logits(model):
         positions = torch.arange(19).expand_as(tokens)
-        return pipeline.forward(model, tokens, positions, reduce=lambda o: o[..., :arch.vocab_size].clone())
+        return gpt.forward(model, tokens, positions, reduce=lambda o: o[..., :arch.vocab_size].clone())
 
     lora_logits = logits(trainer.policy)
     # the LoRA checkpoint as model.load (evaluate, generate): base + the saved adapters

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ebft_megatron.models import architecture
-from ebft_megatron.rollouts.layout import BlockLayout
+from ebft_megatron.block_layout import BlockLayout
 from ebft_megatron.training import memory
 
 LAYOUT = BlockLayout(64, 8, 8, 8, 4)

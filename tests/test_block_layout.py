@@ -7,7 +7,7 @@ The expected values are built here from the definitions (reference §1.2), by ex
 import pytest
 import torch
 
-from ebft_megatron.rollouts.layout import BlockLayout, LayoutError
+from ebft_megatron.block_layout import BlockLayout, LayoutError
 
 # (P, C, s, G, n): s == G, s < G (overlapping windows), s > G, G == 1, n == 1
 LAYOUTS = [
