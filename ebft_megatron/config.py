@@ -22,7 +22,7 @@ from ebft_megatron.data.config import DataConfig
 from ebft_megatron.models.architecture import DTYPES, torch_dtype
 from ebft_megatron.settings import ConfigError, Section, build, help_lines, setting
 
-__all__ = ["Config", "ConfigError", "DTYPES", "load_config", "layout_of", "settings_help", "torch_dtype"]
+__all__ = ["Config", "ConfigError", "load_config", "layout_of", "settings_help"]
 
 @dataclass
 class ModelSettings(Section):
@@ -94,6 +94,7 @@ class RolloutSettings(Section):
     top_p: float = setting(1.0, "Nucleus sampling threshold (1.0 = off).", above=0, maximum=1)
 
     def check(self) -> None:
+        # torch loads on first use: --help reads this module and needs none
         from ebft_megatron.block_layout import BlockLayout, LayoutError
 
         try:
@@ -169,6 +170,13 @@ class TrainSettings(Section):
         if self.chunks_per_step % self.micro_batch:
             raise ConfigError(f"train.chunks_per_step={self.chunks_per_step} is not a multiple of "
                               f"train.micro_batch={self.micro_batch}")
+
+    def check_data_parallel(self, dp_size: int) -> None:
+        """A step's chunks split evenly over ``dp_size`` replicas' micro-batches (known once the
+        job's size is: at launch, or by ``train --check --gpus``)."""
+        if self.chunks_per_step % (dp_size * self.micro_batch):
+            raise ConfigError(f"train.chunks_per_step={self.chunks_per_step} must be a multiple of data-parallel "
+                              f"size {dp_size} x train.micro_batch {self.micro_batch}")
 
 
 @dataclass
@@ -297,6 +305,7 @@ def _expand_user_paths(config: Config, where: str = "config") -> None:
 
 def validate(config: Config, where: str = "config") -> None:
     """The rules across sections; what passes here is trusted by the rest of the code."""
+    # torch and megatron load on first use: --help reads this module and needs neither
     from ebft_megatron.objective.objectives import OBJECTIVES
 
     def fail(message):
@@ -320,6 +329,8 @@ def validate(config: Config, where: str = "config") -> None:
 
 
 def layout_of(config: Config):
+    """The run's strided block layout (``block_layout.BlockLayout``) from the rollout section."""
+    # torch loads on first use: --help reads this module and needs none
     from ebft_megatron.block_layout import BlockLayout
 
     r = config.rollout

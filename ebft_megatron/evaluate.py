@@ -23,6 +23,9 @@ import json
 import sys
 from pathlib import Path
 
+from ebft_megatron.cli import run_cli
+from ebft_megatron.config import load_config
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m ebft_megatron.evaluate", description=__doc__,
@@ -76,6 +79,7 @@ def parse_args(argv=None):
 def downstream_metrics(args, model, arch, tokenizer, data, items: dict) -> dict:
     """What the flags ask for besides CE and CFM: unit-test pass@k, HumanEval (in context or zero-shot)
     and translation scores; ``items`` gets the per-task values. Collective: every rank calls it."""
+    # torch and megatron load once the arguments are read (see main)
     from ebft_megatron.evaluation import downstream
     from ebft_megatron.evaluation.unit_tests import read_tasks
 
@@ -99,11 +103,11 @@ def downstream_metrics(args, model, arch, tokenizer, data, items: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ebft_megatron.cli import run_cli
 
     def job():
+        # torch and megatron load here, once the arguments are read (--help and a bad flag answer at once)
+        # and after run_cli has quieted megatron's import-time notices
         from ebft_megatron import evaluation
-        from ebft_megatron.config import load_config
         from ebft_megatron.runtime import distributed
         from ebft_megatron.training import builder
 

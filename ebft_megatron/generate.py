@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ebft_megatron.config import RolloutSettings, TrainSettings
+from ebft_megatron.cli import run_cli
+from ebft_megatron.config import RolloutSettings, TrainSettings, load_config
+from ebft_megatron.errors import UsageError
 
 
 def parse_args(argv=None):
@@ -48,14 +50,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ebft_megatron.cli import run_cli
 
     def job():
+        # torch and megatron load here, once the arguments are read (--help and a bad flag answer at once)
+        # and after run_cli has quieted megatron's import-time notices
         import torch
 
         from ebft_megatron.checkpoint import store
-        from ebft_megatron.config import load_config
-        from ebft_megatron.errors import UsageError
         from ebft_megatron.evaluation.completions import complete_ids
         from ebft_megatron.rollouts.sampling import SamplingSettings
         from ebft_megatron.runtime import distributed

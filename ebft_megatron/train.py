@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ebft_megatron.cli import run_cli
+from ebft_megatron.config import load_config, settings_help
+
 
 def parse_args(argv=None):
-    from ebft_megatron.config import settings_help
-
     parser = argparse.ArgumentParser(
         prog="python -m ebft_megatron.train", description=__doc__,
         epilog="settings (section.key = default):" + settings_help(),
@@ -39,20 +40,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ebft_megatron.cli import run_cli
 
     def job():
-        from ebft_megatron.config import load_config
+        # torch and megatron load here, once the arguments are read (--help and a bad flag answer at once)
+        # and after run_cli has quieted megatron's import-time notices
+        from ebft_megatron.runtime import distributed, watchdog
+        from ebft_megatron.training.loop import Trainer
+        from ebft_megatron.training.preflight import check_run
 
         config = load_config(args.config, args.overrides)
         if args.check:
-            from ebft_megatron.training.preflight import check_run
-
             check_run(config, args.gpus)
             return
-        from ebft_megatron.runtime import distributed, watchdog
-        from ebft_megatron.training.loop import Trainer
-
         try:
             Trainer(config).run()
         finally:

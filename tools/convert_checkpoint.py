@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ebft_megatron.config import DTYPES  # noqa: E402  (light: no torch)
+from ebft_megatron.models.architecture import DTYPES  # noqa: E402  (light: no torch)
 
 
 def main(argv=None) -> int:

@@ -17,8 +17,12 @@ from pathlib import Path
 import torch
 
 from ebft_megatron.checkpoint import hf_mapping, store
+from ebft_megatron.checkpoint import lora as lora_checkpoint
 from ebft_megatron.errors import UserError
+from ebft_megatron.models import lora
 from ebft_megatron.models.architecture import ModelConfigError, load_hf_config, torch_dtype
+from ebft_megatron.models.gpt import build_model
+from ebft_megatron.runtime import distributed
 
 
 
@@ -68,9 +72,6 @@ def _refuse_existing(out: Path) -> None:
 
 
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, dtype: str = "float32", log=print) -> Path:
-    from ebft_megatron.models.gpt import build_model
-    from ebft_megatron.runtime import distributed
-
     hf_dir, out = Path(hf_dir), Path(out)
     _refuse_existing(out)
     if not hf_dir.is_dir():
@@ -112,10 +113,6 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, dtype: str = "float32", log
 def _load_merged(ckpt: Path, log=print):
     """(model, architecture, dtype name) of a checkpoint at TP1/PP1; a LoRA checkpoint's adapters
     are merged into its base weights (W + scale * B A), so the model is a plain one."""
-    from ebft_megatron.models import lora
-    from ebft_megatron.models.gpt import build_model
-    from ebft_megatron.runtime import distributed
-
     meta = store.read_meta(ckpt)
     arch = store.architecture_of(ckpt)
     distributed.initialize(1, 1)
@@ -136,8 +133,6 @@ def _load_merged(ckpt: Path, log=print):
 def merge_lora(ckpt: str | Path, out: str | Path, log=print) -> Path:
     """A LoRA checkpoint -> a full checkpoint of the merged weights (W + scale * B A), loadable at
     any TP/PP like a converted one."""
-    from ebft_megatron.models import lora
-
     ckpt, out = Path(ckpt), Path(out)
     _refuse_existing(out)
     if lora_checkpoint.lora_of(ckpt) is None:

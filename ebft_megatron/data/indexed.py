@@ -29,7 +29,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ebft_megatron.data.config import RESPONSE_KINDS, DataConfig
+from ebft_megatron.cli import quiet_imports
+from ebft_megatron.data.config import DataConfig, RESPONSE_KINDS
 from ebft_megatron.data.reading import Progress, open_documents, tokenized_documents
 from ebft_megatron.data.sources import DataError, SkipReport
 from ebft_megatron.runtime import watchdog
@@ -74,8 +75,6 @@ def _all_files(prefix: str | Path) -> list[Path]:
 
 
 def _megatron_indexed():
-    from ebft_megatron.cli import quiet_imports
-
     quiet_imports()  # megatron.core's import-time notices about apex / TE
     from megatron.core.datasets import indexed_dataset
 

@@ -34,6 +34,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ebft_megatron.assets import cache_dir
 from ebft_megatron.data.cache import built_once, file_digest, key_of, say, writable_folder
 from ebft_megatron.data.config import DataConfig
 from ebft_megatron.data.dataset import SplitPlan, check_corpus_tokenizer, require_eos, split_plan
@@ -57,7 +58,6 @@ def cache_folder(config: DataConfig) -> Path:
     """``data.cache_dir``, else $EBFT_CACHE_DIR/data."""
     if config.cache_dir:
         return Path(config.cache_dir)
-    from ebft_megatron.assets import cache_dir
 
     return cache_dir() / "data"
 

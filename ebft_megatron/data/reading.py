@@ -15,12 +15,11 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from ebft_megatron.data.chat import load_chat_template
 from ebft_megatron.data.config import DataConfig
 from ebft_megatron.data.packing import response_start
-from ebft_megatron.data.sources import (
-    DataError, Document, SkipReport, count_records, list_code_files, read_chat, read_code_folder, read_jsonl_pairs,
-    read_translation_pairs, split_hash,
-)
+from ebft_megatron.data.sources import (DataError, Document, SkipReport, count_records, list_code_files, read_chat,
+                                        read_code_folder, read_jsonl_pairs, read_translation_pairs, split_hash)
 
 ENCODE_BATCH_DOCUMENTS = 64  # enough texts per call for the fast tokenizer to amortize its overhead
 
@@ -55,8 +54,6 @@ def open_documents(config: DataConfig, path, report: SkipReport, count_units: bo
 
 def chat_template_of(tokenizer):
     """The chat template in the folder ``tokenizer`` was loaded from."""
-    from ebft_megatron.data.chat import load_chat_template
-
     folder = getattr(tokenizer, "folder", None)
     if folder is None:
         path = getattr(tokenizer, "path", None)

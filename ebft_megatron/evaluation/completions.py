@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ebft_megatron.block_layout import BlockLayout
+from ebft_megatron.data.packing import pack_aligned
 from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
 from ebft_megatron.runtime import device
 
@@ -63,8 +64,6 @@ def complete_in_context(model, tokenizer, documents: list[tuple[str, str]], whic
     memory bandwidth; ``benchmarks/completions.py`` measures the gain).
 
     Raises ValueError when one of the prompts is longer than ``anchor`` tokens."""
-    from ebft_megatron.data.packing import pack_aligned
-
     eos = tokenizer.eos_id
     prompts = [tokenizer.encode(prompt) for prompt, _ in documents]
     responses = [tokenizer.encode(response) for _, response in documents]

@@ -16,7 +16,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from ebft_megatron.evaluation.completions import complete_in_context
+from ebft_megatron.data.sources import SkipReport, read_translation_pairs
+from ebft_megatron.errors import UsageError
+from ebft_megatron.evaluation.completions import complete_in_context, complete_text
+from ebft_megatron.evaluation.humaneval import evaluate_humaneval, load_problems
+from ebft_megatron.evaluation.translation import clean_translation, translation_scores
+from ebft_megatron.evaluation.unit_tests import evaluate_tasks
 from ebft_megatron.rollouts.sampler import SamplingSettings
 
 
@@ -52,8 +57,6 @@ def unit_test_accuracy(model, tokenizer, tasks, settings: DownstreamSettings, vo
                        limit: Optional[int] = None, items: Optional[dict] = None) -> dict:
     """pass@k over the (first ``limit``) tasks whose prompt fits the anchor; an ``items`` dict gets
     each task's pass@k (``unit_tests.evaluate_tasks``)."""
-    from ebft_megatron.evaluation.unit_tests import evaluate_tasks
-
     which = _fitting(tokenizer, [task.prompt for task in tasks], settings.anchor)[:limit]
     completions = _complete(model, tokenizer, [(t.prompt, t.response) for t in tasks], which, settings, vocab_size)
     return evaluate_tasks([tasks[i] for i in which], completions, settings.ks, items=items)
@@ -62,8 +65,6 @@ def unit_test_accuracy(model, tokenizer, tasks, settings: DownstreamSettings, vo
 def humaneval_accuracy(model, tokenizer, settings: DownstreamSettings, vocab_size: int,
                        limit: Optional[int] = None) -> dict:
     """pass@k over the first ``limit`` HumanEval problems whose prompt fits the anchor."""
-    from ebft_megatron.evaluation.humaneval import evaluate_humaneval, load_problems
-
     problems = load_problems()
     which = _fitting(tokenizer, [p.prompt for p in problems], settings.anchor)[:limit]
     completions = _complete(model, tokenizer, [(p.prompt, p.canonical_solution) for p in problems], which,
@@ -80,8 +81,6 @@ def translation_quality(model, tokenizer, documents: Sequence[tuple[str, str]], 
     rendered with the training template, as ``data.sources.read_translation_pairs`` gives it); the
     documents before each prompt, with their targets, are its in-context examples. The translation
     is the completion's first non-empty line."""
-    from ebft_megatron.evaluation.translation import clean_translation, translation_scores
-
     which = _fitting(tokenizer, [prompt for prompt, _ in documents], settings.anchor)[:limit]
     single = replace(settings, samples=1)
     completions = _complete(model, tokenizer, [(prompt, target + "\n") for prompt, target in documents], which,
@@ -95,9 +94,6 @@ def translation_quality(model, tokenizer, documents: Sequence[tuple[str, str]], 
 def humaneval_zero_shot(model, tokenizer, settings: DownstreamSettings, vocab_size: int,
                         limit: Optional[int] = None) -> dict:
     """pass@k over the first ``limit`` HumanEval problems, each prompt completed alone (zero-shot)."""
-    from ebft_megatron.evaluation.completions import complete_text
-    from ebft_megatron.evaluation.humaneval import evaluate_humaneval, load_problems
-
     sampling = SamplingSettings(settings.temperature, settings.top_p)
     generator = torch.Generator().manual_seed(settings.seed)
 
@@ -111,9 +107,6 @@ def humaneval_zero_shot(model, tokenizer, settings: DownstreamSettings, vocab_si
 
 def translation_documents(path, data) -> list[tuple[str, str]]:
     """(prompt, target) pairs of a translation file, rendered with the data settings' template."""
-    from ebft_megatron.data.sources import SkipReport, read_translation_pairs
-    from ebft_megatron.errors import UsageError
-
     if not (data.source_lang.strip() and data.target_lang.strip()):
         raise UsageError("--translation needs data.source_lang and data.target_lang (e.g. data.source_lang=English "
                          "data.target_lang=Spanish), the languages the prompt template names")

@@ -28,13 +28,14 @@ from typing import Callable, Optional
 
 import torch
 
+from ebft_megatron.block_layout import BlockLayout
 from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation.files import atomic_write
+from ebft_megatron.evaluation.plotting import curve_png
 from ebft_megatron.evaluation.sharding import mean_and_error, replica_share
 from ebft_megatron.features.network import FeatureMoments, embed
 from ebft_megatron.objective.rewards import alignment_and_diversity, cfm_loss
-from ebft_megatron.block_layout import BlockLayout
 from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
 from ebft_megatron.runtime import device, watchdog
 from ebft_megatron.runtime.distributed import sum_over_data_parallel
@@ -86,8 +87,6 @@ class FeatureMatchingCurve:
              other_label: str = "before") -> Path:
         """PNG: CFM loss vs completion length (left) and alignment / diversity (right); ``other``
         (e.g. the curve before training) is overlaid dashed."""
-        from ebft_megatron.evaluation.plotting import curve_png
-
         return atomic_write(path, curve_png(self, label, other, other_label))
 
 

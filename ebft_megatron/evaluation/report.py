@@ -16,14 +16,15 @@ from typing import Mapping, NamedTuple, Optional
 
 import torch
 
+from ebft_megatron.block_layout import BlockLayout
+from ebft_megatron.config import layout_of
 from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation.ce import validation_ce
 from ebft_megatron.evaluation.feature_matching import FeatureMatchingCurve, feature_matching_by_length
 from ebft_megatron.evaluation.files import atomic_write
 from ebft_megatron.evaluation.sharding import gather_items, mean_and_error
 from ebft_megatron.evaluation.statistics import NOISE_STANDARD_ERRORS
-from ebft_megatron.block_layout import BlockLayout
-from ebft_megatron.rollouts.sampler import SamplingSettings
+from ebft_megatron.rollouts.sampler import SamplingSettings, rollout_generator
 from ebft_megatron.runtime import distributed
 
 CSV_NAME, PNG_NAME, METRICS_NAME, ITEMS_NAME = "cfm_by_length.csv", "cfm_by_length.png", "metrics.json", "items.json"
@@ -120,9 +121,6 @@ def evaluate(policy, feature_model, layout: BlockLayout, chunks: PackedChunks, v
 def evaluate_run(config, policy, feature_model, chunks: PackedChunks, vocab_size: int, dp_rank: int) -> Evaluation:
     """:func:`evaluate` with a run's settings (``ebft_megatron.config.Config``): what the trainer
     and ``python -m ebft_megatron.evaluate`` both report."""
-    from ebft_megatron.config import layout_of
-    from ebft_megatron.rollouts.sampler import rollout_generator
-
     return evaluate(policy, feature_model, layout_of(config), chunks, vocab_size,
                     SamplingSettings(config.eval.temperature, config.rollout.top_p),
                     rollout_generator(config.train.seed + EVAL_SEED_OFFSET, dp_rank), pooling=config.objective.pooling,

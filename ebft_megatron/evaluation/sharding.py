@@ -13,6 +13,8 @@ import math
 import torch
 
 from ebft_megatron.evaluation.statistics import standard_error_from_sums
+from ebft_megatron.runtime import device
+from ebft_megatron.runtime.distributed import sum_over_data_parallel
 
 
 def _data_parallel() -> tuple[int, int]:
@@ -49,9 +51,6 @@ def gather_items(local: dict[str, dict[str, float]]) -> dict[str, dict[str, floa
 def mean_and_error(values: list[float]) -> tuple[float, float, int]:
     """(mean, standard error of the mean, count) of per-item values (chunks, blocks, differences),
     each replica holding its own share (collective over the data-parallel group)."""
-    from ebft_megatron.runtime import device
-    from ebft_megatron.runtime.distributed import sum_over_data_parallel
-
     local = [math.fsum(values), math.fsum(value * value for value in values), float(len(values))]
     sums = sum_over_data_parallel(torch.tensor(local, dtype=torch.float64, device=device.current()))
     total, squares, count = sums.tolist()

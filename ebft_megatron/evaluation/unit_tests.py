@@ -30,6 +30,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
+from ebft_megatron.evaluation.humaneval import checked_ks, mean_pass_at_k, pass_at_k
 from ebft_megatron.evaluation.sandbox import SandboxLimits, run_python
 from ebft_megatron.evaluation.statistics import standard_error
 
@@ -243,8 +244,6 @@ def evaluate_tasks(tasks: Sequence[Task], completions: Sequence[Sequence[str]], 
     """pass@k (unbiased) and the mean fraction of examples passed, from ``completions[i]``: the
     samples (text after the prompt) for ``tasks[i]``, each cut where its function ends. An ``items``
     dict gets each task's pass@k under ``unit_tests/pass@k``, keyed "module:qualname"."""
-    from ebft_megatron.evaluation.humaneval import checked_ks, mean_pass_at_k, pass_at_k
-
     if len(completions) != len(tasks):
         raise ValueError(f"{len(completions)} completion lists for {len(tasks)} tasks")
     samples = {len(group) for group in completions}

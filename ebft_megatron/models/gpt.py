@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ebft_megatron.models import layers
-from ebft_megatron.models.architecture import ModelArchitecture
+from ebft_megatron.models.architecture import ModelArchitecture, ModelConfigError
 from ebft_megatron.models.attention import BlockCoreAttention
 from ebft_megatron.runtime import device, pipeline
 
@@ -101,8 +101,6 @@ def fp8_overrides(recipe: str) -> dict:
     if recipe == "none":
         return {}
     if not transformer_engine_available():
-        from ebft_megatron.models.architecture import ModelConfigError
-
         where = "no CUDA device is visible" if not torch.cuda.is_available() else "transformer_engine does not import"
         raise ModelConfigError(f"model.fp8={recipe} needs Transformer Engine and a GPU, but {where}; {FP8_INSTALL_HINT}")
     # e4m3 forward and backward for the block-scaled recipes, hybrid (e5m2 gradients) otherwise
@@ -114,8 +112,6 @@ def sequence_parallel_overrides(enabled: bool) -> dict:
     if not enabled:
         return {}
     if not transformer_engine_available():
-        from ebft_megatron.models.architecture import ModelConfigError
-
         raise ModelConfigError("parallel.sequence_parallel=true needs a GPU with Transformer Engine (megatron's "
                                f"CPU/torch norm refuses sequence parallelism); {FP8_INSTALL_HINT}")
     return {"sequence_parallel": True}

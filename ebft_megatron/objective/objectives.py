@@ -22,16 +22,17 @@ from typing import Optional
 
 import torch
 
+from ebft_megatron.block_layout import BlockLayout
+from ebft_megatron.features.network import embed
+from ebft_megatron.models import flops
+from ebft_megatron.models.attention import BlockAttentionParams, packed_attention
 from ebft_megatron.objective import loss as objective_loss
 from ebft_megatron.objective.rewards import RewardSettings, block_rewards, reward_metrics
 from ebft_megatron.objective.rlvr import VerifiableReward, resolve_reward, verifiable_advantages
-from ebft_megatron.block_layout import BlockLayout
+from ebft_megatron.rollouts.sampler import sample_rollouts
 from ebft_megatron.rollouts.sampling import SamplingSettings
+from ebft_megatron.runtime.distributed import once_per_replica
 from ebft_megatron.runtime.timing import PhaseTimer
-from ebft_megatron.models import flops
-
-# The sampler, the feature network and the model's forward params import megatron: they are imported
-# where used, so that the config (which reads the objectives' traits) loads without megatron.
 
 
 @dataclass
@@ -68,8 +69,6 @@ class ObjectiveContext:
 def chunk_inputs(layout: BlockLayout, batch: Batch):
     """(token ids, position ids, forward params, attention mask) of a forward of the chunks alone;
     the model hands back hidden states where it computes log-probs in row chunks."""
-    from ebft_megatron.models.attention import BlockAttentionParams
-
     B, P = batch.chunk.shape
     mask, positions = None, torch.arange(P, device=batch.chunk.device).expand(B, P)
     if batch.doc_ids is not None:  # causal inside each document (megatron: True = masked out)
@@ -80,8 +79,6 @@ def chunk_inputs(layout: BlockLayout, batch: Batch):
 
 def packed_inputs(layout: BlockLayout, batch: Batch, rollout_tokens: torch.Tensor):
     """The same for the chunks with every rollout packed after them (``block_layout``)."""
-    from ebft_megatron.models.attention import packed_attention
-
     tokens = layout.pack(batch.chunk, rollout_tokens)
     params = packed_attention(layout, batch.doc_ids, return_hidden=True)
     return tokens, layout.batch_position_ids(tokens.shape[0], batch.doc_ids), params, None
@@ -162,8 +159,6 @@ class _RolloutObjective(Objective):
                     timer=context.timer)
 
     def rollouts(self, batch: Batch, policy) -> torch.Tensor:
-        from ebft_megatron.rollouts.sampler import sample_rollouts
-
         with self.timer.phase("rollouts"):
             return sample_rollouts(policy, self.layout, batch.chunk, self.vocab_size, self.sampling, self.generator,
                                    doc_ids=batch.doc_ids).tokens
@@ -194,8 +189,6 @@ class EBFT(_RolloutObjective):
                    pooling=config.objective.pooling, **cls._common(config, context))
 
     def experience(self, batch: Batch, policy) -> Experience:
-        from ebft_megatron.features.network import embed
-
         tokens = self.rollouts(batch, policy)
         with self.timer.phase("features"):
             moments = embed(self.feature_model, self.layout, self.layout.pack(batch.chunk, tokens), self.pooling,
@@ -230,8 +223,6 @@ class RLVR(_RolloutObjective):
         return cls(reward=resolve_reward(config.objective.reward, context.tokenizer), **cls._common(config, context))
 
     def experience(self, batch: Batch, policy) -> Experience:
-        from ebft_megatron.runtime.distributed import once_per_replica
-
         tokens = self.rollouts(batch, policy)
         with self.timer.phase("rewards"):
             valid = self.layout.valid_blocks(batch.lengths)

@@ -25,8 +25,11 @@ from typing import Optional
 
 import torch
 
+from ebft_megatron.checkpoint import lora as lora_checkpoint
 from ebft_megatron.checkpoint import store
 from ebft_megatron.checkpoint.store import CheckpointError
+from ebft_megatron.models import lora
+from ebft_megatron.runtime.distributed import parallel_info
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TRAINER_STATE = "trainer_state.json"
@@ -160,8 +163,6 @@ def _gather_rng_by_dp(generator: torch.Generator) -> dict[str, str]:
     """Every DP rank's rollout-generator state (ranks of one model-parallel group share it)."""
     import torch.distributed as dist
 
-    from ebft_megatron.runtime.distributed import parallel_info
-
     mine = (parallel_info().dp_rank, _encode_rng(generator.get_state()))
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -171,8 +172,6 @@ def _gather_rng_by_dp(generator: torch.Generator) -> dict[str, str]:
 def save_training_checkpoint(save_dir, step: int, policy, optimizer, arch, source_checkpoint, trainer_state: dict,
                              generator: torch.Generator, keep_last: int = 0) -> Path:
     """Collective. Writes ``step_NNNNNN`` atomically, then prunes to the ``keep_last`` newest."""
-    from ebft_megatron.models import lora
-
     extra_meta = {"step": step, "kind": "training"}
     if lora.has_adapters(policy):  # the adapters only: the frozen base stays where it is
         model_state = lora.adapter_sharded_state_dict(policy)
@@ -247,8 +246,6 @@ def _unshare_adam_steps(optimizer) -> None:
 
 def _check_same_base(ckpt: Path, policy) -> None:
     """A LoRA checkpoint resumes only onto the base its adapters were trained on."""
-    from ebft_megatron.models import lora
-
     saved, state = lora_checkpoint.lora_of(ckpt), getattr(policy, "lora", None)
     if saved is None or state is None:
         lora_checkpoint.load_adapter_weights(policy, ckpt)  # raises, saying which side has adapters
@@ -261,9 +258,6 @@ def load_training_checkpoint(ckpt: str | Path, policy, optimizer, generator: tor
     """Restore model, optimizer and this DP rank's RNG; returns the trainer state (step, data
     position, schedule) for the caller to restore."""
     from megatron.core import dist_checkpointing
-
-    from ebft_megatron.models import lora
-    from ebft_megatron.runtime.distributed import parallel_info
 
     ckpt = check_resumable(ckpt)
     try:

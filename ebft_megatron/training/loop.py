@@ -12,10 +12,24 @@ from typing import Optional
 
 import torch
 
+from ebft_megatron import evaluation
 from ebft_megatron.config import Config, layout_of
+from ebft_megatron.data.dataset import ChunkLoader, micro_batches
 from ebft_megatron.errors import UserError
+from ebft_megatron.evaluation.files import atomic_write
+from ebft_megatron.evaluation.report import changes
 from ebft_megatron.evaluation.statistics import NOISE_STANDARD_ERRORS
+from ebft_megatron.models import flops
+from ebft_megatron.objective.objectives import Batch, ObjectiveContext, build_objective
+from ebft_megatron.rollouts.sampler import rollout_generator
 from ebft_megatron.runtime import device, distributed
+from ebft_megatron.runtime.timing import PhaseTimer
+from ebft_megatron.runtime.watchdog import Watchdog, default_store
+from ebft_megatron.training import builder
+from ebft_megatron.training.checkpointing import (latest_good_checkpoint, load_training_checkpoint,
+                                                  save_training_checkpoint)
+from ebft_megatron.training.logging import MetricsLogger
+from ebft_megatron.training.step import forward_backward
 
 
 class TrainingAborted(UserError, RuntimeError):
@@ -24,14 +38,6 @@ class TrainingAborted(UserError, RuntimeError):
 
 class Trainer:
     def __init__(self, config: Config, log=None):
-        from ebft_megatron.data.dataset import ChunkLoader
-        from ebft_megatron.objective.objectives import ObjectiveContext, build_objective
-        from ebft_megatron.rollouts.sampler import rollout_generator
-        from ebft_megatron.runtime.timing import PhaseTimer
-        from ebft_megatron.runtime.watchdog import Watchdog, default_store
-        from ebft_megatron.training import builder
-        from ebft_megatron.training.logging import MetricsLogger
-
         self.config = c = config
         self.info = builder.initialize(c)
         self.watchdog = Watchdog(60 * c.train.timeout_minutes, self.info.rank, default_store()).start()
@@ -43,11 +49,7 @@ class Trainer:
         self.layout = layout_of(c)
         self.source = Path(c.model.load)
         self.arch = builder.architecture(c)
-        if c.train.chunks_per_step % (self.info.dp_size * c.train.micro_batch):
-            from ebft_megatron.errors import UsageError
-
-            raise UsageError(f"train.chunks_per_step={c.train.chunks_per_step} must be a multiple of data-parallel "
-                             f"size {self.info.dp_size} x train.micro_batch {c.train.micro_batch}")
+        c.train.check_data_parallel(self.info.dp_size)
 
         # data
         tokenizer = builder.tokenizer(c, self.arch)
@@ -61,7 +63,7 @@ class Trainer:
         # models
         self.policy = builder.policy(c, self.arch)
         self.ddp, self.optimizer = builder.optimizer(c, self.policy)
-        self.scheduler = self._scheduler()
+        self.scheduler = builder.scheduler(c, self.optimizer)
         self.feature_model = builder.feature_network(c, self.policy)
         self.generator = rollout_generator(c.train.seed, self.info.dp_rank)
         self.timer = PhaseTimer()
@@ -76,21 +78,7 @@ class Trainer:
             self._resume()
 
     # --- setup pieces -------------------------------------------------------------------------
-    def _scheduler(self):
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        o, steps = self.config.optimizer, self.config.train.steps
-        warmup = int(round(o.warmup_fraction * steps))
-        return OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if warmup else o.lr, max_lr=o.lr,
-            min_lr=o.min_lr if o.schedule == "cosine" else o.lr, lr_warmup_steps=warmup,
-            lr_decay_steps=max(steps, warmup + 1), lr_decay_style=o.schedule, start_wd=o.weight_decay,
-            end_wd=o.weight_decay, wd_incr_steps=steps, wd_incr_style="constant",
-        )
-
     def _resume(self) -> None:
-        from ebft_megatron.training.checkpointing import latest_good_checkpoint, load_training_checkpoint
-
         ckpt = latest_good_checkpoint(self.config.train.save, log=self.log)
         if ckpt is None:
             return
@@ -103,9 +91,6 @@ class Trainer:
 
     # --- one step -----------------------------------------------------------------------------
     def _micro_batches(self, indices: list[int]):
-        from ebft_megatron.data.dataset import micro_batches
-        from ebft_megatron.objective.objectives import Batch
-
         chunks = self.train_chunks
         for group in micro_batches(indices, self.config.train.micro_batch):
             picked = torch.as_tensor(group, dtype=torch.long)
@@ -118,8 +103,6 @@ class Trainer:
         return not distributed.any_rank(not local)
 
     def train_step(self) -> dict:
-        from ebft_megatron.training.step import forward_backward
-
         c = self.config
         started = time.perf_counter()
         self.watchdog.beat("data", step=self.step + 1)
@@ -159,8 +142,6 @@ class Trainer:
         if torch.cuda.is_available():  # MFU: model FLOPs of the step over what the GPUs could do
             import torch.distributed as dist
 
-            from ebft_megatron.models import flops
-
             per_chunk = self.objective.flops_per_chunk(flops.CostModel.of(self.arch))
             metrics["mfu"] = chunks * per_chunk / elapsed / (dist.get_world_size() * c.train.peak_tflops * 1e12)
         return metrics
@@ -169,8 +150,6 @@ class Trainer:
     def evaluate(self, tag: str) -> dict:
         """Validation CE and the feature-matching curve (CFM vs completion length); the report
         (CSV, PNG, metrics.json, with the first evaluation overlaid) goes to <save>/eval/<tag>."""
-        from ebft_megatron import evaluation
-
         c = self.config
         self.watchdog.beat("evaluation")
         result = evaluation.evaluate_run(c, self.ddp, self.feature_model, self.val_chunks, self.arch.vocab_size,
@@ -187,9 +166,6 @@ class Trainer:
         """One line: the held-out CFM's and CE's changes since the first evaluation, each with its
         standard error (paired over the same blocks or chunks), and whether each is beyond noise
         (more than 2 standard errors); also written to <save>/eval/change.json."""
-        from ebft_megatron.evaluation.files import atomic_write
-        from ebft_megatron.evaluation.report import changes
-
         found = changes(self._first_evaluation, self._last_evaluation)
         units = {"cfm": "blocks", "ce": "chunks"}
         line = "eval change: " + "; ".join(
@@ -203,8 +179,6 @@ class Trainer:
         return line
 
     def save(self) -> Optional[Path]:
-        from ebft_megatron.training.checkpointing import save_training_checkpoint
-
         if not self.config.train.save:
             return None
         self.watchdog.beat("checkpoint")

@@ -49,6 +49,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ebft_megatron.checkpoint import store
+from ebft_megatron.cli import run_cli
+from ebft_megatron.config import ConfigError, layout_of, load_config
+from ebft_megatron.models.architecture import from_hf_config
+
 GIB = 1024 ** 3
 
 
@@ -77,7 +82,8 @@ class StepShape:
     @classmethod
     def of(cls, config, arch, dp: int = 1) -> "StepShape":
         """The step a run of ``config`` on model ``arch`` takes, at ``dp`` data-parallel ranks."""
-        from ebft_megatron.config import layout_of
+        # megatron loads on first use: the memory model is arithmetic, and its command answers --help and
+        # reads a config without it
         from ebft_megatron.objective.objectives import OBJECTIVES
 
         layout = layout_of(config)
@@ -205,8 +211,6 @@ def main(argv=None) -> int:
     import json
     from pathlib import Path
 
-    from ebft_megatron.cli import run_cli
-
     parser = argparse.ArgumentParser(
         prog="python -m ebft_megatron.training.memory",
         description="Estimate the peak memory per GPU (or process) of one training step of a config.")
@@ -218,10 +222,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def run():
-        from ebft_megatron.checkpoint import store
-        from ebft_megatron.config import ConfigError, load_config
-        from ebft_megatron.models.architecture import from_hf_config
-
         config = load_config(args.config, args.overrides)
         if args.architecture:
             path = Path(args.architecture)

@@ -11,17 +11,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
+from torch.distributed.checkpoint import FileSystemReader
+
+from ebft_megatron.checkpoint import lora as lora_checkpoint
+from ebft_megatron.checkpoint import store
 from ebft_megatron.config import Config, layout_of
 from ebft_megatron.errors import UsageError
+from ebft_megatron.objective.objectives import OBJECTIVES
+from ebft_megatron.training import builder, memory
+from ebft_megatron.training.checkpointing import latest_good_checkpoint
 
 
 def check_weights(ckpt: str | Path) -> int:
     """A checkpoint folder is complete: its metadata, and every file its weights' index names, at
     least as large as the index says. Returns the number of weight tensors."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from ebft_megatron.checkpoint import store
-
     store.read_meta(ckpt)
     folder = Path(ckpt) / "model"
     try:
@@ -47,8 +50,6 @@ def check_weights(ckpt: str | Path) -> int:
 def _check_adapters(config: Config, say) -> None:
     """A LoRA checkpoint as ``model.load``: its base checkpoint (present, complete, the one the
     adapters were trained on) and adapter settings that match the lora section."""
-    from ebft_megatron.models import lora
-
     saved = lora_checkpoint.lora_of(config.model.load)
     if saved is None:
         if config.lora.rank:
@@ -64,11 +65,6 @@ def _check_adapters(config: Config, say) -> None:
 def check_run(config: Config, gpus: Optional[int] = None, say: Callable[[str], None] = print) -> None:
     """Everything a launch can know before it starts: raises the first user error, else prints a
     summary. ``gpus``: the job's processes over all nodes (default: tp x pp, i.e. DP 1)."""
-    from ebft_megatron.checkpoint import store
-    from ebft_megatron.objective.objectives import OBJECTIVES
-    from ebft_megatron.training import builder, memory
-    from ebft_megatron.training.checkpointing import latest_good_checkpoint
-
     c = config
     tp, pp = c.parallel.tp, c.parallel.pp
     gpus = gpus or tp * pp
@@ -76,9 +72,7 @@ def check_run(config: Config, gpus: Optional[int] = None, say: Callable[[str], N
         raise UsageError(f"{gpus} processes cannot hold parallel.tp={tp} x parallel.pp={pp}; launch a multiple "
                          f"of {tp * pp}")
     dp = gpus // (tp * pp)
-    if c.train.chunks_per_step % (dp * c.train.micro_batch):
-        raise UsageError(f"train.chunks_per_step={c.train.chunks_per_step} must be a multiple of data-parallel size "
-                         f"{dp} x train.micro_batch {c.train.micro_batch}")
+    c.train.check_data_parallel(dp)
 
     arch = builder.architecture(c)
     tensors = check_weights(c.model.load)
