@@ -162,23 +162,23 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import torch
 
-    from ebft_megatron.checkpoint import store
-    from ebft_megatron.data.tokenizers import Tokenizer
-    from ebft_megatron.models.gpt import build_model
-    from ebft_megatron.block_layout import BlockLayout
-    from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
     from reference_sampler import sample_rollouts_recompute
-    from ebft_megatron.runtime import device, distributed
 
-    ckpt = model_checkpoint(args)
-    distributed.initialize(1, 1, seed=0)
-    arch = store.architecture_of(ckpt)
-    model = build_model(arch)
-    store.load_model_weights(model, ckpt)
+    from ebft_megatron.block_layout import BlockLayout
+    from ebft_megatron.config import load_config
+    from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
+    from ebft_megatron.runtime import device
+    from ebft_megatron.training import builder
+
+    # the policy as a run builds it (the training settings' defaults), in float32
+    config = load_config(None, [f"model.load={model_checkpoint(args)}", "model.dtype=float32", "train.seed=0"])
+    builder.initialize(config)
+    arch = builder.architecture(config)
+    model = builder.policy(config, arch)
     layout = layout_from(args)
     settings = SamplingSettings(temperature=0.6, top_p=1.0)
     # real text: the standard library's own source, in the model's tokenizer
-    ids = text_tokens(Tokenizer(ckpt / "tokenizer"), args.chunks * layout.chunk_len, "json/decoder.py")
+    ids = text_tokens(builder.tokenizer(config, arch), args.chunks * layout.chunk_len, "json/decoder.py")
     chunks = device.to_device(torch.tensor(ids).view(args.chunks, 1, layout.chunk_len))
     gen = torch.Generator().manual_seed(0)  # drawn on the host: the same numbers on every device
     uniforms = device.to_device(

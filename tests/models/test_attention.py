@@ -9,7 +9,7 @@ import torch
 from ebft_megatron.models import attention as attention_module
 from ebft_megatron.models.attention import BlockAttentionParams, BlockCoreAttention, RolloutKVCache
 from ebft_megatron.block_layout import BlockLayout
-from tests.rollouts.test_layout import document_ids_with_every_case, reference_document_mask
+from tests.test_block_layout import document_ids_with_every_case, reference_document_mask
 
 H, HKV, D, B = 4, 2, 16, 2
 TOL = dict(atol=1e-5, rtol=1e-5)

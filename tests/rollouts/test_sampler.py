@@ -102,7 +102,7 @@ def test_engine_with_documents_equals_recompute_and_stays_in_documents(model, na
     """Document masking (reference §1.4): the KV-cached engine draws the same tokens from the same
     logits as the dense recompute, and every logit is that of an independent forward of the
     document of the ground-truth token the drawn token is scored against."""
-    from tests.rollouts.test_layout import document_ids_with_every_case
+    from tests.test_block_layout import document_ids_with_every_case
 
     net, arch = model
     layout = BlockLayout(*EDGE_LAYOUTS[name])
