@@ -1,8 +1,10 @@
 """One way to build what a run needs from its validated config: the parallel groups, the tokenizer,
-the policy, the frozen feature network, the optimizer and its schedule, and the data. The trainer, ``evaluate``,
-``generate`` and the benchmarks all build through here, so a setting (recompute, FP8, sequence
-parallelism, the block attention's kernels, the output layer's row chunks) means the same thing
-everywhere.
+the policy, the frozen feature network, the optimizer and its schedule, and the data. The trainer,
+``evaluate``, ``generate`` and the benchmarks that run a policy all build through here, so a
+setting (recompute, FP8, sequence parallelism, the block attention's kernels, the output layer's
+row chunks) means the same thing everywhere. What builds a model without a run's config: the
+checkpoint converter (one process, TP1/PP1, ``checkpoint.convert``) and the GPU validation's
+kernel and Transformer-Engine-against-local checks, which build single modules on purpose.
 """
 
 from __future__ import annotations
