@@ -16,11 +16,13 @@ import sys
 from ebft_megatron.cli import run_cli
 from ebft_megatron.config import RolloutSettings, TrainSettings, load_config
 from ebft_megatron.errors import UsageError
+from ebft_megatron.settings import default_of
 
 
 def parse_args(argv=None):
     # sampling as the trainer samples rollouts, from the same seed: the settings' own defaults
-    rollout, train = RolloutSettings(), TrainSettings()
+    temperature, top_p = default_of(RolloutSettings, "temperature"), default_of(RolloutSettings, "top_p")
+    seed = default_of(TrainSettings, "seed")
     parser = argparse.ArgumentParser(
         prog="python -m ebft_megatron.generate",
         description=__doc__,
@@ -29,11 +31,11 @@ def parse_args(argv=None):
     parser.add_argument("--load", required=True, help="ebft_megatron checkpoint folder")
     parser.add_argument("--prompt", required=True, help="prompt text (encoded without special tokens)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    parser.add_argument("--temperature", type=float, default=rollout.temperature,
-                        help=f"sampling temperature; 0 = greedy (default {rollout.temperature:g}, rollout.temperature's)")
-    parser.add_argument("--top-p", type=float, default=rollout.top_p,
-                        help=f"nucleus sampling mass (default {rollout.top_p:g}, rollout.top_p's; 1 = off)")
-    parser.add_argument("--seed", type=int, default=train.seed, help=f"sampling seed (default {train.seed}, train.seed's)")
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=f"sampling temperature; 0 = greedy (default {temperature:g}, rollout.temperature's)")
+    parser.add_argument("--top-p", type=float, default=top_p,
+                        help=f"nucleus sampling mass (default {top_p:g}, rollout.top_p's; 1 = off)")
+    parser.add_argument("--seed", type=int, default=seed, help=f"sampling seed (default {seed}, train.seed's)")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size (default 1)")
     parser.add_argument("--no-stop-at-eos", action="store_true", help="keep going after the EOS token")

@@ -206,16 +206,22 @@ def build(cls, values: dict, where: str):
         raise ConfigError(f"{where}: {err}") from None
 
 
+def default_of(cls, name: str) -> Any:
+    """A setting's declared default (None for one without), read without building the section (whose
+    checks may load heavier modules)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
 def help_lines(cls) -> list[str]:
     """``section.key = default`` and the help text of each field, for ``--help``."""
     lines = []
     for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
+        default = default_of(cls, f.name)
         shown = "(required)" if f.metadata.get("required") else repr(default)
         lines.append(f"  {cls.section}.{f.name} = {shown}")
         if f.metadata.get("help"):

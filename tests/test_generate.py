@@ -76,3 +76,16 @@ def test_bad_input_is_one_error_line(tiny_models, tmp_path):
     result = _run("--load", tmp_path / "missing", "--prompt", "x")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'missing'} does not exist"]
+
+
+def test_defaults_are_the_settings_and_read_without_torch():
+    """generate samples as the trainer samples rollouts (the settings' defaults), and reading its
+    arguments loads no torch (--help answers at once)."""
+    from ebft_megatron.config import RolloutSettings, TrainSettings
+
+    probe = ("import sys; from ebft_megatron import generate; "
+             "a = generate.parse_args(['--load', 'x', '--prompt', 'p']); "
+             "print(a.temperature, a.top_p, a.seed, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    rollout, train = RolloutSettings(), TrainSettings()
+    assert out.stdout.split() == [str(rollout.temperature), str(rollout.top_p), str(train.seed), "False"], out.stderr
