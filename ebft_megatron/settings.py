@@ -206,10 +206,7 @@ def build(cls, values: dict, where: str):
         raise ConfigError(f"{where}: {err}") from None
 
 
-def default_of(cls, name: str) -> Any:
-    """A setting's declared default (None for one without), read without building the section (whose
-    checks may load heavier modules)."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+def _declared_default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
@@ -217,11 +214,17 @@ def default_of(cls, name: str) -> Any:
     return None
 
 
+def default_of(cls, name: str) -> Any:
+    """A setting's declared default (None for one without), read without building the section (whose
+    checks may load heavier modules)."""
+    return _declared_default(next(f for f in dataclasses.fields(cls) if f.name == name))
+
+
 def help_lines(cls) -> list[str]:
     """``section.key = default`` and the help text of each field, for ``--help``."""
     lines = []
     for f in dataclasses.fields(cls):
-        default = default_of(cls, f.name)
+        default = _declared_default(f)
         shown = "(required)" if f.metadata.get("required") else repr(default)
         lines.append(f"  {cls.section}.{f.name} = {shown}")
         if f.metadata.get("help"):

@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ebft_megatron.cli import quiet_imports
-from ebft_megatron.data.config import DataConfig, RESPONSE_KINDS
+from ebft_megatron.data.config import RESPONSE_KINDS, DataConfig
 from ebft_megatron.data.reading import Progress, open_documents, tokenized_documents
 from ebft_megatron.data.sources import DataError, SkipReport
 from ebft_megatron.runtime import watchdog

@@ -18,8 +18,10 @@ import numpy as np
 from ebft_megatron.data.chat import load_chat_template
 from ebft_megatron.data.config import DataConfig
 from ebft_megatron.data.packing import response_start
-from ebft_megatron.data.sources import (DataError, Document, SkipReport, count_records, list_code_files, read_chat,
-                                        read_code_folder, read_jsonl_pairs, read_translation_pairs, split_hash)
+from ebft_megatron.data.sources import (
+    DataError, Document, SkipReport, count_records, list_code_files, read_chat, read_code_folder, read_jsonl_pairs,
+    read_translation_pairs, split_hash,
+)
 
 ENCODE_BATCH_DOCUMENTS = 64  # enough texts per call for the fast tokenizer to amortize its overhead
 

@@ -34,7 +34,7 @@ def replica_share(num_chunks: int) -> list[int]:
 def gather_items(local: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """{metric: {item: value}} of every replica's share merged, on every rank (collective over the
     data-parallel group; a Python-object gather, as the values are few and keyed by name)."""
-    rank, size = _data_parallel()
+    _, size = _data_parallel()
     if size == 1:
         return {metric: dict(values) for metric, values in local.items()}
     from megatron.core import parallel_state as ps

@@ -82,8 +82,8 @@ class StepShape:
     @classmethod
     def of(cls, config, arch, dp: int = 1) -> "StepShape":
         """The step a run of ``config`` on model ``arch`` takes, at ``dp`` data-parallel ranks."""
-        # megatron loads on first use: the memory model is arithmetic, and its command answers --help and
-        # reads a config without it
+        # megatron loads on first use: the memory model is arithmetic, and its command answers --help
+        # without it
         from ebft_megatron.objective.objectives import OBJECTIVES
 
         layout = layout_of(config)

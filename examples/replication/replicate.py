@@ -222,7 +222,7 @@ def _difference_error(paired: list, unpaired: list) -> str:
     items' own differences (the mean over seeds) and, as if the two evaluations were independent,
     sqrt(SE_a^2 + SE_b^2); ' (SE u)' where the items were not kept."""
     if paired and all(_number(e) for e in paired) and all(_number(e) for e in unpaired):
-        return f" (SE {statistics.fmean(paired):.4f} paired, {sum(e * e for e in unpaired) ** 0.5:.4f} unpaired)"
+        return f" (SE {statistics.fmean(paired):.4f} paired, {_independent(unpaired):.4f} unpaired)"
     return _error(unpaired)
 
 
@@ -238,7 +238,12 @@ def _error(errors: list) -> str:
     (as if the two evaluations were independent: an upper bound for the same chunks and tasks)."""
     if not errors or not all(_number(e) for e in errors):
         return ""
-    return f" (SE {sum(e * e for e in errors) ** 0.5:.4f})"
+    return f" (SE {_independent(errors):.4f})"
+
+
+def _independent(errors: list) -> float:
+    """sqrt(SE_a^2 + SE_b^2 + ...): the standard error of a sum or difference of independent figures."""
+    return sum(e * e for e in errors) ** 0.5
 
 
 def _number(value) -> bool:
