@@ -206,6 +206,10 @@ def build(cls, values: dict, where: str):
         raise ConfigError(f"{where}: {err}") from None
 
 
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
 def _declared_default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -217,7 +221,20 @@ def _declared_default(f: dataclasses.Field) -> Any:
 def default_of(cls, name: str) -> Any:
     """A setting's declared default (None for one without), read without building the section (whose
     checks may load heavier modules)."""
-    return _declared_default(next(f for f in dataclasses.fields(cls) if f.name == name))
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return _declared_default(f)
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def unknown_and_missing(cls, keys) -> tuple[list, list]:
+    """The keys of a stored object that dataclass ``cls`` does not declare (sorted), and the fields
+    without a default that the keys lack: what a reader of a JSON description checks before
+    ``cls(**data)``."""
+    declared = dataclasses.fields(cls)
+    unknown = sorted(set(keys) - {f.name for f in declared}, key=str)
+    missing = [f.name for f in declared if f.name not in keys and not _has_default(f)]
+    return unknown, missing
 
 
 def help_lines(cls) -> list[str]:

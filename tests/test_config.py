@@ -1,5 +1,6 @@
 """Config loading: YAML + overrides, typed, validated once, with errors that name the setting."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ebft_megatron.config import ConfigError, load_config
+from ebft_megatron.settings import default_of, unknown_and_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,3 +104,20 @@ def test_sequence_parallel_needs_tensor_parallelism_and_transformer_engine():
     if not torch.cuda.is_available():  # CPU (CI): refused with what to install, before any model is built
         with pytest.raises(ModelConfigError, match="sequence_parallel=true needs a GPU with Transformer Engine"):
             sequence_parallel_overrides(True)
+
+
+def test_stored_descriptions_are_checked_against_their_declared_fields():
+    """A stored JSON description is read only when it has no key its dataclass lacks and every field
+    without a default is there; a declared default is read without building the class."""
+    @dataclasses.dataclass
+    class Described:
+        needed: int
+        plain: int = 3
+        listed: list = dataclasses.field(default_factory=lambda: ["a"])
+
+    assert unknown_and_missing(Described, {"needed": 1, "plain": 2}) == ([], [])
+    assert unknown_and_missing(Described, {"zeta": 0, "alpha": 1, "listed": []}) == (["alpha", "zeta"], ["needed"])
+    assert (default_of(Described, "plain"), default_of(Described, "listed"), default_of(Described, "needed")) == \
+        (3, ["a"], None)
+    with pytest.raises(KeyError, match="Described has no field 'absent'"):
+        default_of(Described, "absent")

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     import typing
 
     from ebft_megatron.data.config import DataConfig
-    from ebft_megatron.settings import field_types
+    from ebft_megatron.settings import default_of, field_types
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     fields = {f.name: f for f in dataclasses.fields(DataConfig)}
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif kind is bool:
             parser.add_argument(flag_of(name), action="store_true", help=text)
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = default_of(DataConfig, name)
             if isinstance(default, list):
                 default = ",".join(default)
                 text += " Comma-separated."

@@ -26,6 +26,7 @@ import torch
 
 from ebft_megatron.errors import UserError
 from ebft_megatron.models.architecture import Llama3RopeScaling, ModelArchitecture
+from ebft_megatron.settings import unknown_and_missing
 
 FORMAT = "ebft_megatron.checkpoint"
 VERSION = 1
@@ -144,10 +145,7 @@ def _check_keys(cls, data, where: str) -> None:
     """``data`` is an object with the fields of the dataclass ``cls``: no unknown ones, none missing."""
     if not isinstance(data, dict):
         raise CheckpointError(f"{where} is {data!r}, not an object; convert the checkpoint again")
-    fields = dataclasses.fields(cls)
-    unknown = sorted(set(data) - {f.name for f in fields})
-    missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    unknown, missing = unknown_and_missing(cls, data)
     if unknown or missing:
         problems = [f"unknown key(s) {unknown}"] if unknown else []
         problems += [f"missing key(s) {missing}"] if missing else []

@@ -23,7 +23,7 @@ import os
 import struct
 import tokenize
 from array import array
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -34,6 +34,7 @@ from ebft_megatron.data.config import RESPONSE_KINDS, DataConfig
 from ebft_megatron.data.reading import Progress, open_documents, tokenized_documents
 from ebft_megatron.data.sources import DataError, SkipReport
 from ebft_megatron.runtime import watchdog
+from ebft_megatron.settings import unknown_and_missing
 
 FORMAT = "ebft_megatron.indexed/1"
 SUFFIXES = (".bin", ".idx", ".keys.npy", ".json")  # in commit order: the JSON marks completion
@@ -203,9 +204,7 @@ def read_info(prefix: str | Path) -> IndexedCorpusInfo:
     if not isinstance(raw, dict):
         raise DataError(f"{meta_path}: not an ebft_megatron corpus description (a JSON {type(raw).__name__}, not an "
                         "object); prepare it again")
-    declared = fields(IndexedCorpusInfo)
-    unknown = sorted(set(raw) - {f.name for f in declared})
-    missing = [f.name for f in declared if f.name not in raw and f.default is MISSING and f.default_factory is MISSING]
+    unknown, missing = unknown_and_missing(IndexedCorpusInfo, raw)
     if unknown or missing:
         raise DataError(f"{meta_path}: not an ebft_megatron corpus description (unknown keys {unknown}, missing keys "
                         f"{missing}); prepare it again")
