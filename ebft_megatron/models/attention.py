@@ -196,8 +196,7 @@ def decode_tiles(layout: BlockLayout, tile_rows: int, dtype, device, doc_ids=Non
         if doc_ids is not None:
             visible = layout.prefix_visibility(start, stop, key_len, doc_ids.to(device))[:, :, step]
             visible = visible.repeat_interleave(n, dim=1)[:, None]  # [B, 1, rows, key_len]
-            blind = ~visible.any(dim=-1)
-            blind = blind if blind.any() else None
+            blind = kernels.blind_rows(visible)
             mask = kernels.prepare_mask(visible, dtype)
         elif stop - start > 1:
             visible = layout.prefix_visibility(start, stop, key_len)[:, 0].to(device)  # [blocks, key_len]
@@ -284,7 +283,7 @@ def _shared_prefix(query, chunk_k, chunk_v, tiles, scale):
 def _document_prefix(query, chunk_k, chunk_v, tiles, scale):
     """Prefix tiles with per-chunk masks (document masking) -> as :func:`_shared_prefix`. Rows that
     see no key of a tile get output 0 and log-sum-exp -inf, so the merge takes their own part only
-    (the CPU kernel would report log-sum-exp 0 for them)."""
+    (their mask leaves them open: no kernel gets a row without keys)."""
     R, B, H, d = query.shape
     Hkv = chunk_k.shape[1]
     q_rows = query.permute(1, 2, 0, 3)  # [B, H, R, d]

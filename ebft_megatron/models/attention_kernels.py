@@ -33,10 +33,35 @@ _cpu_backward = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_back
 _cuda_forward = getattr(_aten, "_scaled_dot_product_efficient_attention", None)
 _cuda_backward = getattr(_aten, "_scaled_dot_product_efficient_attention_backward", None)
 
-# The CUDA memory-efficient kernel reads masks whose row stride is a multiple of 16 elements, and
-# pads its log-sum-exp rows to a multiple of 32.
-_CUDA_MASK_ALIGNMENT = 16
+# What the CUDA operators assume of what they are handed (PyTorch's aten/src/ATen/native/
+# transformers/cuda/attention.cu, attention_backward.cu and mem_eff_attention/kernel_forward.h,
+# kernel_backward.h; the same from torch 2.3 through 2.13). Operands arrive as [B, H, L, d] and are
+# read as [B, L, H, d]:
+# - q, k, v: the last dimension contiguous; batch, row and head strides are passed to the kernel
+#   and must be multiples of 128 bits (8 bf16/fp16 or 4 fp32 elements), as must the data pointer;
+#   key heads equal to query heads.
+# - out, in the backward: only its batch and head strides are passed. In half precision the kernel
+#   computes Delta = rowsum(dO * O) itself and takes O's row stride to be H * d
+#   (``Params::o_strideM()``), so ``out`` must be laid out dense as [B, L, H, d]; any other view
+#   (rows of a [S, B, H, d] tensor at B > 1) is read from the wrong rows and past its end.
+#   grad_out is copied to that layout by the operator itself.
+# - logsumexp, in the backward: fp32, contiguous [B, H, L padded to a multiple of 32]; the kernel
+#   reads the padding too, which the forward fills with +inf (no probability for padded rows).
+# - the bias: the query's dtype, shape [B, H, Lq, Lk] (stride 0 allowed), last dimension contiguous,
+#   its other strides multiples of 128 bits; the operator does not pad it.
+# - a query row whose keys are all masked gives NaN (its output is 0 * inf; the backward's
+#   exp(score - lse) then spreads NaN over the whole head), and masked scores are multiplied by
+#   log2(e) in fp32 inside the kernel, where the dtype's lowest value overflows to -inf.
+_CUDA_MASK_ALIGNMENT = 16  # bias rows: 16 elements covers 128 bits of every dtype
 _CUDA_LSE_ALIGNMENT = 32
+
+
+def masked_value(dtype: torch.dtype) -> float:
+    """The additive mask's value for a hidden key: finite (the kernels' maxima and sums stay
+    defined) and still finite after the CUDA kernel scales it by log2(e) in fp32, so half the
+    dtype's lowest value, not the lowest (which the authors' code and Axolotl use with dense
+    attention, and which overflows to -inf there)."""
+    return torch.finfo(dtype).min / 2
 
 
 def _kernel_type(device: torch.device) -> str:
@@ -56,13 +81,25 @@ def available(device: torch.device) -> bool:
 
 def prepare_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bool visibility (True = may attend), [..., rows, keys] -> the additive mask the kernels
-    take on this device (0 where visible, -inf where not). On CUDA the rows are stored with an
-    aligned stride; the returned tensor is a view of the visible width."""
+    take on this device (0 where visible, :func:`masked_value` where not). On CUDA the rows are
+    stored with an aligned stride; the returned tensor is a view of the visible width.
+
+    A row without any visible key is left open (every key visible): no kernel is handed a row
+    without a visible key (see above). The caller discards such rows (:func:`blind_rows`): their
+    output and log-sum-exp are overwritten, and their output gradient is zero in the backward."""
     keys = allowed.shape[-1]
     pad = 0 if _uses_cpu_kernels(allowed) else (-keys) % _CUDA_MASK_ALIGNMENT
     mask = torch.zeros(*allowed.shape[:-1], keys + pad, dtype=dtype, device=allowed.device)
-    mask[..., :keys].masked_fill_(~allowed, float("-inf"))
+    hidden = ~allowed & allowed.any(dim=-1, keepdim=True)
+    mask[..., :keys].masked_fill_(hidden, masked_value(dtype))
     return mask[..., :keys]
+
+
+def blind_rows(allowed: torch.Tensor):
+    """Bool [..., rows]: the rows of ``allowed`` [..., rows, keys] that see no key, or None when
+    there are none (decided once, where masks are prepared)."""
+    blind = ~allowed.any(dim=-1)
+    return blind if bool(blind.any()) else None
 
 
 def _expand_heads(x, heads: int):
@@ -98,17 +135,24 @@ def attend(q, k, v, scale: float, mask=None, causal: bool = False):
     return out, lse[..., : q.shape[2]]
 
 
+def _rows_dense(x):
+    """[B, H, L, d] -> the same values laid out dense as [B, L, H, d] (a view of it; no copy when
+    they already are)."""
+    rows = x.transpose(1, 2)
+    return x if rows.is_contiguous() else rows.contiguous().transpose(1, 2)
+
+
 def attend_backward(grad_out, q, k, v, out, lse, scale: float, mask=None, causal: bool = False):
     """-> (dq, dk, dv) of this key part, given the merged ``out`` and ``lse`` of all parts."""
     if _uses_cpu_kernels(q):
         return _cpu_backward(grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
     rows = lse.shape[-1]
-    padded = torch.nn.functional.pad(lse, (0, (-rows) % _CUDA_LSE_ALIGNMENT)).contiguous()
+    padded = torch.nn.functional.pad(lse, (0, (-rows) % _CUDA_LSE_ALIGNMENT), value=float("inf")).contiguous()
     unused = torch.zeros((), dtype=torch.long)  # dropout's RNG seed and offset (no dropout): defined values
     key_heads = k.shape[1]
     k, v = _expand_heads(k, q.shape[1]), _expand_heads(v, q.shape[1])
     dq, dk, dv, _ = _cuda_backward(
-        grad_out, q, k, v, _cuda_bias(mask, q, k), out, padded, unused, unused, 0.0,
+        grad_out, q, k, v, _cuda_bias(mask, q, k), _rows_dense(out), padded, unused, unused, 0.0,
         [True, True, True, False], causal, scale=scale,
     )
     return dq, _sum_heads(dk, key_heads), _sum_heads(dv, key_heads)

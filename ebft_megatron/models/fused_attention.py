@@ -7,9 +7,10 @@ A packed sequence holds the chunk (P rows) and then every rollout token (R = NB*
   (``BlockLayout.prefix_tiles``) with the staircase inside a tile masked;
 - rollout rows against the earlier tokens of their own (block, sample), causally.
 With document masking (``doc_ids``) each part gets a per-chunk mask from the layout; a rollout
-step whose document starts at or after its anchor then sees no prefix key at all, so its prefix
-part is emptied explicitly (output 0, log-sum-exp -inf) rather than trusting what a kernel returns
-for a row without keys (torch's CPU kernel gives log-sum-exp 0 there).
+step whose document starts at or after its anchor then sees no prefix key at all. No kernel is
+handed such a row (``attention_kernels.prepare_mask`` leaves it open: the CUDA kernel gives NaN
+for a row without keys, the CPU one log-sum-exp 0); its prefix part is emptied explicitly instead
+(output 0, log-sum-exp -inf), and its output gradient is zero in that part's backward.
 Each part is one fused kernel call (``attention_kernels``) that returns its output and row
 log-sum-exp; a rollout row's two parts are merged exactly through their log-sum-exps. Backward
 calls each part's backward kernel with the merged output and log-sum-exp, which gives that part's
@@ -55,8 +56,7 @@ def packed_masks(layout: BlockLayout, tile_blocks: int, dtype, device,
             visible = layout.rollout_rows(layout.prefix_visibility(first, stop, key_len, docs)).to(device)
             if docs is not None:
                 visible = visible[:, None]  # [B, 1, rows, key_len]: the same for every head
-                blind = ~visible.any(dim=-1)
-                blind = blind if blind.any() else None
+                blind = kernels.blind_rows(visible)
             mask = kernels.prepare_mask(visible, dtype)
         tiles.append((first * rows_per_block, stop * rows_per_block, key_len, mask, blind))
     chunk = own = None
@@ -85,7 +85,9 @@ def _bhld(x: torch.Tensor) -> torch.Tensor:
 
 class _OwnRows:
     """Rollout rows [R, B, H, ...] <-> one kernel batch entry per (block, sample, batch):
-    [NB*n*B, H, G, ...], where each entry attends causally within its own G tokens."""
+    [NB*n*B, H, G, ...], where each entry attends causally within its own G tokens. The entries
+    are views of a dense [NB*n*B, G, H, ...] tensor: the layout the CUDA kernels read (see
+    ``attention_kernels``)."""
 
     def __init__(self, layout: BlockLayout, batch: int):
         self.blocks, self.G, self.B = layout.num_blocks * layout.num_samples, layout.rollout_len, batch
@@ -93,13 +95,13 @@ class _OwnRows:
     def to_entries(self, x: torch.Tensor) -> torch.Tensor:
         R, B, H = x.shape[:3]
         tail = x.shape[3:]
-        x = x.view(self.blocks, self.G, B, H, *tail).transpose(1, 3).transpose(1, 2)  # [NB*n, B, H, G, ...]
-        return x.reshape(self.blocks * B, H, self.G, *tail)
+        x = x.view(self.blocks, self.G, B, H, *tail).transpose(1, 2)  # [NB*n, B, G, H, ...]
+        return x.reshape(self.blocks * B, self.G, H, *tail).transpose(1, 2)
 
     def from_entries(self, x: torch.Tensor) -> torch.Tensor:
         H = x.shape[1]
         tail = x.shape[3:]
-        x = x.view(self.blocks, self.B, H, self.G, *tail).transpose(1, 2).transpose(1, 3)  # [NB*n, G, B, H, ...]
+        x = x.transpose(1, 2).reshape(self.blocks, self.B, self.G, H, *tail).transpose(1, 2)  # [NB*n, G, B, H, ...]
         return x.reshape(self.blocks * self.G, self.B, H, *tail)
 
 
@@ -170,10 +172,13 @@ class PackedBlockAttention(torch.autograd.Function):
             chunk_dk, chunk_dv = chunk_dk.contiguous(), chunk_dv.contiguous()
 
         lse_rows = rollout_lse.permute(1, 2, 0)  # [B, H, R]
-        for first, stop, key_len, mask, _ in masks.tiles:
+        for first, stop, key_len, mask, blind in masks.tiles:
             rows = slice(P + first, P + stop)
+            tile_grad = g[:, :, rows]
+            if blind is not None:  # rows the forward emptied: this part has no share of their gradient
+                tile_grad = tile_grad.masked_fill(blind[..., None], 0.0)
             dq, dk, dv = kernels.attend_backward(
-                g[:, :, rows], q[:, :, rows], k[:, :, :key_len], v[:, :, :key_len], o[:, :, rows],
+                tile_grad, q[:, :, rows], k[:, :, :key_len], v[:, :, :key_len], o[:, :, rows],
                 lse_rows[:, :, first:stop].contiguous(), scale, mask,
             )
             d_query[rows] = dq.permute(2, 0, 1, 3)
