@@ -13,8 +13,9 @@ Stages (--stages; default all), each written to OUT/gpu_validation.json as soon 
                    checkpoint (nothing is downloaded; reused from OUT when it is there);
   block_attention  the packed block attention on the device: the fused kernels (on CUDA torch's
                    memory-efficient attention operators) against the dense masked reference, forward
-                   and backward, in fp32 and bf16: the largest differences, the time and (on CUDA)
-                   the peak memory of each;
+                   and backward, in fp32 and bf16, at micro-batches 1 and 2: the largest
+                   differences, whether every value is finite, the time and (on CUDA) the peak
+                   memory of each;
   te_vs_local      TE-spec against local-spec logits on the same weights and chunk, in bf16 (needs TE);
   sft, ebft        short runs of the real trainer on standard-library code, in bf16 and (with TE) in
                    FP8 with --fp8-recipe, each for --steps steps: loss first -> last, median step
@@ -142,10 +143,12 @@ def check_block_attention(chunk_len: int, shape: str) -> dict:
     dense_mask = ~layout.dense_attention_mask()[None, None]  # megatron: True = masked out
     result = {"layout": [layout.chunk_len, layout.first_anchor, layout.stride, layout.rollout_len,
                          layout.num_samples], "heads": [heads, kv_heads, head_dim], "device": str(where)}
-    for dtype in (torch.float32, torch.bfloat16):
+    # micro-batch 2 as well: the CUDA kernels' layout contract only shows at B > 1 (the backward's
+    # Delta, computed inside the kernel in half precision, reads the output with an assumed row stride)
+    for dtype, batch in ((torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 2), (torch.bfloat16, 2)):
         gen = torch.Generator().manual_seed(0)  # drawn on the host: the same numbers on every device
-        inputs = [torch.randn(S, 1, h, head_dim, generator=gen).to(where, dtype) for h in (heads, kv_heads, kv_heads)]
-        upstream = torch.randn(S, 1, heads * head_dim, generator=gen).to(where, dtype)
+        inputs = [torch.randn(S, batch, h, head_dim, generator=gen).to(where, dtype) for h in (heads, kv_heads, kv_heads)]
+        upstream = torch.randn(S, batch, heads * head_dim, generator=gen).to(where, dtype)
         runs = {}
         for path in ("dense", "fused"):
             q, k, v = (x.clone().requires_grad_(True) for x in inputs)
@@ -161,8 +164,8 @@ def check_block_attention(chunk_len: int, shape: str) -> dict:
             runs[path] = {"seconds": device_clock() - started, "values": [out.detach(), q.grad, k.grad, v.grad]}
             if torch.cuda.is_available():
                 runs[path]["peak_mib"] = (peak_gpu_bytes() - before) / 2 ** 20
-        label = "float32" if dtype == torch.float32 else "bfloat16"
-        entry = {}
+        label = ("float32" if dtype == torch.float32 else "bfloat16") + ("" if batch == 1 else f"_micro_batch_{batch}")
+        entry = {"finite": all(bool(torch.isfinite(x).all()) for x in runs["fused"]["values"])}
         for name, fused, dense in zip(("out", "dq", "dk", "dv"), runs["fused"]["values"], runs["dense"]["values"]):
             entry[f"{name}_max_rel_diff"] = float((fused.float() - dense.float()).abs().max() / dense.float().abs().max())
         for path in ("dense", "fused"):

@@ -33,8 +33,10 @@ def test_every_stage_reports_a_figure(tmp_path):
     attention = figures["block_attention"]
     assert attention["device"] == "cuda:0"  # the guard's emulated GPU: the run's device
     for name in ("out", "dq", "dk", "dv"):  # the fused kernels against the dense reference
-        assert attention["float32"][f"{name}_max_rel_diff"] < 1e-5
-        assert attention["bfloat16"][f"{name}_max_rel_diff"] < 5e-2
+        for batch in ("", "_micro_batch_2"):
+            assert attention[f"float32{batch}"][f"{name}_max_rel_diff"] < 1e-5
+            assert attention[f"bfloat16{batch}"][f"{name}_max_rel_diff"] < 5e-2
+    assert attention["bfloat16_micro_batch_2"]["finite"] is True
     for mode in ("sft", "ebft"):
         run = figures[f"{mode}_float32"]
         assert run["step_time_s"] > 0 and run["tokens_per_s"] > 0

@@ -159,8 +159,7 @@ class PackedBlockAttention(torch.autograd.Function):
         g, o = _bhld(grad), _bhld(out)
 
         # zeroed, not empty: on CUDA a reused block holds an earlier step's values, and a row the
-        # parts below leave unwritten must not carry them (bf16 EBFT steps on an H200 went
-        # non-finite from the second step on with uninitialised gradients)
+        # parts below were ever to leave unwritten must not carry them
         d_query = torch.zeros_like(query)
         d_key = torch.zeros_like(key)
         d_value = torch.zeros_like(value)
