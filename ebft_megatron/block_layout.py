@@ -114,8 +114,14 @@ class BlockLayout:
 
     # --- index maps -------------------------------------------------------------------------
     @cached_property
+    def anchors(self) -> tuple[int, ...]:
+        """a_b = C + b*s as Python ints: what host code loops and slices by (reading them from
+        :attr:`anchor_positions` on a GPU would wait for the device)."""
+        return tuple(range(self.first_anchor, self.first_anchor + self.stride * self.num_blocks, self.stride))
+
+    @cached_property
     def anchor_positions(self) -> torch.Tensor:
-        """[NB] a_b = C + b*s."""
+        """[NB] a_b = C + b*s, on the run's device."""
         return self.first_anchor + self.stride * torch.arange(self.num_blocks, device=device.current())
 
     def rollout_index(self, block, sample, step):

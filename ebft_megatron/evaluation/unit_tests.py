@@ -210,7 +210,7 @@ class UnitTestReward:
         B, NB, n, _ = rollout_tokens.shape
         jobs, where = [], []
         for row in range(B):
-            for block, anchor in enumerate(layout.anchor_positions.tolist()):
+            for block, anchor in enumerate(layout.anchors):
                 prefix = chunk[row, max(0, anchor - self.prompt_tokens):anchor].tolist()
                 if self.eos_id in prefix:  # the prompt is the document after the last EOS (its header first)
                     prefix = prefix[len(prefix) - prefix[::-1].index(self.eos_id):]

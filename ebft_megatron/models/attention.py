@@ -29,12 +29,13 @@ every path: the prefill masks the chunk per document, a decode step sees the pre
 of the document of the ground-truth token it is scored against, and the packed mode uses the
 layout's per-chunk masks (fused) or its dense mask (generic).
 
-Decode steps under no-grad on CPU take a fused path (:func:`decode_attention`): torch's CPU
-flash-attention kernel returns each row's log-sum-exp next to its output, so the prefix
-attention (per tile, staircase as a cached additive mask) and the own-block attention run as two
-kernels that never write their score matrices to memory, and are merged exactly by their
-log-sum-exps. The score copies, concatenation and masking of the generic path cost more than
-its matmuls at decode shapes (a few query rows per block against up to P keys).
+Decode steps under no-grad take a fused path on every device (:func:`decode_attention`): per layer
+one kernel call attends every (block, sample) row to the cached chunk keys, read in place, under
+a mask built once per generation, and one call attends each row to its own block's slots; the
+two are merged exactly through the log-sum-exps the kernels return (``attention_kernels``: on
+CUDA torch's memory-efficient attention, on CPU its flash attention). A step's shapes, masks and
+buffers are the same at every step, and nothing in it waits for the device: on a GPU a decode
+step costs its kernel launches, so it is a few large calls, not a loop over tiles of blocks.
 """
 
 from __future__ import annotations
@@ -56,11 +57,6 @@ from ebft_megatron.block_layout import BlockLayout
 # the wasted work per query is about (TILE_BLOCKS - 1) * stride / 2 keys out of an average P / 2.
 TILE_BLOCKS = 8
 
-# Decode fast path: (block, sample) query rows per prefix tile (each row carries the query heads of
-# one KV head in the kernel's batch dimension). Fewer rows waste less of the staircase; more rows
-# mean fewer kernel calls and larger matmuls inside the kernel. 64 was fastest at P=1024, n=4.
-DECODE_TILE_ROWS = 64
-
 IMPLEMENTATIONS = ("fused", "generic")
 
 
@@ -73,10 +69,9 @@ class RolloutKVCache:
     """
 
     layers: dict = field(default_factory=dict)
-    # decode fast path: (prefix tiles with their additive staircase masks, own-block mask), built at
-    # the first decode call and reused by every layer and step (key: layout, dtype, device; and the
-    # step under document masking, where what a step sees depends on it)
-    decode_tiles: dict = field(default_factory=dict)
+    # the decode steps' masks (:class:`DecodeMasks`), built at a step's first layer and reused by
+    # the others (key: layout, dtype, device, step)
+    decode_masks: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -162,7 +157,7 @@ def rollout_attention(q, k_prefix, v_prefix, k_own, v_own, anchors, own_allowed,
             q[:, :, start:stop].reshape(B, Hkv, rows, d), k_prefix[:, :, :key_len].transpose(-1, -2)
         ).view(B, Hkv, blocks, rep, n, Gq, key_len)
         if prefix_visible is None:
-            tile_anchors = torch.as_tensor(anchors[start:stop], device=q.device)
+            tile_anchors = torch.tensor(anchors[start:stop]).to(q.device)  # host ints: the generic path only
             hidden = (positions[None, :key_len] >= tile_anchors[:, None])[:, None, None, None, :]  # [blocks, key_len]
         else:  # a row may see no key here; the softmax below also covers its own keys, itself included
             hidden = ~prefix_visible(start, stop, key_len)[:, None, :, None, None]
@@ -176,129 +171,75 @@ def rollout_attention(q, k_prefix, v_prefix, k_own, v_own, anchors, own_allowed,
     return torch.cat(outputs, dim=2)
 
 
-def decode_tiles(layout: BlockLayout, tile_rows: int, dtype, device, doc_ids=None, step: int = 0):
-    """Prefix tiles for :func:`decode_attention`: (first row, end row, key_len, additive mask, blind).
+@dataclass
+class DecodeMasks:
+    """The additive masks of a generation's decode steps, shared by every layer.
 
-    Rows are (block, sample) pairs in block-major order; a tile of whole blocks sees keys
-    [0, a_last) and its mask [rows, key_len] hides what ``BlockLayout.prefix_visibility`` hides
-    (None when the tile holds a single block, which needs no mask). Every decode step sees the
-    same prefix, so the tiles are built once per layout.
+    ``prefix`` [rows, P] (or [B, 1, rows, P] under document masking) hides what
+    ``BlockLayout.prefix_visibility`` hides; its rows are (block, sample, query head of a KV group)
+    as :func:`decode_attention` folds them. ``own[t]`` [1, 1, 1, G] (or [NB*n*B, 1, 1, G]) shows
+    step t the slots of its own block that hold its tokens so far. Without documents one set
+    serves every step; under document masking what a step sees of the prefix depends on the step,
+    so each step has its own set, and ``prefix_blind`` [B, 1, rows] marks the rows that see no
+    prefix key (their prefix part is emptied)."""
 
-    With ``doc_ids`` [B, P] (document masking) the masks are [B, 1, rows, key_len] and hold for
-    rollout step ``step`` only; ``blind`` [B, 1, rows] marks the rows that see no key of the tile
-    (None when there are none, and always None without documents).
-    """
-    n = layout.num_samples
-    tiles = []
-    for start, stop in layout.prefix_tiles(max(1, tile_rows // n)):
-        key_len = int(layout.anchor_positions[stop - 1])
-        mask = blind = None
-        if doc_ids is not None:
-            visible = layout.prefix_visibility(start, stop, key_len, doc_ids.to(device))[:, :, step]
-            visible = visible.repeat_interleave(n, dim=1)[:, None]  # [B, 1, rows, key_len]
-            blind = kernels.blind_rows(visible)
-            mask = kernels.prepare_mask(visible, dtype)
-        elif stop - start > 1:
-            visible = layout.prefix_visibility(start, stop, key_len)[:, 0].to(device)  # [blocks, key_len]
-            mask = kernels.prepare_mask(visible.repeat_interleave(n, dim=0), dtype)
-        tiles.append((start * n, stop * n, key_len, mask, blind))
-    return tiles
+    prefix: torch.Tensor
+    own: torch.Tensor
+    prefix_blind: Optional[torch.Tensor] = None
 
 
-def decode_own_mask(layout: BlockLayout, doc_ids, step: int, dtype, device):
-    """Document masking: the additive mask [NB*n*B, 1, 1, step + 1] of a decode step's own keys,
-    rows in (block, sample, batch) order as :func:`decode_attention` takes them; None when every
-    row sees all its earlier tokens."""
-    visible = layout.own_visibility(doc_ids=doc_ids.to(device))[:, :, step, : step + 1]  # [B, NB, step+1]
-    if bool(visible.all()):
-        return None
-    B, NB = visible.shape[:2]
-    rows = visible.transpose(0, 1).unsqueeze(1).expand(NB, layout.num_samples, B, step + 1)
-    return kernels.prepare_mask(rows.reshape(-1, 1, 1, step + 1), dtype)
+def decode_masks(layout: BlockLayout, query_groups: int, dtype, device,
+                 doc_ids: Optional[torch.Tensor] = None, step: int = 0) -> DecodeMasks:
+    """The decode masks for queries with ``query_groups`` query heads per KV head: for every step,
+    or with ``doc_ids`` [B, P] (document masking) for step ``step``'s prefix."""
+    NB, n, P = layout.num_blocks, layout.num_samples, layout.chunk_len
+    rows_per_block = n * query_groups
+    if doc_ids is None:
+        prefix = layout.prefix_visibility(0, NB, P)[:, 0].to(device)  # [NB, P]
+        own = kernels.prepare_mask(layout.own_visibility(device), dtype)  # [G, G]: step t sees slots <= t
+        return DecodeMasks(kernels.prepare_mask(prefix.repeat_interleave(rows_per_block, dim=0), dtype),
+                           own[:, None, None, None])
+    docs = doc_ids.to(device)
+    prefix = layout.prefix_visibility(0, NB, P, docs)[:, :, step]  # [B, NB, P]
+    prefix = prefix.repeat_interleave(rows_per_block, dim=1)[:, None]  # [B, 1, rows, P]
+    own = layout.own_visibility(doc_ids=docs)  # [B, NB, G, G]: slots <= t in the same document
+    B, G = own.shape[0], own.shape[-1]
+    own = own.permute(2, 1, 0, 3).unsqueeze(2).expand(G, NB, n, B, G).reshape(G, NB * n * B, 1, 1, G)
+    return DecodeMasks(kernels.prepare_mask(prefix, dtype), kernels.prepare_mask(own, dtype),
+                       kernels.blind_rows(prefix))
 
 
-def decode_attention(query, chunk_k, chunk_v, own_k, own_v, tiles, scale, own_mask=None, per_chunk=False):
-    """One decode step of real-pair attention, no grad, on the CPU flash kernel.
+def decode_attention(query, chunk_k, chunk_v, own_k, own_v, own_mask, masks: DecodeMasks, scale):
+    """One decode step of real-pair attention, no grad: two fused kernel calls for all blocks,
+    samples and chunks, merged exactly through their log-sum-exps.
 
     query:    [R, B, H, d]          R = NB*n rows in (block, sample) order (as megatron hands them)
-    chunk_k:  [B, Hkv, P, d]        cached chunk keys/values (after RoPE)
-    own_k:    [R, B, Hkv, T, d]     each row's own rollout keys so far (the current one included)
-    tiles:    :func:`decode_tiles`
-    own_mask: None, or (document masking) :func:`decode_own_mask`
-    per_chunk: the tiles were built with document ids (per-chunk masks)
+    chunk_k:  [B, Hkv, P, d]        cached chunk keys/values (after RoPE), read in place
+    own_k:    [R*B, Hkv, G, d]      every row's own rollout slots, unwritten ones zero
+    own_mask: ``DecodeMasks.own[step]``
+    masks:    :func:`decode_masks`
     returns   [R, B, H*d]
 
-    The own-block attention and each prefix tile give an output and its row log-sum-exp; the
-    exact merge of two softmax-weighted averages over disjoint key sets is
+    The own call takes the rows as its batch. The prefix call folds the query heads of a KV head
+    into its rows, so the chunk keys are neither copied nor expanded per head. The exact merge of
+    two softmax-weighted averages over disjoint key sets is
     out = out_own + sigmoid(lse_prefix - lse_own) * (out_prefix - out_own), one in-place lerp.
-    Nothing is copied on the way in: the own call takes the rows as its batch; the prefix calls
-    take the query heads of a KV head as their batch, against the same keys expanded with stride 0,
-    so the kernel's rows are the (block, sample) pairs of one query head. Under document masking
-    the prefix masks differ per chunk, so the prefix calls take the chunks as their batch instead
-    (the kernel groups the query heads itself).
+    Shapes, masks and buffers are the same at every step: nothing here waits for the device.
     """
     R, B, H, d = query.shape
     Hkv = chunk_k.shape[1]
     rep = H // Hkv
-    T = own_k.shape[-2]
-    out, own_lse = kernels.attend(
-        query.reshape(R * B, Hkv, rep, d),  # views for megatron's contiguous query
-        own_k.reshape(R * B, Hkv, T, d), own_v.reshape(R * B, Hkv, T, d),
-        scale, own_mask,
-    )  # [R*B, Hkv, rep, d] (contiguous), [R*B, Hkv, rep] (strided)
-    if per_chunk:
-        prefix_out, prefix_lse = _document_prefix(query, chunk_k, chunk_v, tiles, scale)
-    else:
-        prefix_out, prefix_lse = _shared_prefix(query, chunk_k, chunk_v, tiles, scale)
-    weight = torch.sigmoid(prefix_lse - own_lse.unflatten(0, (R, B))).unsqueeze(-1)
+    out, own_lse = kernels.attend(query.reshape(R * B, Hkv, rep, d), own_k, own_v, scale, own_mask)
+    folded = query.view(R, B, Hkv, rep, d).permute(1, 2, 0, 3, 4).reshape(B, Hkv, R * rep, d)
+    prefix_out, prefix_lse = kernels.attend(folded, chunk_k, chunk_v, scale, masks.prefix)
+    if masks.prefix_blind is not None:  # rows that see no prefix key: that part contributes nothing
+        prefix_out = prefix_out.masked_fill(masks.prefix_blind[..., None], 0.0)
+        prefix_lse = prefix_lse.masked_fill(masks.prefix_blind, float("-inf"))
+    prefix_out = prefix_out.view(B, Hkv, R, rep, d).permute(2, 0, 1, 3, 4)  # [R, B, Hkv, rep, d]
+    prefix_lse = prefix_lse.view(B, Hkv, R, rep).permute(2, 0, 1, 3)
+    weight = torch.sigmoid(prefix_lse - own_lse.view(R, B, Hkv, rep)).unsqueeze(-1)
     out = out.view(R, B, Hkv, rep, d).lerp_(prefix_out, weight.to(out.dtype))
     return out.view(R, B, H * d)
-
-
-def _shared_prefix(query, chunk_k, chunk_v, tiles, scale):
-    """Prefix tiles whose masks every chunk shares -> out [R, B, Hkv, rep, d], lse [R, B, Hkv, rep]."""
-    R, B, H, d = query.shape
-    Hkv = chunk_k.shape[1]
-    rep = H // Hkv
-    q_heads = query.reshape(R, B * Hkv, rep, d).permute(2, 1, 0, 3)  # [rep, B*Hkv, R, d]
-    P = chunk_k.shape[2]
-    keys = chunk_k.reshape(1, B * Hkv, P, d).expand(rep, -1, -1, -1)
-    values = chunk_v.reshape(1, B * Hkv, P, d).expand(rep, -1, -1, -1)
-    outs, lses = [], []
-    for row_start, row_stop, key_len, mask, _ in tiles:
-        tile_out, tile_lse = kernels.attend(
-            q_heads[:, :, row_start:row_stop], keys[:, :, :key_len], values[:, :, :key_len], scale, mask,
-        )  # [rep, B*Hkv, rows, d], [rep, B*Hkv, rows]
-        outs.append(tile_out)
-        lses.append(tile_lse)
-    # one merge for all tiles: each op is a parallel region, and on a busy machine every region
-    # can wait for a descheduled thread, so a few larger ops beat many small ones
-    prefix_out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    prefix_lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
-    prefix_out = prefix_out.permute(2, 1, 0, 3).unflatten(1, (B, Hkv))  # [R, B, Hkv, rep, d]
-    prefix_lse = prefix_lse.permute(2, 1, 0).unflatten(1, (B, Hkv))  # [R, B, Hkv, rep]
-    return prefix_out, prefix_lse
-
-
-def _document_prefix(query, chunk_k, chunk_v, tiles, scale):
-    """Prefix tiles with per-chunk masks (document masking) -> as :func:`_shared_prefix`. Rows that
-    see no key of a tile get output 0 and log-sum-exp -inf, so the merge takes their own part only
-    (their mask leaves them open: no kernel gets a row without keys)."""
-    R, B, H, d = query.shape
-    Hkv = chunk_k.shape[1]
-    q_rows = query.permute(1, 2, 0, 3)  # [B, H, R, d]
-    outs, lses = [], []
-    for row_start, row_stop, key_len, mask, blind in tiles:
-        tile_out, tile_lse = kernels.attend(
-            q_rows[:, :, row_start:row_stop], chunk_k[:, :, :key_len], chunk_v[:, :, :key_len], scale, mask,
-        )  # [B, H, rows, d], [B, H, rows]
-        if blind is not None:
-            tile_out, tile_lse = tile_out.masked_fill(blind[..., None], 0.0), tile_lse.masked_fill(blind, float("-inf"))
-        outs.append(tile_out)
-        lses.append(tile_lse)
-    prefix_out = torch.cat(outs, dim=2).permute(2, 0, 1, 3).reshape(R, B, Hkv, H // Hkv, d)
-    prefix_lse = torch.cat(lses, dim=2).permute(2, 0, 1).reshape(R, B, Hkv, H // Hkv)
-    return prefix_out, prefix_lse
 
 
 class BlockCoreAttention(MegatronModule):
@@ -364,7 +305,6 @@ class BlockCoreAttention(MegatronModule):
     def _block_forward(self, query, key, value, params: BlockAttentionParams):
         layout = params.layout
         P, NB, n, G = layout.chunk_len, layout.num_blocks, layout.num_samples, layout.rollout_len
-        anchors = layout.anchor_positions.tolist()
         B, H, Hkv, d = query.shape[1], query.shape[2], key.shape[2], query.shape[3]
         rep = H // Hkv
         scale = self.softmax_scale
@@ -376,11 +316,11 @@ class BlockCoreAttention(MegatronModule):
                 "chunk_k": k.contiguous(),
                 "chunk_v": v.contiguous(),
                 # (block, sample, batch) first: a decode step's keys are written without a
-                # permute, and each row's own keys are a view for the fused decode path. Left
-                # uninitialised: step t reads slots [0, t], all written by then (zero-filling
-                # cost 2 x 3 MB per layer per chunk at SmolLM2 size).
-                "rollout_k": k.new_empty(NB, n, B, Hkv, G, d),
-                "rollout_v": v.new_empty(NB, n, B, Hkv, G, d),
+                # permute, and each row's own keys are a view for the fused decode path, which
+                # reads all G slots at every step (the same shapes each step) and masks the ones
+                # not yet written: zeroed, so that they are finite
+                "rollout_k": k.new_zeros(NB, n, B, Hkv, G, d),
+                "rollout_v": v.new_zeros(NB, n, B, Hkv, G, d),
             }
             if docs is not None:
                 allowed = layout.chunk_visibility(docs)[:, None]
@@ -393,22 +333,20 @@ class BlockCoreAttention(MegatronModule):
             # [NB*n, B, h, d] in (block, sample) order, as the cache's leading dims
             cache["rollout_k"][:, :, :, :, t] = key.view(NB, n, B, Hkv, d)
             cache["rollout_v"][:, :, :, :, t] = value.view(NB, n, B, Hkv, d)
-            own_k = cache["rollout_k"][..., : t + 1, :]  # [NB, n, B, Hkv, t+1, d]
-            own_v = cache["rollout_v"][..., : t + 1, :]
-            # (CPU only: the CUDA kernel may not take the stride-0 key batch decode_attention uses)
-            if query.device.type == "cpu" and kernels.available(query.device) and not torch.is_grad_enabled():
-                # without documents every step sees the same prefix: one entry for all steps
-                tiles_key = (layout, query.dtype, query.device) + (() if docs is None else (t,))
-                tiles = params.cache.decode_tiles.get(tiles_key)
-                if tiles is None:
-                    tiles = decode_tiles(layout, DECODE_TILE_ROWS, query.dtype, query.device, docs, t)
-                    own_mask = None if docs is None else decode_own_mask(layout, docs, t, query.dtype, query.device)
-                    tiles = params.cache.decode_tiles[tiles_key] = (tiles, own_mask)
+            if kernels.available(query.device) and not torch.is_grad_enabled():
+                # without documents one set of masks serves every step
+                masks_key = (layout, query.dtype, query.device) + (() if docs is None else (t,))
+                masks = params.cache.decode_masks.get(masks_key)
+                if masks is None:
+                    masks = decode_masks(layout, rep, query.dtype, query.device, docs, t)
+                    params.cache.decode_masks[masks_key] = masks
                 return decode_attention(
                     query, cache["chunk_k"], cache["chunk_v"],
-                    own_k.reshape(NB * n, B, Hkv, t + 1, d), own_v.reshape(NB * n, B, Hkv, t + 1, d),
-                    tiles[0], scale, tiles[1], per_chunk=docs is not None,
+                    cache["rollout_k"].view(NB * n * B, Hkv, G, d), cache["rollout_v"].view(NB * n * B, Hkv, G, d),
+                    masks.own[t], masks, scale,
                 )
+            own_k = cache["rollout_k"][..., : t + 1, :]  # [NB, n, B, Hkv, t+1, d]
+            own_v = cache["rollout_v"][..., : t + 1, :]
             q = query.view(NB, n, B, Hkv, rep, 1, d).permute(2, 3, 0, 4, 1, 5, 6)
             prefix_visible = None
             if docs is None:
@@ -421,7 +359,7 @@ class BlockCoreAttention(MegatronModule):
             out = rollout_attention(
                 q, cache["chunk_k"], cache["chunk_v"],
                 own_k.permute(2, 3, 0, 1, 4, 5), own_v.permute(2, 3, 0, 1, 4, 5),
-                anchors, own_allowed, scale, prefix_visible,
+                layout.anchors, own_allowed, scale, prefix_visible,
             )  # [B, Hkv, NB, rep, n, 1, d]
             return out.permute(2, 4, 5, 0, 1, 3, 6).reshape(NB * n, B, H * d)
 
@@ -444,7 +382,7 @@ class BlockCoreAttention(MegatronModule):
         v_roll = value[P:].view(NB, n, G, B, Hkv, d).permute(3, 4, 0, 1, 2, 5)
         own_allowed = torch.ones(G, G, dtype=torch.bool, device=query.device).tril()
         roll_out = rollout_attention(
-            q_roll, k[:, :, :P], v[:, :, :P], k_roll, v_roll, anchors, own_allowed, scale
+            q_roll, k[:, :, :P], v[:, :, :P], k_roll, v_roll, layout.anchors, own_allowed, scale
         )  # [B, Hkv, NB, rep, n, G, d]
         roll_out = roll_out.permute(2, 4, 5, 0, 1, 3, 6).reshape(NB * n * G, B, H * d)
         return torch.cat([_sbh(chunk_out), roll_out], dim=0)

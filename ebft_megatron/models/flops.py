@@ -48,7 +48,7 @@ def causal_pairs(length: int) -> int:
 def real_pairs(layout) -> int:
     """Query-key pairs of the packed sequence that the block structure allows."""
     G, n = layout.rollout_len, layout.num_samples
-    rollout = sum(n * (G * a + causal_pairs(G)) for a in layout.anchor_positions.tolist())
+    rollout = sum(n * (G * a + causal_pairs(G)) for a in layout.anchors)
     return causal_pairs(layout.chunk_len) + rollout
 
 
@@ -59,7 +59,7 @@ def sft_step(cost: CostModel, chunk_len: int, recompute_forward: bool = False) -
 
 def rollout_flops(cost: CostModel, layout, method: str) -> float:
     P, NB, n, G = layout.chunk_len, layout.num_blocks, layout.num_samples, layout.rollout_len
-    anchors = layout.anchor_positions.tolist()
+    anchors = layout.anchors
     if method == "reference":
         return n * sum(cost.forward(P + t * NB, (P + t * NB) ** 2, NB) for t in range(G))
     total = cost.forward(P, causal_pairs(P), NB)

@@ -50,7 +50,7 @@ def packed_masks(layout: BlockLayout, tile_blocks: int, dtype, device,
     docs = None if doc_ids is None else doc_ids.to(device)
     tiles = []
     for first, stop in layout.prefix_tiles(tile_blocks):
-        key_len = int(layout.anchor_positions[stop - 1])
+        key_len = layout.anchors[stop - 1]
         mask = blind = None
         if stop - first > 1 or docs is not None:
             visible = layout.rollout_rows(layout.prefix_visibility(first, stop, key_len, docs)).to(device)

@@ -284,10 +284,11 @@ def model_forward(model, tokens, position_ids, attention_mask=None, block_params
 
 
 def forward(model, tokens: torch.Tensor, position_ids: torch.Tensor, reduce, block_params=None,
-            attention_mask: Optional[torch.Tensor] = None):
+            attention_mask: Optional[torch.Tensor] = None, result=None):
     """No-grad forward of one micro-batch [b, s] through all pipeline stages; returns
     ``reduce(output)`` computed on the last stage (vocab-parallel logits, or hidden states for a
-    model built with ``post_process=False``), on every rank (``runtime.pipeline.forward``)."""
+    model built with ``post_process=False``), on every rank (``runtime.pipeline.forward``; a
+    ``result`` (shape, dtype) says it is one tensor of that shape)."""
     return pipeline.forward(
         model, lambda stage: model_forward(stage, tokens, position_ids, attention_mask, block_params),
-        seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], reduce=reduce)
+        seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], reduce=reduce, result=result)

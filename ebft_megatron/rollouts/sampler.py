@@ -31,7 +31,7 @@ from ebft_megatron.models.attention import BlockAttentionParams, RolloutKVCache
 from ebft_megatron.block_layout import BlockLayout
 from ebft_megatron.rollouts.sampling import SamplingSettings, sample_tokens
 from ebft_megatron.models import gpt
-from ebft_megatron.runtime import pipeline
+from ebft_megatron.runtime import device, pipeline
 
 
 @dataclass
@@ -44,9 +44,20 @@ def rollout_generator(seed: int, dp_rank: int) -> torch.Generator:
     """Each data-parallel rank samples its own chunks, reproducibly from the run seed.
 
     On the host, by decision: one seed then draws the same numbers on a CPU and on any GPU, and
-    its state is saved with checkpoints; the draws (one uniform per sampled token) are moved to
-    the device with the logits they pick from (``sampling.sample_tokens``)."""
+    its state is saved with checkpoints. A generation draws all its numbers (one uniform per
+    sampled token) in one call before its first forward and moves them to the device in one
+    copy that does not block the host (:func:`generation_uniforms`)."""
     return torch.Generator().manual_seed(seed * 1000003 + dp_rank)
+
+
+def generation_uniforms(batch: int, layout: BlockLayout, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """[B, NB, n, G] uniforms for every token of a generation, on the run's device. Drawn step by
+    step in the order a step-by-step sampler would draw them (step, then chunk, block and sample),
+    so a seed samples the same tokens as it did when each step drew its own; a generator on the
+    host draws on the host and the draws cross to the device once (``runtime.device.to_device``)."""
+    shape = (layout.rollout_len, batch, layout.num_blocks, layout.num_samples)
+    where = generator.device if generator is not None else device.current()
+    return device.to_device(torch.rand(shape, generator=generator, device=where).permute(1, 2, 3, 0))
 
 
 def _drawer(vocab_size, settings, generator, uniforms, keep_logits, store):
@@ -57,7 +68,7 @@ def _drawer(vocab_size, settings, generator, uniforms, keep_logits, store):
         full = full.reshape(*shape, vocab_size)
         if keep_logits:
             store.append(full.expand(*shape[:2], num_samples, vocab_size) if num_samples else full)
-        u = None if uniforms is None else uniforms[..., step]
+        u = None if uniforms is None else uniforms[..., step]  # [B, NB, n]
         return sample_tokens(full, settings.temperature, settings.top_p, generator, uniforms=u,
                              num_samples=num_samples, overwrite_logits=not keep_logits)
 
@@ -83,6 +94,8 @@ def sample_rollouts(
         raise ValueError(f"chunk length {P} does not match the layout's chunk_len={layout.chunk_len}")
     NB, n, G = layout.num_blocks, layout.num_samples, layout.rollout_len
     anchors = layout.anchor_positions
+    if uniforms is None and settings.temperature != 0:
+        uniforms = generation_uniforms(B, layout, generator)
     cache = RolloutKVCache()
     kept: list[torch.Tensor] = []
     draw = _drawer(vocab_size, settings, generator, uniforms, return_logits, kept)
@@ -91,18 +104,20 @@ def sample_rollouts(
                                    doc_ids=doc_ids)
     all_positions = layout.batch_position_ids(B, doc_ids)  # [B, packed_len]
     positions = all_positions[:, :P]
+    # the sampled tokens cross the pipeline as tensors of known shape, not as pickled objects
     first = gpt.forward(
         model, chunk, positions, block_params=prefill,
         reduce=lambda logits: draw(logits, (B, NB, 1), num_samples=n, step=0),
-    )  # [B, NB, 1, n]
+        result=((B, NB, 1, n), torch.long),
+    )
     steps = [first.reshape(B, NB, n)]
+    # [B, G, NB*n]: the position of every decoded token, made once
+    fed_positions = all_positions[:, P:].reshape(B, NB * n, G).transpose(1, 2)
     for t in range(1, G):
         decode = BlockAttentionParams(layout=layout, mode="decode", cache=cache, step=t - 1, doc_ids=doc_ids)
-        fed = steps[-1].reshape(B, NB * n)
-        fed_positions = all_positions[:, layout.rollout_index(torch.arange(NB, device=chunk.device)[:, None], torch.arange(n, device=chunk.device), t - 1).reshape(-1)]
         steps.append(gpt.forward(
-            model, fed, fed_positions, block_params=decode,
-            reduce=lambda logits, t=t: draw(logits, (B, NB, n), step=t),
+            model, steps[-1].reshape(B, NB * n), fed_positions[:, t - 1], block_params=decode,
+            reduce=lambda logits, t=t: draw(logits, (B, NB, n), step=t), result=((B, NB, n), torch.long),
         ))
     tokens = torch.stack(steps, dim=-1)  # [B, NB, n, G]
     logits = None

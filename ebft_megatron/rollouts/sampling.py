@@ -72,8 +72,8 @@ def sample_tokens(
         # a token of probability 0 can only be hit through rounding at its cdf step; move off it
         below = torch.where(tokens > 0, cdf.gather(-1, (tokens - 1).clamp(min=0)), torch.zeros_like(uniforms))
         empty = cdf.gather(-1, tokens) <= below
-        if empty.any():
-            if greedy_fallback is None:
-                greedy_fallback = logits.reshape(-1, logits.shape[-1]).argmax(dim=-1, keepdim=True)
-            tokens = torch.where(empty, greedy_fallback, tokens)
+        # always applied: a branch on ``empty.any()`` would wait for the device
+        if greedy_fallback is None:
+            greedy_fallback = logits.reshape(-1, logits.shape[-1]).argmax(dim=-1, keepdim=True)
+        tokens = torch.where(empty, greedy_fallback, tokens)
     return tokens.reshape(shape)

@@ -10,7 +10,7 @@ broadcast to every stage of the pipeline so that all ranks continue in lockstep.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -41,12 +41,28 @@ def broadcast_from_last_stage(value: Any) -> Any:
     return value if ps.is_pipeline_last_stage() else device.to_device(box[0])
 
 
+def broadcast_tensor_from_last_stage(value: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
+    """Send one tensor of a known ``shape`` and ``dtype`` from the last pipeline stage to all
+    stages, as a tensor collective on the run's device (nothing pickled, nothing read on the host:
+    it can sit inside a decode step)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    if not ps.is_pipeline_last_stage():
+        value = torch.empty(shape, dtype=dtype, device=device.current())
+    dist.broadcast(value, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    return value
+
+
 def forward(model, forward_stage: Callable[[Any], torch.Tensor], seq_length: int, micro_batch_size: int,
-            reduce: Callable[[torch.Tensor], Any]) -> Any:
+            reduce: Callable[[torch.Tensor], Any], result: Optional[tuple] = None) -> Any:
     """No-grad forward of one micro-batch through all stages of ``model`` (eval mode for the call):
     ``forward_stage(stage_model)`` runs this rank's stage on the batch (it knows the batch; the
     schedule passes activations between stages), and ``reduce(output)`` of the last stage's output
-    is returned on every rank."""
+    is returned on every rank: as a tensor collective when ``result`` gives its (shape, dtype),
+    otherwise as a picklable object."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def forward_step(data_iterator, stage_model):
@@ -73,4 +89,7 @@ def forward(model, forward_stage: Callable[[Any], torch.Tensor], seq_length: int
         model.train(was_training)
     from megatron.core import parallel_state as ps
 
-    return broadcast_from_last_stage(results[0] if ps.is_pipeline_last_stage() else None)
+    output = results[0] if ps.is_pipeline_last_stage() else None
+    if result is not None:
+        return broadcast_tensor_from_last_stage(output, *result)
+    return broadcast_from_last_stage(output)

@@ -188,10 +188,9 @@ def test_only_the_generic_path_keeps_score_matrices_for_backward(core, implement
         assert max(saved) > 2 * activation
 
 
-# Decode paths: the fused no-grad path (CPU flash kernel + log-sum-exp merge) with prefix tiles of
-# one block, of a few blocks (several tiles and a partial last one) and of the production size
-# (usually one tile here); and the generic path, which decode takes when grad is enabled.
-DECODE_PATHS = {"fused-rows1": 1, "fused-rows5": 5, "fused-default": None, "generic": "generic"}
+# Decode paths: the fused no-grad path (two kernel calls + log-sum-exp merge), and the generic path,
+# which decode takes when grad is enabled.
+DECODE_PATHS = ["fused", "generic"]
 
 
 @pytest.mark.parametrize("documents", [False, True], ids=["", "documents"])
@@ -202,53 +201,50 @@ def test_prefill_then_decode_reproduces_packed(core, settings, path, documents, 
     P, NB, n, G = layout.chunk_len, layout.num_blocks, layout.num_samples, layout.rollout_len
     q, k, v = _qkv(layout.packed_len, seed=4)
     doc_ids = _document_ids(layout, seed=sum(settings)) if documents else None
-    tile_rows = DECODE_PATHS[path]
     fused_calls = []
-    if tile_rows != "generic":
+    if path == "fused":
         assert attention_module.kernels.available(torch.device("cpu")), "this torch build lacks the CPU flash kernel"
-        if tile_rows is not None:
-            monkeypatch.setattr(attention_module, "DECODE_TILE_ROWS", tile_rows)
         fused = attention_module.decode_attention
         monkeypatch.setattr(attention_module, "decode_attention",
                             lambda *a, **kw: fused_calls.append(1) or fused(*a, **kw))
     with torch.no_grad():
         packed = _packed(core, q, k, v, layout, doc_ids=doc_ids)
+        # the fused decode reads all G own slots at every step, masking those not yet written
         if documents:  # the packed path itself is checked against the dense mask above
             torch.testing.assert_close(packed, core(q, k, v, ~layout.dense_attention_mask(doc_ids)[:, None]), **TOL)
         cache = RolloutKVCache()
         prefill = core(q[:P], k[:P], v[:P], None, packed_seq_params=BlockAttentionParams(
             layout=layout, mode="prefill", cache=cache, doc_ids=doc_ids))
         torch.testing.assert_close(prefill, packed[:P], **TOL)
-        # the rollout slots are allocated uninitialised: a step must read only slots written so far
+        # the rollout slots start zeroed, and a step must see only those written so far: values
+        # in the later slots would change its output if it saw them
         for layer in cache.layers.values():
-            layer["rollout_k"].fill_(float("nan"))
-            layer["rollout_v"].fill_(float("nan"))
+            layer["rollout_k"].normal_(0, 3)
+            layer["rollout_v"].normal_(0, 3)
     for t in range(G):
         rows = torch.tensor([layout.rollout_index(b, i, t) for b in range(NB) for i in range(n)])
         params = BlockAttentionParams(layout=layout, mode="decode", cache=cache, step=t, doc_ids=doc_ids)
-        with torch.set_grad_enabled(tile_rows == "generic"):
+        with torch.set_grad_enabled(path == "generic"):
             out = core(q[rows], k[rows], v[rows], None, packed_seq_params=params)
         assert tuple(out.shape) == (NB * n, B, H * D)
         torch.testing.assert_close(out, packed[rows], **TOL, msg=lambda m, t=t: f"step {t}: {m}")
     # the intended path ran: fused on every step, or never
-    assert len(fused_calls) == (0 if tile_rows == "generic" else G)
+    assert len(fused_calls) == (0 if path == "generic" else G)
 
 
-def test_decode_tiles_cover_rows_and_mask_the_staircase():
+def test_decode_masks_fold_query_heads_into_rows_and_hide_the_staircase():
     layout = BlockLayout(16, 2, 3, 2, 3)
-    anchors, n = layout.anchor_positions.tolist(), 3
-    assert anchors == [2, 5, 8, 11, 14]
-    tiles = attention_module.decode_tiles(layout, 7, torch.float32, torch.device("cpu"))
-    # 7 rows -> 2 whole blocks (6 rows) per tile; the last tile holds one block and needs no mask
-    assert [(a, b, L) for a, b, L, _, _ in tiles] == [(0, 6, 5), (6, 12, 11), (12, 15, 14)]
-    assert tiles[-1][3] is None
-    assert all(blind is None for *_, blind in tiles)
-    for row_start, row_stop, key_len, mask, _ in tiles[:-1]:
-        assert tuple(mask.shape) == (row_stop - row_start, key_len)
-        for row in range(row_start, row_stop):
-            visible = torch.arange(key_len) < anchors[row // n]
-            expected = torch.where(visible, 0.0, attention_module.kernels.masked_value(torch.float32))
-            assert torch.equal(mask[row - row_start], expected)
+    anchors, n, query_groups = layout.anchors, 3, 2
+    assert anchors == (2, 5, 8, 11, 14)
+    masks = attention_module.decode_masks(layout, query_groups, torch.float32, torch.device("cpu"))
+    hidden = attention_module.kernels.masked_value(torch.float32)
+    assert tuple(masks.prefix.shape) == (len(anchors) * n * query_groups, 16) and masks.prefix_blind is None
+    for row in range(masks.prefix.shape[0]):  # rows: (block, sample, query head of the group)
+        visible = torch.arange(16) < anchors[row // (n * query_groups)]
+        assert torch.equal(masks.prefix[row], torch.where(visible, 0.0, hidden))
+    for step in range(layout.rollout_len):  # own slots written so far: 0..step
+        visible = torch.arange(layout.rollout_len) <= step
+        assert torch.equal(masks.own[step].flatten(), torch.where(visible, 0.0, hidden))
 
 
 def test_decode_does_not_see_other_samples_or_later_steps(core):
@@ -272,7 +268,7 @@ def test_decode_does_not_see_other_samples_or_later_steps(core):
 
     base = decode_step1(k, v)
     b = 3
-    anchor = int(layout.anchor_positions[b])
+    anchor = layout.anchors[b]
 
     def perturbed(index):
         k2, v2 = k.clone(), v.clone()

@@ -11,7 +11,7 @@ import torch
 
 from ebft_megatron.block_layout import BlockLayout
 from ebft_megatron.models import attention_kernels as kernels
-from ebft_megatron.models.attention import BlockAttentionParams
+from ebft_megatron.models.attention import BlockAttentionParams, RolloutKVCache
 from tests.models import cuda_attention_emulation as emulation
 from tests.models.test_attention import H, HKV, D, LAYOUTS, IDS, core  # noqa: F401
 from tests.test_block_layout import document_ids_with_every_case
@@ -172,3 +172,29 @@ def test_masks_for_the_cuda_side_have_aligned_rows(cuda_side):
     assert torch.equal(mask[3] == 0, allowed[3])
     assert torch.equal(kernels.blind_rows(allowed), torch.arange(5) == 2)
     assert kernels.blind_rows(torch.ones(5, 23, dtype=torch.bool).tril()) is None
+
+
+@pytest.mark.parametrize("documents", [False, True], ids=["", "documents"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_through_the_cuda_kernels_reproduces_the_packed_attention(core, cuda_side, dtype, batch, documents):
+    """Prefill, then the rollout tokens one step at a time through the decode path's two kernel
+    calls per step, on the emulated CUDA operators: every step's output equals the packed
+    attention's rows for those tokens (both in ``dtype``, on the same kernels)."""
+    layout = BlockLayout(*CONTRACT_LAYOUTS["NB=17"])
+    doc_ids = _document_ids(layout, batch) if documents else None
+    q, k, v, _ = _inputs(layout, batch, dtype, seed=batch + 20)
+    P, NB, n = layout.chunk_len, layout.num_blocks, layout.num_samples
+    tolerance = FP32_TOLERANCE if dtype == torch.float32 else BF16_TOLERANCE
+    with torch.no_grad():
+        packed = core(q, k, v, None, packed_seq_params=BlockAttentionParams(layout=layout, mode="packed",
+                                                                             doc_ids=doc_ids)).float()
+        cache = RolloutKVCache()
+        core(q[:P], k[:P], v[:P], None, packed_seq_params=BlockAttentionParams(
+            layout=layout, mode="prefill", cache=cache, doc_ids=doc_ids))
+        for t in range(layout.rollout_len):
+            rows = torch.tensor([layout.rollout_index(b, i, t) for b in range(NB) for i in range(n)])
+            out = core(q[rows], k[rows], v[rows], None, packed_seq_params=BlockAttentionParams(
+                layout=layout, mode="decode", cache=cache, step=t, doc_ids=doc_ids)).float()
+            error = float((out - packed[rows]).abs().max() / packed[rows].abs().max())
+            assert error < tolerance, f"step {t}: largest relative difference {error}"

@@ -137,3 +137,22 @@ def test_engine_with_documents_equals_recompute_and_stays_in_documents(model, na
                         sequence = torch.cat([chunk[r, _document_start(docs, anchor + t - 1):anchor], torch.stack(own)])
                     worst = max(worst, float((fast.logits[r, b, i, t] - alone(sequence)).abs().max()))
     assert worst < 1e-5
+
+
+def test_a_generation_draws_what_a_step_by_step_sampler_drew(model):
+    """The generation's uniforms are drawn in one call before its first forward; a seed still picks
+    the numbers a sampler drew one step at a time: step 0 one uniform per (chunk, block, sample),
+    then each later step one per (chunk, block, sample), in that order."""
+    net, arch = model
+    layout = BlockLayout(24, 4, 4, 4, 3)
+    B, NB, n, G = 2, layout.num_blocks, layout.num_samples, layout.rollout_len
+    chunk = torch.randint(0, arch.vocab_size, (B, layout.chunk_len), generator=torch.Generator().manual_seed(4))
+    step_by_step = torch.Generator().manual_seed(11)
+    per_step = [torch.rand(B * NB, n, generator=step_by_step).view(B, NB, n)]
+    per_step += [torch.rand(B * NB * n, 1, generator=step_by_step).view(B, NB, n) for _ in range(1, G)]
+    settings = SamplingSettings(1.0, 1.0)
+    expected = sample_rollouts(net, layout, chunk, arch.vocab_size, settings, uniforms=torch.stack(per_step, dim=-1))
+    drawn = sample_rollouts(net, layout, chunk, arch.vocab_size, settings, torch.Generator().manual_seed(11))
+    assert torch.equal(drawn.tokens, expected.tokens)
+    other_seed = sample_rollouts(net, layout, chunk, arch.vocab_size, settings, torch.Generator().manual_seed(12))
+    assert not torch.equal(other_seed.tokens, expected.tokens)
