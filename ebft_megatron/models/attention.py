@@ -52,6 +52,7 @@ from megatron.core.transformer.module import MegatronModule
 from ebft_megatron.models import attention_kernels as kernels
 from ebft_megatron.models.fused_attention import packed_block_attention, packed_masks
 from ebft_megatron.block_layout import BlockLayout
+from ebft_megatron.runtime import device
 
 # Blocks per prefix tile (generic and fused packed paths). Within a tile the prefix keys are padded up to the tile's last anchor, so
 # the wasted work per query is about (TILE_BLOCKS - 1) * stride / 2 keys out of an average P / 2.
@@ -69,9 +70,23 @@ class RolloutKVCache:
     """
 
     layers: dict = field(default_factory=dict)
-    # the decode steps' masks (:class:`DecodeMasks`), built at a step's first layer and reused by
-    # the others (key: layout, dtype, device, step)
+    # the generation's decode masks (:class:`DecodeMasks`), built at the first decode layer and
+    # kept for every step (key: layout, query heads per KV head, dtype, device)
     decode_masks: dict = field(default_factory=dict)
+    # the decode step being run: a Python int for host code, and [1] on the device for the kernels
+    # that pick a step's slot and masks, so that a step's ops and buffers are the same at every
+    # step (what replaying one captured step needs); set by :meth:`begin_step`
+    step: Optional[int] = None
+    step_index: Optional[torch.Tensor] = None
+    # (step, masks key) -> what :meth:`DecodeMasks.at_step` gave, for the step's other layers
+    step_masks: Optional[tuple] = None
+
+    def begin_step(self, step: int, where: torch.device) -> None:
+        """Decode step ``step`` starts: written into the device index (no host sync)."""
+        if self.step_index is None:
+            self.step_index = torch.zeros(1, dtype=torch.long, device=where)
+        self.step_index.fill_(step)
+        self.step = step
 
 
 @dataclass
@@ -101,6 +116,8 @@ class BlockAttentionParams(PackedSeqParams):
             raise ValueError(f"unknown block attention mode {self.mode!r}")
         if self.mode in ("prefill", "decode") and self.cache is None:
             raise ValueError(f"mode {self.mode!r} needs a RolloutKVCache")
+        if self.mode == "decode":
+            self.cache.begin_step(self.step, device.current())
 
 
 def packed_attention(layout: BlockLayout, doc_ids: Optional[torch.Tensor] = None, return_hidden: bool = False):
@@ -173,51 +190,58 @@ def rollout_attention(q, k_prefix, v_prefix, k_own, v_own, anchors, own_allowed,
 
 @dataclass
 class DecodeMasks:
-    """The additive masks of a generation's decode steps, shared by every layer.
+    """The masks of a generation's decode steps, built once per generation and shared by every
+    layer; :meth:`at_step` makes a step's from them with the device's step index.
 
-    ``prefix`` [rows, P] (or [B, 1, rows, P] under document masking) hides what
-    ``BlockLayout.prefix_visibility`` hides; its rows are (block, sample, query head of a KV group)
-    as :func:`decode_attention` folds them. ``own[t]`` [1, 1, 1, G] (or [NB*n*B, 1, 1, G]) shows
-    step t the slots of its own block that hold its tokens so far. Without documents one set
-    serves every step; under document masking what a step sees of the prefix depends on the step,
-    so each step has its own set, and ``prefix_blind`` [B, 1, rows] marks the rows that see no
-    prefix key (their prefix part is emptied)."""
+    Rows of the prefix call are (block, sample, query head of a KV group), as
+    :func:`decode_attention` folds them. ``prefix`` [rows, P] additive hides what
+    ``BlockLayout.prefix_visibility`` hides, the same for every step; under document masking what
+    a step sees depends on the step, and ``prefix_visible`` [B, NB, G, P] bool holds it for all
+    steps instead. ``own_visible`` [G, X, 1, 1, G] bool: row t shows step t the slots of its own
+    block that hold its tokens so far (X = 1, or NB*n*B rows under document masking)."""
 
-    prefix: torch.Tensor
-    own: torch.Tensor
-    prefix_blind: Optional[torch.Tensor] = None
+    own_visible: torch.Tensor
+    prefix: Optional[torch.Tensor] = None
+    prefix_visible: Optional[torch.Tensor] = None
+    rows_per_block: int = 1
+
+    def at_step(self, step_index: torch.Tensor, dtype):
+        """-> (prefix mask, own mask [X, 1, 1, G], rows without a prefix key [B, 1, rows] or None)
+        of the step in ``step_index`` [1]: device ops, the same at every step. The additive masks
+        are prepared after the step is picked, so that their rows keep the kernels' alignment."""
+        own = kernels.prepare_mask(self.own_visible.index_select(0, step_index)[0], dtype)
+        if self.prefix_visible is None:
+            return self.prefix, own, None
+        visible = self.prefix_visible.index_select(2, step_index)[:, :, 0]  # [B, NB, P]
+        visible = visible.repeat_interleave(self.rows_per_block, dim=1)[:, None]  # [B, 1, rows, P]
+        return kernels.prepare_mask(visible, dtype), own, kernels.blind_rows(visible)
 
 
 def decode_masks(layout: BlockLayout, query_groups: int, dtype, device,
-                 doc_ids: Optional[torch.Tensor] = None, step: int = 0) -> DecodeMasks:
-    """The decode masks for queries with ``query_groups`` query heads per KV head: for every step,
-    or with ``doc_ids`` [B, P] (document masking) for step ``step``'s prefix."""
+                 doc_ids: Optional[torch.Tensor] = None) -> DecodeMasks:
+    """The decode masks of a generation, for queries with ``query_groups`` query heads per KV head
+    (and ``doc_ids`` [B, P] under document masking)."""
     NB, n, P = layout.num_blocks, layout.num_samples, layout.chunk_len
     rows_per_block = n * query_groups
     if doc_ids is None:
         prefix = layout.prefix_visibility(0, NB, P)[:, 0].to(device)  # [NB, P]
-        own = kernels.prepare_mask(layout.own_visibility(device), dtype)  # [G, G]: step t sees slots <= t
-        return DecodeMasks(kernels.prepare_mask(prefix.repeat_interleave(rows_per_block, dim=0), dtype),
-                           own[:, None, None, None])
+        own = layout.own_visibility(device)[:, None, None, None]  # [G, 1, 1, 1, G]: step t sees slots <= t
+        return DecodeMasks(own, prefix=kernels.prepare_mask(prefix.repeat_interleave(rows_per_block, dim=0), dtype))
     docs = doc_ids.to(device)
-    prefix = layout.prefix_visibility(0, NB, P, docs)[:, :, step]  # [B, NB, P]
-    prefix = prefix.repeat_interleave(rows_per_block, dim=1)[:, None]  # [B, 1, rows, P]
     own = layout.own_visibility(doc_ids=docs)  # [B, NB, G, G]: slots <= t in the same document
     B, G = own.shape[0], own.shape[-1]
     own = own.permute(2, 1, 0, 3).unsqueeze(2).expand(G, NB, n, B, G).reshape(G, NB * n * B, 1, 1, G)
-    return DecodeMasks(kernels.prepare_mask(prefix, dtype), kernels.prepare_mask(own, dtype),
-                       kernels.blind_rows(prefix))
+    return DecodeMasks(own, prefix_visible=layout.prefix_visibility(0, NB, P, docs), rows_per_block=rows_per_block)
 
 
-def decode_attention(query, chunk_k, chunk_v, own_k, own_v, own_mask, masks: DecodeMasks, scale):
+def decode_attention(query, chunk_k, chunk_v, own_k, own_v, prefix_mask, own_mask, prefix_blind, scale):
     """One decode step of real-pair attention, no grad: two fused kernel calls for all blocks,
     samples and chunks, merged exactly through their log-sum-exps.
 
     query:    [R, B, H, d]          R = NB*n rows in (block, sample) order (as megatron hands them)
     chunk_k:  [B, Hkv, P, d]        cached chunk keys/values (after RoPE), read in place
     own_k:    [R*B, Hkv, G, d]      every row's own rollout slots, unwritten ones zero
-    own_mask: ``DecodeMasks.own[step]``
-    masks:    :func:`decode_masks`
+    prefix_mask, own_mask, prefix_blind: the step's masks (``DecodeMasks.at_step``)
     returns   [R, B, H*d]
 
     The own call takes the rows as its batch. The prefix call folds the query heads of a KV head
@@ -231,10 +255,10 @@ def decode_attention(query, chunk_k, chunk_v, own_k, own_v, own_mask, masks: Dec
     rep = H // Hkv
     out, own_lse = kernels.attend(query.reshape(R * B, Hkv, rep, d), own_k, own_v, scale, own_mask)
     folded = query.view(R, B, Hkv, rep, d).permute(1, 2, 0, 3, 4).reshape(B, Hkv, R * rep, d)
-    prefix_out, prefix_lse = kernels.attend(folded, chunk_k, chunk_v, scale, masks.prefix)
-    if masks.prefix_blind is not None:  # rows that see no prefix key: that part contributes nothing
-        prefix_out = prefix_out.masked_fill(masks.prefix_blind[..., None], 0.0)
-        prefix_lse = prefix_lse.masked_fill(masks.prefix_blind, float("-inf"))
+    prefix_out, prefix_lse = kernels.attend(folded, chunk_k, chunk_v, scale, prefix_mask)
+    if prefix_blind is not None:  # rows that see no prefix key: that part contributes nothing
+        prefix_out = prefix_out.masked_fill(prefix_blind[..., None], 0.0)
+        prefix_lse = prefix_lse.masked_fill(prefix_blind, float("-inf"))
     prefix_out = prefix_out.view(B, Hkv, R, rep, d).permute(2, 0, 1, 3, 4)  # [R, B, Hkv, rep, d]
     prefix_lse = prefix_lse.view(B, Hkv, R, rep).permute(2, 0, 1, 3)
     weight = torch.sigmoid(prefix_lse - own_lse.view(R, B, Hkv, rep)).unsqueeze(-1)
@@ -301,6 +325,20 @@ class BlockCoreAttention(MegatronModule):
             )
         return _sbh(out)
 
+    @staticmethod
+    def _step_masks(params: BlockAttentionParams, query_groups: int, query):
+        """The decode step's masks: the generation's built at its first decode layer, the step's
+        picked at the step's first layer; the other layers reuse them."""
+        rollout_cache = params.cache
+        key = (params.layout, query_groups, query.dtype, query.device)
+        if rollout_cache.step_masks is None or rollout_cache.step_masks[:2] != (params.step, key):
+            masks = rollout_cache.decode_masks.get(key)
+            if masks is None:
+                masks = decode_masks(params.layout, query_groups, query.dtype, query.device, params.doc_ids)
+                rollout_cache.decode_masks[key] = masks
+            rollout_cache.step_masks = (params.step, key, masks.at_step(rollout_cache.step_index, query.dtype))
+        return rollout_cache.step_masks[2]
+
     # --- block-structured paths -------------------------------------------------------------
     def _block_forward(self, query, key, value, params: BlockAttentionParams):
         layout = params.layout
@@ -328,22 +366,18 @@ class BlockCoreAttention(MegatronModule):
             return _sbh(causal_attention(q, k, v, scale))
 
         if params.mode == "decode":
-            t = params.step
+            t, step_index = params.step, params.cache.step_index
             cache = params.cache.layers[self.layer_number]
-            # [NB*n, B, h, d] in (block, sample) order, as the cache's leading dims
-            cache["rollout_k"][:, :, :, :, t] = key.view(NB, n, B, Hkv, d)
-            cache["rollout_v"][:, :, :, :, t] = value.view(NB, n, B, Hkv, d)
+            # [NB*n, B, h, d] in (block, sample) order, as the cache's leading dims, into slot t
+            # (picked on the device: the same op and buffers at every step)
+            cache["rollout_k"].index_copy_(4, step_index, key.view(NB, n, B, Hkv, 1, d))
+            cache["rollout_v"].index_copy_(4, step_index, value.view(NB, n, B, Hkv, 1, d))
             if kernels.available(query.device) and not torch.is_grad_enabled():
-                # without documents one set of masks serves every step
-                masks_key = (layout, query.dtype, query.device) + (() if docs is None else (t,))
-                masks = params.cache.decode_masks.get(masks_key)
-                if masks is None:
-                    masks = decode_masks(layout, rep, query.dtype, query.device, docs, t)
-                    params.cache.decode_masks[masks_key] = masks
+                prefix_mask, own_mask, prefix_blind = self._step_masks(params, rep, query)
                 return decode_attention(
                     query, cache["chunk_k"], cache["chunk_v"],
                     cache["rollout_k"].view(NB * n * B, Hkv, G, d), cache["rollout_v"].view(NB * n * B, Hkv, G, d),
-                    masks.own[t], masks, scale,
+                    prefix_mask, own_mask, prefix_blind, scale,
                 )
             own_k = cache["rollout_k"][..., : t + 1, :]  # [NB, n, B, Hkv, t+1, d]
             own_v = cache["rollout_v"][..., : t + 1, :]

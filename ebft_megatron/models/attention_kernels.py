@@ -95,11 +95,10 @@ def prepare_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask[..., :keys]
 
 
-def blind_rows(allowed: torch.Tensor):
-    """Bool [..., rows]: the rows of ``allowed`` [..., rows, keys] that see no key, or None when
-    there are none (decided once, where masks are prepared)."""
-    blind = ~allowed.any(dim=-1)
-    return blind if bool(blind.any()) else None
+def blind_rows(allowed: torch.Tensor) -> torch.Tensor:
+    """Bool [..., rows]: the rows of ``allowed`` [..., rows, keys] that see no key (whether there
+    are any is not asked: that would wait for the device)."""
+    return ~allowed.any(dim=-1)
 
 
 def _expand_heads(x, heads: int):

@@ -238,13 +238,14 @@ def test_decode_masks_fold_query_heads_into_rows_and_hide_the_staircase():
     assert anchors == (2, 5, 8, 11, 14)
     masks = attention_module.decode_masks(layout, query_groups, torch.float32, torch.device("cpu"))
     hidden = attention_module.kernels.masked_value(torch.float32)
-    assert tuple(masks.prefix.shape) == (len(anchors) * n * query_groups, 16) and masks.prefix_blind is None
-    for row in range(masks.prefix.shape[0]):  # rows: (block, sample, query head of the group)
-        visible = torch.arange(16) < anchors[row // (n * query_groups)]
-        assert torch.equal(masks.prefix[row], torch.where(visible, 0.0, hidden))
-    for step in range(layout.rollout_len):  # own slots written so far: 0..step
-        visible = torch.arange(layout.rollout_len) <= step
-        assert torch.equal(masks.own[step].flatten(), torch.where(visible, 0.0, hidden))
+    for step in range(layout.rollout_len):
+        prefix, own, blind = masks.at_step(torch.tensor([step]), torch.float32)
+        assert tuple(prefix.shape) == (len(anchors) * n * query_groups, 16) and blind is None
+        for row in range(prefix.shape[0]):  # rows: (block, sample, query head of the group)
+            visible = torch.arange(16) < anchors[row // (n * query_groups)]
+            assert torch.equal(prefix[row], torch.where(visible, 0.0, hidden))
+        visible = torch.arange(layout.rollout_len) <= step  # own slots written so far: 0..step
+        assert torch.equal(own.flatten(), torch.where(visible, 0.0, hidden))
 
 
 def test_decode_does_not_see_other_samples_or_later_steps(core):
