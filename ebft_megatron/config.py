@@ -92,6 +92,8 @@ class RolloutSettings(Section):
     temperature: float = setting(0.6, "Sampling temperature T (> 0 for ebft and rlvr: rollout log-probs use "
                                       "logits / T).", minimum=0)
     top_p: float = setting(1.0, "Nucleus sampling threshold (1.0 = off).", above=0, maximum=1)
+    cuda_graphs: bool = setting(True, "On CUDA, capture one rollout decode step (every layer and the sampling) as a "
+                                      "CUDA graph and replay it for the others; used at tp=pp=1, ignored elsewhere.")
 
     def check(self) -> None:
         # torch loads on first use: --help reads this module and needs none

@@ -61,18 +61,58 @@ def generation_uniforms(batch: int, layout: BlockLayout, generator: Optional[tor
 
 
 def _drawer(vocab_size, settings, generator, uniforms, keep_logits, store):
-    """Build the last-stage reduce: gather TP logits, optionally keep them, sample."""
+    """Build the last-stage reduce: gather TP logits, optionally keep them, sample. ``step`` picks
+    the uniforms: an int, or a [1] device tensor (a decode step's, the same op at every step)."""
 
-    def draw(logits, shape, num_samples=None, step=None):
+    def draw(logits, shape, num_samples=None, step=0):
         full = pipeline.gather_vocab_parallel(logits)[..., :vocab_size]
         full = full.reshape(*shape, vocab_size)
         if keep_logits:
             store.append(full.expand(*shape[:2], num_samples, vocab_size) if num_samples else full)
-        u = None if uniforms is None else uniforms[..., step]  # [B, NB, n]
+        u = None
+        if uniforms is not None:  # [B, NB, n]
+            u = uniforms[..., step] if isinstance(step, int) else uniforms.index_select(-1, step)[..., 0]
         return sample_tokens(full, settings.temperature, settings.top_p, generator, uniforms=u,
                              num_samples=num_samples, overwrite_logits=not keep_logits)
 
     return draw
+
+
+class CapturedStep:
+    """One decode step captured as a CUDA graph and replayed for the others: a step costs one
+    launch instead of thousands. What the step reads and writes must be in the same buffers at
+    every step (the fed tokens, the device step index, the KV cache, the masks; the sampler and
+    the decode attention keep them so), and nothing in it may wait for the host.
+
+    Built on ``torch.cuda.CUDAGraph`` rather than megatron-core's CUDA-graph support: megatron's
+    captures its own transformer layers for training and for its inference engine's KV cache,
+    while a rollout step is our attention's own cache, masks and sampling around megatron's
+    forward, and all of it belongs in the graph."""
+
+    def __init__(self, run):
+        # warm up on a side stream (lazy initialisations must not happen inside the capture); the
+        # step's writes are the same when it runs again, so running it twice is harmless
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = run()
+
+    def __call__(self):
+        self.graph.replay()
+        return self.output
+
+
+def _graphs_possible(settings: SamplingSettings, keep_logits: bool) -> bool:
+    """Capture needs CUDA, no collectives in the step (tp=pp=1) and nothing kept per step."""
+    from megatron.core import parallel_state as ps
+
+    return (settings.cuda_graphs and device.current().type == "cuda" and torch.cuda.is_available()
+            and not keep_logits and ps.get_tensor_model_parallel_world_size() == 1
+            and ps.get_pipeline_model_parallel_world_size() == 1)
 
 
 def sample_rollouts(
@@ -110,15 +150,30 @@ def sample_rollouts(
         reduce=lambda logits: draw(logits, (B, NB, 1), num_samples=n, step=0),
         result=((B, NB, 1, n), torch.long),
     )
+    # The decode steps read and write the same buffers at every step: the fed tokens, the device
+    # step index (``RolloutKVCache.begin_step``) that picks the positions, the uniforms, the KV
+    # slot and the masks. That is what replaying one captured step needs.
+    fed = first.reshape(B, NB * n).clone()
+    fed_positions = all_positions[:, P:].reshape(B, NB * n, G).transpose(1, 2).contiguous()  # [B, G, NB*n]
+    decode = None
+
+    def decode_step():
+        cache.step_masks = None  # the step's masks are made inside the step (and inside a capture)
+        step_index = cache.step_index
+        return gpt.forward(
+            model, fed, fed_positions.index_select(1, step_index)[:, 0], block_params=decode,
+            reduce=lambda logits: draw(logits, (B, NB, n), step=step_index + 1), result=((B, NB, n), torch.long),
+        )
+
     steps = [first.reshape(B, NB, n)]
-    # [B, G, NB*n]: the position of every decoded token, made once
-    fed_positions = all_positions[:, P:].reshape(B, NB * n, G).transpose(1, 2)
+    captured = None
     for t in range(1, G):
         decode = BlockAttentionParams(layout=layout, mode="decode", cache=cache, step=t - 1, doc_ids=doc_ids)
-        steps.append(gpt.forward(
-            model, steps[-1].reshape(B, NB * n), fed_positions[:, t - 1], block_params=decode,
-            reduce=lambda logits, t=t: draw(logits, (B, NB, n), step=t), result=((B, NB, n), torch.long),
-        ))
+        if captured is None and t < G - 1 and _graphs_possible(settings, return_logits):
+            captured = CapturedStep(decode_step)
+        sampled = captured() if captured is not None else decode_step()
+        steps.append(sampled.clone() if captured is not None else sampled)
+        fed.copy_(sampled.reshape(B, NB * n))
     tokens = torch.stack(steps, dim=-1)  # [B, NB, n, G]
     logits = None
     if return_logits:

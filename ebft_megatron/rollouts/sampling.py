@@ -16,10 +16,12 @@ import torch
 class SamplingSettings:
     temperature: float
     top_p: float
+    # replay one captured decode step as a CUDA graph where that is possible (rollouts.sampler)
+    cuda_graphs: bool = False
 
     @classmethod
     def of(cls, config) -> "SamplingSettings":
-        return cls(config.rollout.temperature, config.rollout.top_p)
+        return cls(config.rollout.temperature, config.rollout.top_p, config.rollout.cuda_graphs)
 
 def sample_tokens(
     logits: torch.Tensor,
