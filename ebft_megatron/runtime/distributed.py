@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ebft_megatron.errors import UserError
-from ebft_megatron.runtime import cpu_fallbacks, device, watchdog
+from ebft_megatron.runtime import cpu_fallbacks, device, multi_tensor, watchdog
 
 
 class ParallelLayoutError(UserError, ValueError):
@@ -124,6 +124,7 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: floa
     Idempotent for the same layout within a process (tests call it repeatedly).
     """
     cpu_fallbacks.apply()
+    multi_tensor.apply()
     device.decide()  # before any collective: NCCL binds each rank to its current CUDA device
     import torch.distributed as dist
     from megatron.core import parallel_state

@@ -1,0 +1,52 @@
+"""megatron-core's multi-tensor ops without Transformer Engine or Apex, on torch's foreach ops.
+
+Without either, megatron-core falls back to Python loops (``megatron.core.utils.local_multi_tensor_*``):
+the gradient norm launches one norm kernel per parameter and then copies every one of those norms
+to the host (``torch.tensor`` of device scalars, one device-to-host read each), and clipping and
+the main-to-model copy launch a kernel or two per parameter. A plain ``pip install`` has neither
+package, so that is what most single-node GPU runs get. :func:`apply` puts torch's ``_foreach_*``
+ops in their place: a few multi-tensor kernels for all parameters, and nothing read back. It
+changes nothing where TE or Apex provides the ops (megatron then uses theirs), and it applies on
+a CPU too, so that CPU tests run the code a GPU without them runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for ``amp_C.multi_tensor_l2norm`` (no per-tensor norms): -> ([1] fp32, None)."""
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
+def scale(chunk_size, noop_flag, tensor_lists, factor):
+    """Drop-in for ``amp_C.multi_tensor_scale``: ``dst = src * factor`` for each pair, the product
+    taken in the source's precision, as megatron's fallback takes it."""
+    sources, targets = tensor_lists
+    if factor == 1.0:
+        torch._foreach_copy_(targets, sources)
+    elif all(source is target for source, target in zip(sources, targets)):
+        torch._foreach_mul_(targets, factor)
+    else:
+        torch._foreach_copy_(targets, torch._foreach_mul(sources, factor))
+
+
+_APPLIED = False
+
+
+def apply() -> None:
+    """Replace megatron's Python-loop fallbacks where megatron chose them. Safe to call many times."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _APPLIED = True
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = l2_norm
+    for module in (clip_grads, optimizer):
+        if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = scale
