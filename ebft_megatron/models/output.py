@@ -128,8 +128,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
             # d logprob / d logits = onehot(target) - softmax, times d logits / d (h.W) = 1 / T
             d_logits = head.chunk_logits(hidden[rows], weight, temperature)
             d_logits.sub_(lse[rows, None]).exp_().mul_(-grad[rows, None])
-            owner = owned[rows]
-            d_logits[owner.nonzero()[:, 0], index[rows][owner]] += grad[rows][owner]
+            # + grad at the target, on the shard that owns it (elsewhere + 0 at a clamped index):
+            # no data-dependent shapes, nothing read back to the host
+            d_logits.scatter_add_(1, index[rows, None], (grad[rows] * owned[rows])[:, None])
             if temperature != 1.0:
                 d_logits.div_(temperature)
             d_logits = d_logits.to(weight.dtype)
