@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ebft_megatron.models import layers
+from ebft_megatron.models import layers, rotary
 from ebft_megatron.models.architecture import ModelArchitecture, ModelConfigError
 from ebft_megatron.models.attention import BlockCoreAttention
 from ebft_megatron.runtime import device, pipeline
@@ -222,6 +222,7 @@ def build_model(
     pp = ps.get_pipeline_model_parallel_world_size()
     layers = num_layers or arch.num_layers
     replace(arch, num_layers=layers).check_parallel(tp, pp)
+    rotary.install()  # cos and sin of the rotary frequencies once per forward, not per layer
     if use_te is None:
         use_te = transformer_engine_available()
     config = transformer_config(arch, tp, pp, params_dtype, num_layers=layers, **config_overrides)
