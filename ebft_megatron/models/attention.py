@@ -332,12 +332,20 @@ class BlockCoreAttention(MegatronModule):
         rollout_cache = params.cache
         key = (params.layout, query_groups, query.dtype, query.device)
         if rollout_cache.step_masks is None or rollout_cache.step_masks[:2] != (params.step, key):
-            masks = rollout_cache.decode_masks.get(key)
-            if masks is None:
-                masks = decode_masks(params.layout, query_groups, query.dtype, query.device, params.doc_ids)
-                rollout_cache.decode_masks[key] = masks
+            masks = BlockCoreAttention._generation_masks(params, query_groups, query)
             rollout_cache.step_masks = (params.step, key, masks.at_step(rollout_cache.step_index, query.dtype))
         return rollout_cache.step_masks[2]
+
+    @staticmethod
+    def _generation_masks(params: BlockAttentionParams, query_groups: int, query) -> "DecodeMasks":
+        """The generation's decode masks, built once: at the prefill's first layer, so that every
+        decode step runs the same ops."""
+        key = (params.layout, query_groups, query.dtype, query.device)
+        masks = params.cache.decode_masks.get(key)
+        if masks is None:
+            masks = decode_masks(params.layout, query_groups, query.dtype, query.device, params.doc_ids)
+            params.cache.decode_masks[key] = masks
+        return masks
 
     # --- block-structured paths -------------------------------------------------------------
     def _block_forward(self, query, key, value, params: BlockAttentionParams):
@@ -360,6 +368,8 @@ class BlockCoreAttention(MegatronModule):
                 "rollout_k": k.new_zeros(NB, n, B, Hkv, G, d),
                 "rollout_v": v.new_zeros(NB, n, B, Hkv, G, d),
             }
+            if kernels.available(query.device) and not torch.is_grad_enabled():
+                self._generation_masks(params, rep, query)  # for the fused decode steps
             if docs is not None:
                 allowed = layout.chunk_visibility(docs)[:, None]
                 return _sbh(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True))
