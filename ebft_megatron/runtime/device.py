@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from ebft_megatron.runtime import device_guard
+from ebft_megatron.runtime import device_guard, launch_count
 
 _DEVICE: torch.device | None = None
 
@@ -49,8 +49,11 @@ def current() -> torch.device:
 def synchronize() -> None:
     """Wait for the device's queued work (CUDA runs kernels after the host returns): before a
     clock is read for a phase or a step."""
-    if torch.cuda.is_available() and current().type == "cuda":
-        torch.cuda.synchronize(current())
+    if current().type != "cuda":
+        return
+    with launch_count.host_wait("synchronize"):  # the guard's emulated GPU would wait here too
+        if torch.cuda.is_available():
+            torch.cuda.synchronize(current())
 
 
 def move_model(model):
@@ -66,8 +69,8 @@ def to_device(value, non_blocking: bool = True):
     if isinstance(value, torch.Tensor):
         if value.device == device:
             return value
-        if device.type == "cuda" and torch.cuda.is_available() and value.device.type == "cpu":
-            value = value.pin_memory()
+        if device.type == "cuda" and value.device.type == "cpu":
+            value = value.pin_memory()  # under the device guard: marked pinned, not copied
         return value.to(device, non_blocking=non_blocking)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.replace(value, **{field.name: to_device(getattr(value, field.name), non_blocking)

@@ -10,7 +10,10 @@ tensors would live on it:
   ``torch.cuda.current_device()``, ``device=x.device`` of such a tensor), what ``.cuda()`` and
   ``.to(<cuda>)`` return, and what an op computes from such tensors; views share their base's
   place. These tensors report ``device == cuda:0`` and ``is_cuda``.
-- *on the host*: everything else, and what ``.cpu()`` / ``.to("cpu")`` return.
+- *on the host*: everything else, and what ``.cpu()`` / ``.to("cpu")`` return; what
+  ``.pin_memory()`` returns (the tensor itself: pinning needs a CUDA build) is *pinned*
+  (``is_pinned()``), so that a copy from it counts as CUDA's asynchronous one
+  (``runtime.launch_count``).
 
 and fails, with a :class:`DeviceRuleViolation` naming the op and the line that called it, wherever
 CUDA would:
@@ -42,6 +45,8 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ebft_megatron.runtime import backward_modes
+
 ENV = "EBFT_DEVICE_GUARD"
 EMULATED_GPU = torch.device("cuda", 0)
 _HOST = torch.device("cpu")
@@ -57,6 +62,7 @@ class DeviceRuleViolation(RuntimeError):
 
 
 _gpu_storages: "weakref.WeakSet[torch.UntypedStorage]" = weakref.WeakSet()
+_pinned_storages: "weakref.WeakSet[torch.UntypedStorage]" = weakref.WeakSet()
 _state = threading.local()  # .target: force outputs onto the GPU (True) or host (False); .exempt
 
 
@@ -71,6 +77,16 @@ def on_gpu(tensor) -> bool:
     try:
         return tensor.untyped_storage() in _gpu_storages
     except (RuntimeError, NotImplementedError):  # no storage (e.g. a sparse or nested tensor)
+        return False
+
+
+def pinned(tensor) -> bool:
+    """Whether ``tensor`` would be in pinned host memory (it went through ``pin_memory()``)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.is_meta or on_gpu(tensor):
+        return False
+    try:
+        return tensor.untyped_storage() in _pinned_storages
+    except (RuntimeError, NotImplementedError):
         return False
 
 
@@ -97,13 +113,16 @@ def cuda_type_name(name: str) -> str:
 _ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def _where() -> str:
-    """The innermost line of this project's code that led here, and the library line beneath it."""
-    frame = sys._getframe(2)
+def call_site(skipping: tuple[str, ...] = ()) -> str:
+    """The innermost line of this project's code that led here, and the library line beneath it.
+    Frames in torch, in this module and in files whose names end with one of ``skipping`` (the
+    runtime's other modules that stand between a caller and torch) are not callers."""
+    frame = sys._getframe(1)
+    skipped = ("device_guard.py", *skipping)
     innermost = None
     while frame is not None:
         path = frame.f_code.co_filename
-        if "/torch/" not in path and not path.endswith(("device_guard.py", "_python_dispatch.py")):
+        if "/torch/" not in path and not path.endswith(skipped):
             place = f"{os.path.relpath(path, _ROOT) if path.startswith(_ROOT) else path}:{frame.f_lineno} " \
                     f"in {frame.f_code.co_name}"
             if path.startswith(_ROOT) and "site-packages" not in path:
@@ -114,7 +133,7 @@ def _where() -> str:
 
 
 def _violation(what: str) -> DeviceRuleViolation:
-    return DeviceRuleViolation(f"device guard: {what}, at {_where()} (a GPU run fails here)")
+    return DeviceRuleViolation(f"device guard: {what}, at {call_site()} (a GPU run fails here)")
 
 
 @contextlib.contextmanager
@@ -137,16 +156,30 @@ _IS_CUDA_PROPERTY = torch.Tensor.is_cuda
 
 
 def _moved(func, tensor, gpu: bool, args, kwargs):
-    """``tensor.to(...)``/``.cuda()``/``.cpu()`` towards ``gpu``: a new tensor there, as on CUDA
-    (or the tensor itself when it is there already)."""
+    """``tensor.to(...)``/``.cuda()``/``.cpu()`` towards ``gpu``, or a factory (``tensor`` None)
+    making a tensor there: a new tensor there, as on CUDA (or the tensor itself when it is there
+    already)."""
     with _within("target", gpu):
         if func is None:
             result = tensor
         else:
             result = func(*args, **kwargs) if tensor is None else func(tensor, *args, **kwargs)
         if isinstance(result, torch.Tensor) and on_gpu(result) != gpu:
-            result = result.clone()
+            if gpu and _copied_from_host_data(func, tensor, args):
+                # CUDA copies the data there without dispatching a copy: neither does the guard
+                _gpu_storages.add(result.untyped_storage())
+            else:
+                result = result.clone()
     return result
+
+
+def _copied_from_host_data(func, tensor, args) -> bool:
+    """Whether a factory made its tensor by copying data that is no tensor: ``torch.tensor``
+    always copies, ``as_tensor``/``asarray`` copy Python lists and numbers (they may share a
+    numpy array's memory)."""
+    if tensor is not None or not args or isinstance(args[0], torch.Tensor):
+        return False
+    return func is torch.tensor or isinstance(args[0], (list, tuple, int, float, bool, complex))
 
 
 class _GuardMode(torch.overrides.TorchFunctionMode):
@@ -171,7 +204,10 @@ class _GuardMode(torch.overrides.TorchFunctionMode):
         if func is torch.Tensor.pin_memory:
             if on_gpu(args[0]):
                 raise _violation("pin_memory() of a GPU tensor")
+            _pinned_storages.add(args[0].untyped_storage())
             return args[0]  # host memory; pinning needs a CUDA build
+        if func is torch.Tensor.is_pinned:
+            return pinned(args[0])
         if func is torch.Tensor.to:
             return self._to(func, args, kwargs)
         if "device" in kwargs and kwargs["device"] is not None:
@@ -304,19 +340,6 @@ def _recording_gloo_groups(function):
     return wrapper
 
 
-def _guarded_backward(apply):
-    """torch does not carry function modes into autograd's backward; custom backwards (ours, and
-    megatron's recompute, which runs a forward there) make tensors and ask devices, so the guard's
-    mode is entered around each."""
-
-    @functools.wraps(apply)
-    def wrapper(self, *args):
-        with _GuardMode():
-            return apply(self, *args)
-
-    return wrapper
-
-
 _ENTERED = False
 
 
@@ -334,6 +357,6 @@ def enter() -> None:
             setattr(dist, name, _exempt_on_gloo(getattr(dist, name)))
     dist.new_group = _recording_gloo_groups(dist.new_group)
     torch.cuda.current_device = lambda: EMULATED_GPU.index
-    torch.autograd.function.BackwardCFunction.apply = _guarded_backward(torch.autograd.function.BackwardCFunction.apply)
+    backward_modes.carry(_GuardMode)  # custom backwards (ours, megatron's recompute) make tensors, ask devices
     _RuleMode().__enter__()
     _GuardMode().__enter__()

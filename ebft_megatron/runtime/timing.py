@@ -3,8 +3,9 @@
 The objectives time their phases (rollouts, features, rewards), the trainer the policy's forward
 and backward and the optimizer; the progress line, the metrics files and the benchmarks all read
 the same figures. Entering a phase is also progress for the stall watchdog
-(``runtime.watchdog``), which names the phase a stalled rank was in. On a GPU each phase ends
-by waiting for its kernels, so a phase's time is its own and not the next one's.
+(``runtime.watchdog``), which names the phase a stalled rank was in, and, while a launch counter
+counts (``runtime.launch_count``), the phase its counts go to. On a GPU each phase ends by waiting
+for its kernels, so a phase's time is its own and not the next one's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-from ebft_megatron.runtime import device, watchdog
+from ebft_megatron.runtime import device, launch_count, watchdog
 
 
 class PhaseTimer:
@@ -23,11 +24,12 @@ class PhaseTimer:
     def phase(self, name: str):
         watchdog.progress(name)
         started = time.perf_counter()
-        try:
-            yield
-        finally:
-            device.synchronize()  # on CUDA the phase's kernels run after the host has left it
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        with launch_count.phase(name):
+            try:
+                yield
+            finally:
+                device.synchronize()  # on CUDA the phase's kernels run after the host has left it
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
     def take(self) -> dict[str, float]:
         """The seconds by phase since the last take, and start afresh."""
