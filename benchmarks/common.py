@@ -1,17 +1,20 @@
 """What the benchmarks share: the rollout-layout flags (defaults: the paper's code setting), the model
 they run (SmolLM2-135M-Instruct, or with ``--random-weights`` a model of its shape made here, with
-nothing downloaded), the device's clock, and one set-up of an SFT and an EBFT step as the trainer
-runs them."""
+nothing downloaded), the device's clock, ``--count`` (ops, kernels and host syncs by phase,
+``runtime.launch_count``), and one set-up of an SFT and an EBFT step as the trainer runs them."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from ebft_megatron.runtime import device_guard
+from ebft_megatron.runtime.launch_count import LaunchCounter
 from ebft_megatron.runtime.timing import PhaseTimer
 
 SMOLLM2_CONFIG = Path(__file__).with_name("smollm2_config.json")  # SmolLM2-135M's architecture
@@ -33,6 +36,31 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--layers", type=int, default=None,
                         help="with --random-weights: this many layers (default: SmolLM2-135M's 30; at least 4, "
                              "so that the feature layers L/4, L/2, 3L/4 differ)")
+
+
+def add_count_argument(parser) -> None:
+    parser.add_argument("--count", action="store_true",
+                        help="also run the measured thing once more under a launch counter and give its ops "
+                             "dispatched, device kernels and host syncs by phase (ebft_megatron.runtime."
+                             "launch_count); without CUDA the whole run is under the device guard "
+                             "(EBFT_DEVICE_GUARD=1), so that the GPU code path is the one counted")
+
+
+def count_on_the_gpu_path(args) -> None:
+    """With ``--count``, put a run without CUDA under the device guard: it must be asked for before
+    the run's device is decided (``runtime.device``), so before anything is built. (Under CUDA the
+    guard stays off by itself.)"""
+    if args.count:
+        os.environ[device_guard.ENV] = "1"
+
+
+def print_counts(title: str, counts: dict) -> None:
+    """A table of ``LaunchCounter.as_dict()``: ops, kernels, syncs and async copies by phase."""
+    print(f"{title}:")
+    for phase, c in counts.items():
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(c["sync_kinds"].items(), key=lambda kv: -kv[1]))
+        print(f"  {phase:<18} ops {c['ops']:>9,}  kernels {c['kernels']:>8,}  syncs {c['syncs']:>6,}"
+              f"  async copies {c['async_copies']:>3}" + (f"  ({kinds})" if kinds else ""))
 
 
 def layout_from(args):
@@ -132,14 +160,19 @@ def device_clock() -> float:
 
 class DeviceTimer(PhaseTimer):
     """The trainer's PhaseTimer, waiting for the device at each phase's ends (on CUDA a phase's
-    clock would otherwise stop when its kernels are queued, not when they have run)."""
+    clock would otherwise stop when its kernels are queued, not when they have run), unless
+    ``waits`` is off (a counted run counts what the trainer does, not the benchmark's waits)."""
+
+    waits = True
 
     @contextmanager
     def phase(self, name: str):
-        synchronize()
+        if self.waits:
+            synchronize()
         with super().phase(name):
             yield
-            synchronize()
+            if self.waits:
+                synchronize()
 
 
 def peak_gpu_bytes() -> int | None:
@@ -159,7 +192,8 @@ class StepBench:
     real chunk of Python source (the standard library's argparse module), on the run's device; the
     training config's defaults for everything else. ``step("sft")`` and ``step("ebft")`` each run
     one optimizer step and return its wall time by phase, as the trainer times them (on CUDA waiting
-    for the device at each phase's ends), and its loss."""
+    for the device at each phase's ends), and its loss; ``count("sft")`` and ``count("ebft")`` run
+    one more, under a launch counter whose phases are the timer's."""
 
     def __init__(self, layout, checkpoint: Path, recompute: str = "selective", attention: str = "fused",
                  logit_chunk_rows: int = 1024, lora_rank: int = 0):
@@ -193,16 +227,37 @@ class StepBench:
     def step(self, mode: str) -> tuple[dict[str, float], dict[str, float]]:
         """One optimizer step of ``mode`` (sft or ebft) on the chunk: (seconds by phase and in
         total, the step's loss terms)."""
+        self._zero_grads()
+        self.timer.take()
+        started = device_clock()
+        terms = self._run(mode)
+        return {**self.timer.take(), "total": device_clock() - started}, terms
+
+    def count(self, mode: str):
+        """One more optimizer step of ``mode`` under a LaunchCounter (returned), without the
+        benchmark's clock waits: the step's phases are the trainer's PhaseTimer phases (rollouts,
+        features, rewards, forward_backward, optimizer), zeroing the gradients is outside them."""
+        self.timer.waits = False
+        try:
+            with LaunchCounter() as counter:
+                self._zero_grads()
+                self._run(mode)
+        finally:
+            self.timer.waits = True
+            self.timer.take()
+        return counter
+
+    def _zero_grads(self) -> None:
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def _run(self, mode: str) -> dict[str, float]:
         from ebft_megatron.training.step import forward_backward
 
         objective = self.objectives[mode]
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        self.timer.take()
-        started = device_clock()
         experience = objective.experience(self.batch, self.ddp)
         with self.timer.phase("forward_backward"):
             terms = forward_backward(self.ddp, [experience], objective)
         with self.timer.phase("optimizer"):
             self.optimizer.step()
-        return {**self.timer.take(), "total": device_clock() - started}, terms
+        return terms

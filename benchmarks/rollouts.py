@@ -4,6 +4,7 @@
   python benchmarks/rollouts.py                       # P=1024, C=s=G=8, n=4, SmolLM2-135M, fp32
   python benchmarks/rollouts.py --random-weights      # same shapes, random weights: nothing downloaded
   python benchmarks/rollouts.py --random-weights --layers 4 --chunk-len 256   # a quick look
+  python benchmarks/rollouts.py --random-weights --count   # also ops, kernels and host syncs by phase
 
 The reference's method (reference §1.5): for each of the n sample copies, G full forwards of the chunk
 plus all blocks' tokens so far, dense block mask, logits only at the rows that are sampled.
@@ -14,7 +15,11 @@ tokenizer, on the run's device (on CUDA the clock waits for the device). Prints 
 ratio, peak RSS (and on CUDA torch's max allocated memory) and the FLOP-model ratio, and where our
 engine's time went (prefill / decode forwards, their core attention and LM head, sampling), from a
 run of its own before the timed ones (it warms them up): the phase clocks wait for the device at
-every boundary, which would slow a timed run on CUDA.
+every boundary, which would slow a timed run on CUDA. With --count, one generation (the first
+chunk) of each method runs once more under a launch counter (ebft_megatron.runtime.launch_count;
+without CUDA the whole run is under the device guard, so that the GPU path is counted): the ops
+dispatched, device kernels and host syncs by phase (prefill, decode, the reference's full forwards,
+sampling).
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    add_layout_arguments, add_model_arguments, device_clock, layout_from, model_checkpoint, peak_gpu_bytes,
-    text_tokens)
+    add_count_argument, add_layout_arguments, add_model_arguments, count_on_the_gpu_path, device_clock, layout_from,
+    model_checkpoint, peak_gpu_bytes, print_counts, text_tokens)
 
 
 def flop_model(arch, layout, dense_decode: bool = False) -> dict:
@@ -43,7 +48,7 @@ def flop_model(arch, layout, dense_decode: bool = False) -> dict:
     per_pair = 4 * L * arch.num_attention_heads * arch.head_dim
     lm_head = 2 * h * arch.vocab_size
     P, NB, n, G = layout.chunk_len, layout.num_blocks, layout.num_samples, layout.rollout_len
-    anchors = layout.anchor_positions.tolist()
+    anchors = list(layout.anchors)
 
     recompute = 0
     for t in range(G):
@@ -145,14 +150,53 @@ class EnginePhases:
         }
 
 
+class CountedPhases:
+    """A launch counter's phases for rollout generations: each ``gpt.forward`` under its attention
+    mode (prefill and decode; the reference's full recompute: full_forward), and sampling (inside a
+    forward's reduce: the innermost phase, so not the forward's). Wraps ``gpt.forward`` and
+    ``sample_tokens`` as the engine and the reference sampler see them."""
+
+    PHASE_OF_MODE = {"prefill": "prefill", "decode": "decode", "dense": "full_forward"}
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def __enter__(self):
+        import reference_sampler
+
+        from ebft_megatron.rollouts import sampler as sampler_module
+
+        counter, forward, draw = self.counter, sampler_module.gpt.forward, sampler_module.sample_tokens
+        self._saved = [(sampler_module.gpt, "forward", forward), (sampler_module, "sample_tokens", draw),
+                       (reference_sampler, "sample_tokens", reference_sampler.sample_tokens)]
+
+        def counted_forward(*args, block_params=None, **kwargs):
+            with counter.phase(self.PHASE_OF_MODE[block_params.mode]):
+                return forward(*args, block_params=block_params, **kwargs)
+
+        def counted_draw(*args, **kwargs):
+            with counter.phase("sampling"):
+                return draw(*args, **kwargs)
+
+        sampler_module.gpt.forward = counted_forward
+        sampler_module.sample_tokens = reference_sampler.sample_tokens = counted_draw
+        return self
+
+    def __exit__(self, *exc):
+        for module, name, original in self._saved:
+            setattr(module, name, original)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_layout_arguments(parser)
     parser.add_argument("--chunks", type=int, default=1, help="chunks timed (batch 1 each)")
     add_model_arguments(parser)
     parser.add_argument("--skip-recompute", action="store_true", help="time only our engine")
+    add_count_argument(parser)
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
+    count_on_the_gpu_path(args)
 
     from ebft_megatron.cli import quiet_imports
 
@@ -168,6 +212,7 @@ def main() -> None:
     from ebft_megatron.config import load_config
     from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
     from ebft_megatron.runtime import device
+    from ebft_megatron.runtime.launch_count import LaunchCounter
     from ebft_megatron.training import builder
 
     # the policy as a run builds it (the training settings' defaults), in float32
@@ -231,7 +276,19 @@ def main() -> None:
     peak_gpu = peak_gpu_bytes()
     if peak_gpu is not None:
         result["peak_gpu_mb"] = peak_gpu / 2 ** 20
+    if args.count:
+        samplers = {"ours": sample_rollouts}
+        if not args.skip_recompute:
+            samplers["recompute"] = sample_rollouts_recompute
+        result["counts_per_generation"] = {}
+        for name, sampler in samplers.items():
+            with LaunchCounter() as counter, CountedPhases(counter):
+                sampler(model, layout, chunks[0], arch.vocab_size, settings, uniforms=uniforms[0])
+            result["counts_per_generation"][name] = counter.as_dict()
+        result["decode_steps_per_generation"] = layout.rollout_len - 1
     print(json.dumps(result, indent=2))
+    for name, counts in result.get("counts_per_generation", {}).items():
+        print_counts(f"one generation, {name}, counted on {device.current()}", counts)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -5,6 +5,7 @@
   python benchmarks/step.py --random-weights    # same shapes, random weights: nothing downloaded
   python benchmarks/step.py --chunk-len 256     # a quicker look
   python benchmarks/step.py --random-weights --layers 2 --chunk-len 64   # the plumbing only (the tests)
+  python benchmarks/step.py --random-weights --count   # also ops, kernels and host syncs by phase
 
 EBFT step = rollouts (KV-cached engine) + features (truncated frozen network, one packed forward)
 + rewards + policy forward/backward over the packed sequence + optimizer step. SFT step = forward/
@@ -12,7 +13,10 @@ backward of the chunk + optimizer step. Both use megatron's schedule, DDP and di
 the same activation-recompute setting; every tensor lives on the run's device (on CUDA the clock
 waits for the device). Prints the measured ratio, the time by phase, the steps' losses, peak RSS
 (and on CUDA torch's max allocated memory), and the FLOP-model ratio for the reference's method,
-ours with dense attention and ours with real-pair attention (ebft_megatron.models.flops).
+ours with dense attention and ours with real-pair attention (ebft_megatron.models.flops). With
+--count, one more SFT and one more EBFT step run under a launch counter (ebft_megatron.runtime.
+launch_count; without CUDA the whole run is under the device guard, so the GPU path is counted):
+the ops dispatched, device kernels and host syncs of each step by the trainer's phases.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    StepBench, add_layout_arguments, add_model_arguments, layout_from, model_checkpoint, peak_gpu_bytes)
+    StepBench, add_count_argument, add_layout_arguments, add_model_arguments, count_on_the_gpu_path, layout_from,
+    model_checkpoint, peak_gpu_bytes, print_counts)
 
 
 def main() -> None:
@@ -35,8 +40,10 @@ def main() -> None:
     add_layout_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--recompute", default="selective", choices=["none", "selective", "full"])
+    add_count_argument(parser)
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
+    count_on_the_gpu_path(args)
 
     from ebft_megatron.cli import quiet_imports
 
@@ -93,6 +100,10 @@ def main() -> None:
           + ("" if figures["peak_gpu_gb"] is None else f", peak GPU memory {figures['peak_gpu_gb']:.1f} GB"))
     print(f"losses: EBFT {ebft_terms}, SFT {sft_terms}")
     print("FLOP model, EBFT step / SFT step: " + ", ".join(f"{k} {v:.1f}x" for k, v in figures["flop_ratio"].items()))
+    if args.count:
+        figures["counts_per_step"] = {mode: bench.count(mode).as_dict() for mode in ("sft", "ebft")}
+        for mode, counts in figures["counts_per_step"].items():
+            print_counts(f"one {mode.upper()} step, counted on {device.current()}", counts)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     distributed.destroy()

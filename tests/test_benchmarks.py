@@ -3,7 +3,8 @@
 process under the device guard (``EBFT_DEVICE_GUARD=1``: the run's device is an emulated GPU, and a
 tensor left on the host where a GPU run needs it fails the run) and with every model source shut:
 the Hugging Face hub offline, empty caches, no package index (so SmolLM2's download would fail).
-Each must exit 0 and write a real figure to its --json. And every script answers --help."""
+Each must exit 0 and write a real figure to its --json; step.py and rollouts.py run with --count, and
+their counts of ops, kernels and host syncs by phase must be there. And every script answers --help."""
 
 import json
 import math
@@ -48,17 +49,33 @@ def run_benchmark(script: str, flags: list, env: dict, out: Path):
     return json.loads(out.read_text())
 
 
+def assert_counted(counts: dict, phases: set) -> None:
+    """``--count``'s figures (``LaunchCounter.as_dict()``): the phases asked for, each with ops and
+    kernels, and a total that holds them all, its syncs told by kind (none is a fine number: this
+    checks the plumbing, not a budget)."""
+    assert phases <= set(counts), sorted(counts)
+    for phase in phases:
+        assert counts[phase]["ops"] > 0 and counts[phase]["kernels"] > 0, (phase, counts[phase])
+    total = counts["total"]
+    assert total["ops"] >= sum(counts[phase]["ops"] for phase in phases)
+    assert sum(total["sync_kinds"].values()) == total["syncs"]
+
+
 def assert_untrained_ce(loss: float) -> None:
     """Random weights predict about uniformly: the cross entropy is near ln(vocabulary)."""
     assert abs(loss - math.log(SMOLLM2_VOCAB)) < 0.5, loss
 
 
 def test_step_benchmark_runs_on_the_device_without_downloads(offline_env, tmp_path):
-    figures = run_benchmark("step.py", TINY, offline_env, tmp_path / "step.json")
+    figures = run_benchmark("step.py", [*TINY, "--count"], offline_env, tmp_path / "step.json")
     assert figures["device"] == "cuda:0" and figures["layers"] == 4  # the guard's GPU, the tiny model
     assert_untrained_ce(figures["losses"]["sft"]["loss"])
     assert_untrained_ce(figures["losses"]["ebft"]["loss/ce"])
     assert {"rollouts", "features", "rewards", "forward_backward", "optimizer"} <= set(figures["ebft_phases_s"])
+    # the counted steps, by the trainer's phases
+    assert_counted(figures["counts_per_step"]["sft"], {"forward_backward", "optimizer"})
+    assert_counted(figures["counts_per_step"]["ebft"], {"rollouts", "features", "rewards", "forward_backward",
+                                                        "optimizer"})
     assert figures["flop_ratio"]["ours_vs_sft"] < figures["flop_ratio"]["reference_vs_sft"]
 
 
@@ -75,13 +92,18 @@ def test_memory_benchmark_runs_on_the_device_without_downloads(offline_env, tmp_
 
 
 def test_rollouts_benchmark_runs_on_the_device_without_downloads(offline_env, tmp_path):
-    figures = run_benchmark("rollouts.py", TINY, offline_env, tmp_path / "rollouts.json")
+    figures = run_benchmark("rollouts.py", [*TINY, "--count"], offline_env, tmp_path / "rollouts.json")
     assert figures["settings"]["device"] == "cuda:0" and figures["settings"]["layers"] == 4
     assert figures["settings"]["num_blocks"] == 7
     # the engine and the full recompute draw from the same random numbers: the same tokens (but
     # where a number falls within rounding of a step of the distribution)
     assert figures["same_token_fraction"] > 0.9
     assert figures["flops_real_pair_decode"]["ratio"] > 1
+    # one counted generation of each method, by phase
+    counts = figures["counts_per_generation"]
+    assert_counted(counts["ours"], {"prefill", "decode", "sampling"})
+    assert_counted(counts["recompute"], {"full_forward", "sampling"})
+    assert figures["decode_steps_per_generation"] == 7
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
