@@ -174,7 +174,7 @@ def rollout_attention(q, k_prefix, v_prefix, k_own, v_own, anchors, own_allowed,
             q[:, :, start:stop].reshape(B, Hkv, rows, d), k_prefix[:, :, :key_len].transpose(-1, -2)
         ).view(B, Hkv, blocks, rep, n, Gq, key_len)
         if prefix_visible is None:
-            tile_anchors = torch.tensor(anchors[start:stop]).to(q.device)  # host ints: the generic path only
+            tile_anchors = torch.as_tensor(anchors[start:stop], device=q.device)  # host ints: the generic path only
             hidden = (positions[None, :key_len] >= tile_anchors[:, None])[:, None, None, None, :]  # [blocks, key_len]
         else:  # a row may see no key here; the softmax below also covers its own keys, itself included
             hidden = ~prefix_visible(start, stop, key_len)[:, None, :, None, None]
