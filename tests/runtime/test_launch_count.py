@@ -68,6 +68,7 @@ CASES = """
     count("tensor of GPU values", lambda: torch.tensor([s, s]))
     count("to the GPU", lambda: h.to(gpu))
     count("cuda", lambda: h.cuda())
+    count("a dtype change on the GPU, naming the GPU", lambda: x.to(device=gpu, dtype=torch.float64))
     count("pinned non-blocking", lambda: pinned.to(gpu, non_blocking=True))
     count("pinned blocking", lambda: pinned.to(gpu))
     count("unpinned non-blocking", lambda: unpinned.to(gpu, non_blocking=True))
@@ -205,6 +206,8 @@ EXPECTED = {
     "tensor of GPU values": dict(ops=1, kernels=0, syncs=2, sync_kinds={"GPU values read by torch.tensor": 2}),
     "to the GPU": dict(ops=1, kernels=1, syncs=1, sync_kinds={"host-to-device copy": 1}),
     "cuda": dict(ops=1, kernels=1, syncs=1, sync_kinds={"host-to-device copy": 1}),
+    # one _to_copy that converts in place on the device: no move (megatron's RoPE does this)
+    "a dtype change on the GPU, naming the GPU": dict(ops=1, kernels=1, syncs=0),
     # from pinned memory without blocking: a copy the host does not wait for, counted apart
     "pinned non-blocking": dict(ops=1, kernels=1, syncs=0, async_copies=1),
     "pinned blocking": dict(ops=1, kernels=1, syncs=1, async_copies=0),
