@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ebft_megatron.models import layers, rotary
+from ebft_megatron.models import embedding, layers, rotary
 from ebft_megatron.models.architecture import ModelArchitecture, ModelConfigError
 from ebft_megatron.models.attention import BlockCoreAttention
 from ebft_megatron.runtime import device, pipeline
@@ -73,6 +73,10 @@ def transformer_config(arch: ModelArchitecture, tp: int, pp: int, params_dtype=t
         pipeline_model_parallel_size=pp,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
+        # megatron waits for the whole device after every batched p2p exchange between pipeline
+        # stages, against a race in torch's batch_isend_irecv that the torch versions we support
+        # (>= 2.6) do not have: a host sync per stage boundary and decode step
+        batch_p2p_sync=False,
         bf16=params_dtype == torch.bfloat16,
         # megatron's GPU initialisation draws from CUDA's RNG tracker: only where CUDA exists; the
         # model is moved to the run's device after it is built either way
@@ -223,6 +227,7 @@ def build_model(
     layers = num_layers or arch.num_layers
     replace(arch, num_layers=layers).check_parallel(tp, pp)
     rotary.install()  # cos and sin of the rotary frequencies once per forward, not per layer
+    embedding.install()  # the vocabulary-parallel embedding masks without a host sync
     if use_te is None:
         use_te = transformer_engine_available()
     config = transformer_config(arch, tp, pp, params_dtype, num_layers=layers, **config_overrides)

@@ -149,9 +149,22 @@ def test_training_runs_under_the_guard(guarded_runs, run):
         assert result["start"] == 1 and len(result["losses"]) == 1  # resumed from the step-1 checkpoint
 
 
+ROLLOUT_RUNS = ["rollouts/tp1", "rollouts/tp2", "rollouts/pp2", "rollouts/tp2pp2"]
+
+
+@pytest.mark.parametrize("run", ROLLOUT_RUNS[1:])
+def test_rollouts_at_every_parallel_layout_sample_tp1s_tokens_without_a_sync_in_a_decode_step(guarded_runs, run):
+    runs, returncode, errors = guarded_runs
+    assert run in runs and "rollouts/tp1" in runs, f"{run} did not finish under the device guard:\n{errors}"
+    result = runs[run]
+    assert result["decode_steps"] == 3
+    assert result["decode_syncs"] == [0, 0, 0], result["decode_sync_sites"]
+    assert result["tokens"] == runs["rollouts/tp1"]["tokens"]
+
+
 def test_the_launch_ends_cleanly(guarded_runs):
     runs, returncode, errors = guarded_runs
-    assert returncode == 0 and sorted(runs) == sorted(LAUNCH_RUNS), errors
+    assert returncode == 0 and sorted(runs) == sorted(LAUNCH_RUNS + ROLLOUT_RUNS), errors
 
 
 # --- the command-line tools under the guard --------------------------------------------------
