@@ -244,7 +244,8 @@ _COPIES = {_aten.copy_.default, _aten._to_copy.default, _aten._has_compatible_sh
 _INDEXING = {_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.default, _aten._index_put_impl_.default}
 
 
-def _tensors(values):
+def tensors_in(values):
+    """The tensors among ``values`` and inside the lists and tuples among them (an op's arguments)."""
     for value in values:
         if isinstance(value, torch.Tensor):
             yield value
@@ -263,17 +264,17 @@ def _storages(tensors) -> list:
 class _RuleMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        inputs = list(_tensors((*args, *kwargs.values())))
+        inputs = list(tensors_in((*args, *kwargs.values())))
         if func.namespace == "c10d":
             if not getattr(_state, "exempt", False) and not all(on_gpu(t) for t in inputs):
                 raise _violation(f"collective {func.__name__} on a host tensor (NCCL takes GPU tensors only)")
             return func(*args, **kwargs)
         checked = inputs
         if func in _INDEXING:  # host index tensors are fine; self and the values must agree
-            indices = list(_tensors(args[1:2]))
+            indices = list(tensors_in(args[1:2]))
             if not on_gpu(args[0]) and any(on_gpu(t) for t in indices):
                 raise _violation(f"{func} indexes a host tensor with GPU indices")
-            checked = [args[0], *_tensors(args[2:3])]
+            checked = [args[0], *tensors_in(args[2:3])]
         gpu_inputs = any(on_gpu(t) for t in checked)
         target = getattr(_state, "target", None)
         if gpu_inputs and func not in _COPIES:
@@ -286,7 +287,7 @@ class _RuleMode(TorchDispatchMode):
         gpu = target if target is not None else gpu_inputs
         if gpu:  # new storages only: views and in-place results keep their storage's place
             known = _storages(inputs)
-            for tensor in _tensors(result if isinstance(result, (list, tuple)) else (result,)):
+            for tensor in tensors_in(result if isinstance(result, (list, tuple)) else (result,)):
                 storage = None if tensor.is_meta else tensor.untyped_storage()
                 if storage is not None and not any(storage is seen for seen in known):
                     _gpu_storages.add(storage)

@@ -289,14 +289,6 @@ def _rule_of(func) -> _Rule:
 _RULES: dict = {}
 
 
-def _tensors(values):
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            yield from (item for item in value if isinstance(item, torch.Tensor))
-
-
 class _CountedOps(TorchDispatchMode):
     def __init__(self, counter: LaunchCounter):
         super().__init__()
@@ -312,12 +304,12 @@ class _CountedOps(TorchDispatchMode):
         if not (rule.kernel or rule.sync):  # a view, allocation or metadata: no device work to look for
             counter._op(False)
             return result
-        gpu_inputs = any(on_gpu(t) for t in _tensors((*args, *kwargs.values())))
+        gpu_inputs = any(on_gpu(t) for t in device_guard.tensors_in((*args, *kwargs.values())))
         if rule.collective:
             counter._op(True)
         elif rule.kernel:  # an op on host tensors launches nothing; a factory's output tells
             outputs = result if isinstance(result, (list, tuple)) else (result,)
-            counter._op(gpu_inputs or any(on_gpu(t) for t in _tensors(outputs)))
+            counter._op(gpu_inputs or any(on_gpu(t) for t in device_guard.tensors_in(outputs)))
         else:
             counter._op(False)
         if getattr(_thread, "accounted", False):
