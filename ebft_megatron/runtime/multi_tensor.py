@@ -3,7 +3,9 @@
 Without either, megatron-core falls back to Python loops (``megatron.core.utils.local_multi_tensor_*``):
 the gradient norm launches one norm kernel per parameter and then copies every one of those norms
 to the host (``torch.tensor`` of device scalars, one device-to-host read each), and clipping and
-the main-to-model copy launch a kernel or two per parameter. A plain ``pip install`` has neither
+the main-to-model copy launch a kernel or two per parameter (the distributed optimizer's copy of
+its updated shards back into the parameter buffer is such a loop whatever is installed). A plain
+``pip install`` has neither
 package, so that is what most single-node GPU runs get. :func:`apply` puts torch's ``_foreach_*``
 ops in their place: a few multi-tensor kernels for all parameters, and nothing read back. It
 changes nothing where TE or Apex provides the ops (megatron then uses theirs), and it applies on
@@ -33,17 +35,48 @@ def scale(chunk_size, noop_flag, tensor_lists, factor):
         torch._foreach_copy_(targets, torch._foreach_mul(sources, factor))
 
 
+def copy_main_params_to_model_params(self) -> None:
+    """``DistributedOptimizer._copy_main_params_to_model_params`` as one foreach copy: the same
+    shards into the same places of the parameter buffer. FP8 parameters, Megatron-FSDP and the
+    precision-aware optimizer keep megatron's own."""
+    from megatron.core.fp8_utils import is_float8tensor
+
+    groups = ((self.shard_fp32_from_float16_groups, self.model_float16_groups),
+              (self.shard_fp32_groups, self.model_fp32_groups))
+    if (self.is_stub_optimizer or self.ddp_config.use_megatron_fsdp
+            or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+            or any(is_float8tensor(p) for _, models in groups for group in models for p in group)):
+        return _megatron_copy_main_params(self)
+    targets, sources = [], []
+    for shard_main_groups, model_groups in groups:
+        for shard_main_group, model_group in zip(shard_main_groups, model_groups):
+            for shard_main_param, model_param in zip(shard_main_group, model_group):
+                world_range = self._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
+                buffer_index, _, bucket_id = self.model_param_gbuf_map[model_param]
+                param_data = self.buffers[buffer_index].buckets[bucket_id].param_data
+                targets.append(param_data.view(-1)[world_range.start:world_range.end])
+                sources.append(shard_main_param)
+    if targets:
+        torch._foreach_copy_(targets, sources)
+
+
+_megatron_copy_main_params = None
 _APPLIED = False
 
 
 def apply() -> None:
-    """Replace megatron's Python-loop fallbacks where megatron chose them. Safe to call many times."""
-    global _APPLIED
+    """Replace megatron's Python-loop fallbacks where megatron chose them, and the distributed
+    optimizer's per-parameter copy. Safe to call many times."""
+    global _APPLIED, _megatron_copy_main_params
     if _APPLIED:
         return
     _APPLIED = True
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    _megatron_copy_main_params = DistributedOptimizer._copy_main_params_to_model_params
+    DistributedOptimizer._copy_main_params_to_model_params = copy_main_params_to_model_params
 
     if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
         clip_grads.l2_norm_impl = l2_norm

@@ -51,3 +51,39 @@ def test_megatron_calls_them_after_initialisation():
     assert clip_grads.l2_norm_impl is multi_tensor.l2_norm
     assert clip_grads.multi_tensor_scale_impl is multi_tensor.scale
     assert optimizer.multi_tensor_scale_impl is multi_tensor.scale
+
+
+def test_the_distributed_optimizers_copy_back_is_megatrons():
+    """After a bf16 optimizer step the model holds the same values whether the updated fp32 shards
+    were copied back by one foreach copy or by megatron's loop."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from ebft_megatron.config import OptimizerSettings
+    from ebft_megatron.models import architecture, gpt
+    from ebft_megatron.training.optimizer import build_optimizer, wrap_ddp
+
+    arch = architecture.from_hf_config(dict(
+        architectures=["Qwen2ForCausalLM"], hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, num_hidden_layers=2, vocab_size=128))
+    assert DistributedOptimizer._copy_main_params_to_model_params is multi_tensor.copy_main_params_to_model_params
+
+    def stepped(copy):
+        torch.manual_seed(0)
+        model = gpt.build_model(arch, params_dtype=torch.bfloat16)
+        ddp = wrap_ddp(model)
+        optimizer = build_optimizer(ddp, OptimizerSettings(lr=1e-2), params_dtype=torch.bfloat16)
+        for buffer in ddp.buffers:
+            buffer.grad_data.copy_(torch.randn(buffer.grad_data.shape, generator=torch.Generator().manual_seed(1)))
+        before = [p.detach().clone() for p in model.parameters()]
+        DistributedOptimizer._copy_main_params_to_model_params = copy
+        try:
+            optimizer.step()
+        finally:
+            DistributedOptimizer._copy_main_params_to_model_params = multi_tensor.copy_main_params_to_model_params
+        after = [p.detach().clone() for p in model.parameters()]
+        assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the step moved the model
+        return after
+
+    ours, theirs = stepped(multi_tensor.copy_main_params_to_model_params), stepped(multi_tensor._megatron_copy_main_params)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
