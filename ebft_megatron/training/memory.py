@@ -21,9 +21,11 @@ What is counted:
 Activations kept per layer and token, in elements (h hidden, a = query width and kv = key+value
 width and f = FFN width per tensor-parallel rank, d head dim), as autograd saves them with the
 layer parts of ``models.layers`` and the fused block attention:
-    two norms 2 x (2h + 1) (input and inverse RMS; the next linear layer keeps the output), rotary
-    tables 4d, q a, k kv/2, v kv/2, attention output a (shared with the output projection), SwiGLU
-    3f (the fc1 output and the fc2 input), and the attention's row log-sum-exps (one per head).
+    two norms 2 x (2h + 1) (input and inverse RMS; the next linear layer keeps the output), q a,
+    k kv/2, v kv/2, attention output a (shared with the output projection), SwiGLU 3f (the fc1
+    output and the fc2 input), and the attention's row log-sum-exps (one per head). The rotary
+    tables (cos and sin, 2d) are kept once per forward: every layer's query and key share them
+    (``models.rotary``).
 Selective recompute re-runs the core attention in backward (with the fused kernels that saves
 only the log-sum-exps: no score matrices are kept in the first place) and the norms, whose outputs
 megatron discards once the next linear layer has used them (2 x (h + 1) fewer per layer). Full
@@ -46,7 +48,7 @@ prints the estimate for a config (the model's config.json; default: the checkpoi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from ebft_megatron.checkpoint import store
@@ -119,6 +121,26 @@ class MemoryEstimate:
         return f"peak {self.peak / GIB:.2f} GiB at {self.peak_phase} ({', '.join(parts)} GiB)"
 
 
+def micro_batch_advice(arch, shape: StepShape) -> str:
+    """How a step is cut into micro-batches, and what the next larger micro-batch that divides the
+    rank's chunks would cost in memory: fewer, larger forwards launch fewer kernels per chunk, which
+    is what a GPU's step time is made of until the model is large."""
+    chunks = shape.micro_batch * shape.micro_batches
+    now = (f"{shape.micro_batches} micro-batch{'es' if shape.micro_batches != 1 else ''} of {shape.micro_batch} "
+           f"chunk{'s' if shape.micro_batch != 1 else ''} per step and process")
+    larger = next((size for size in range(shape.micro_batch + 1, chunks + 1) if chunks % size == 0), None)
+    if larger is None:
+        return f"micro-batches: {now}, the largest micro-batch the step allows"
+    peak_now = estimate(arch, shape).peak
+    peak_then = estimate(arch, replace(shape, micro_batch=larger, micro_batches=chunks // larger)).peak
+    return (f"micro-batches: {now}; train.micro_batch={larger} would make {chunks // larger} per step, with fewer "
+            f"kernel launches per chunk, at a peak of {_size(peak_then)} per process instead of {_size(peak_now)}")
+
+
+def _size(size: float) -> str:
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2 ** 20:.1f} MiB"
+
+
 def layer_activation_elements(arch, tp: int, recompute: str) -> float:
     """Elements autograd keeps per token for one layer's backward (see the module docstring)."""
     h, d = arch.hidden_size, arch.head_dim
@@ -128,7 +150,7 @@ def layer_activation_elements(arch, tp: int, recompute: str) -> float:
     f = arch.ffn_hidden_size // tp
     if recompute == "full":
         return h
-    kept = 4 * d + 2 * a + kv + 3 * f
+    kept = 2 * a + kv + 3 * f
     if getattr(arch, "qk_norm", False):  # the q and k norms keep their inputs and a 1/RMS per head
         kept += a + kv / 2 + heads + arch.num_query_groups // tp
     if recompute == "selective":
@@ -197,7 +219,8 @@ def estimate(arch, shape: StepShape) -> MemoryEstimate:
     if s.lora_rank and s.recompute != "full":
         per_layer += len(s.lora_targets) * s.lora_rank  # each adapter's A x, for B's gradient
     kept = layers * per_layer * b * tokens * in_flight
-    outside = (3 * h + 3) * b * tokens  # final norm and the rows handed to the output layer
+    # final norm and the rows handed to the output layer; the rotary tables all layers share
+    outside = (3 * h + 3 + 2 * arch.head_dim) * b * tokens
     logit_rows = min(s.logit_chunk_rows, tokens) if s.logit_chunk_rows else 3 * tokens
     logits = logit_rows * vocab * (4 + (b if b < 4 else 0))  # fp32 logits (+ the matmul's own output)
     output_grad = 0 if s.lora_rank else vocab * h * 4  # the output weight's gradient, fp32

@@ -106,6 +106,7 @@ def check_run(config: Config, gpus: Optional[int] = None, say: Callable[[str], N
 
     shape = memory.StepShape.of(c, arch, dp=dp)
     say(f"memory per process: {memory.estimate(arch, shape).describe()}")
+    say(memory.micro_batch_advice(arch, shape))
     if c.train.save and c.train.resume:
         found = latest_good_checkpoint(c.train.save, log=say)
         say(f"resume: from {found}" if found else f"resume: no checkpoint in {c.train.save} yet; starts at step 0")

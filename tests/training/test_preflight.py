@@ -1,6 +1,8 @@
 """``train --check``: one process validates settings, checkpoints and data before a launch, and says
 what it found or the one thing that is wrong."""
 
+import re
+
 import pytest
 
 from ebft_megatron.train import main
@@ -32,7 +34,22 @@ def test_a_good_run_is_summarised(run_setup, capsys):
     assert "4 processes = TP2 x PP1 x DP2" in out
     assert "60 training chunks (30 steps per epoch), 18 validation chunks" in out
     assert "memory per process: peak" in out and out.rstrip().endswith("check passed")
+    # 2 chunks per step over DP2: one chunk per process, in one micro-batch
+    assert "micro-batches: 1 micro-batch of 1 chunk per step and process, the largest micro-batch the step allows" in out
     assert not (root / "run").exists()  # nothing written
+
+
+def test_the_check_says_what_a_larger_micro_batch_would_cost(run_setup, capsys):
+    ckpt, code, root = run_setup
+    status, out, err = check(capsys, "--gpus", "1", *tiny_overrides(ckpt, code, root / "run"), "train.chunks_per_step=4")
+    assert status == 0, err
+    # 4 chunks per step on one process: 4 micro-batches of 1; the next micro-batch dividing 4 is 2
+    advice = next(line for line in out.splitlines() if line.startswith("micro-batches:"))
+    assert advice.startswith("micro-batches: 4 micro-batches of 1 chunk per step and process; "
+                             "train.micro_batch=2 would make 2 per step")
+    units = {"MiB": 2 ** 20, "GiB": 2 ** 30}
+    then, now = (float(value) * units[unit] for value, unit in re.findall(r"([0-9.]+) (MiB|GiB)", advice))
+    assert then > now  # two chunks' activations at once
 
 
 @pytest.mark.parametrize("gpus, overrides, message", [
