@@ -70,15 +70,14 @@ class RolloutKVCache:
     """
 
     layers: dict = field(default_factory=dict)
-    # the generation's decode masks (:class:`DecodeMasks`), built at the first decode layer and
+    # the generation's decode masks (:class:`DecodeMasks`), built at the prefill's first layer and
     # kept for every step (key: layout, query heads per KV head, dtype, device)
     decode_masks: dict = field(default_factory=dict)
-    # the decode step being run: a Python int for host code, and [1] on the device for the kernels
-    # that pick a step's slot and masks, so that a step's ops and buffers are the same at every
-    # step (what replaying one captured step needs); set by :meth:`begin_step`
-    step: Optional[int] = None
+    # the decode step being run, [1] on the device, for the kernels that pick a step's slot and
+    # masks: a step's ops and buffers are then the same at every step (what replaying one captured
+    # step needs); set by :meth:`begin_step`
     step_index: Optional[torch.Tensor] = None
-    # (step, masks key) -> what :meth:`DecodeMasks.at_step` gave, for the step's other layers
+    # (step, masks key, what :meth:`DecodeMasks.at_step` gave), for the step's other layers
     step_masks: Optional[tuple] = None
 
     def begin_step(self, step: int, where: torch.device) -> None:
@@ -86,7 +85,6 @@ class RolloutKVCache:
         if self.step_index is None:
             self.step_index = torch.zeros(1, dtype=torch.long, device=where)
         self.step_index.fill_(step)
-        self.step = step
 
 
 @dataclass
@@ -327,25 +325,24 @@ class BlockCoreAttention(MegatronModule):
 
     @staticmethod
     def _step_masks(params: BlockAttentionParams, query_groups: int, query):
-        """The decode step's masks: the generation's built at its first decode layer, the step's
-        picked at the step's first layer; the other layers reuse them."""
+        """The decode step's masks, made from the generation's at the step's first layer; the other
+        layers reuse them."""
         rollout_cache = params.cache
-        key = (params.layout, query_groups, query.dtype, query.device)
+        masks, key = BlockCoreAttention._generation_masks(params, query_groups, query)
         if rollout_cache.step_masks is None or rollout_cache.step_masks[:2] != (params.step, key):
-            masks = BlockCoreAttention._generation_masks(params, query_groups, query)
             rollout_cache.step_masks = (params.step, key, masks.at_step(rollout_cache.step_index, query.dtype))
         return rollout_cache.step_masks[2]
 
     @staticmethod
-    def _generation_masks(params: BlockAttentionParams, query_groups: int, query) -> "DecodeMasks":
-        """The generation's decode masks, built once: at the prefill's first layer, so that every
-        decode step runs the same ops."""
+    def _generation_masks(params: BlockAttentionParams, query_groups: int, query) -> tuple["DecodeMasks", tuple]:
+        """(the generation's decode masks, their key in the cache), built once: at the prefill's
+        first layer, so that every decode step runs the same ops."""
         key = (params.layout, query_groups, query.dtype, query.device)
         masks = params.cache.decode_masks.get(key)
         if masks is None:
             masks = decode_masks(params.layout, query_groups, query.dtype, query.device, params.doc_ids)
             params.cache.decode_masks[key] = masks
-        return masks
+        return masks, key
 
     # --- block-structured paths -------------------------------------------------------------
     def _block_forward(self, query, key, value, params: BlockAttentionParams):

@@ -22,6 +22,7 @@ this engine against, is ``benchmarks/reference_sampler.py``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -155,13 +156,12 @@ def sample_rollouts(
     # slot and the masks. That is what replaying one captured step needs.
     fed = first.reshape(B, NB * n).clone()
     fed_positions = all_positions[:, P:].reshape(B, NB * n, G).transpose(1, 2).contiguous()  # [B, G, NB*n]
-    decode = None
 
-    def decode_step():
+    def decode_step(params: BlockAttentionParams):
         cache.step_masks = None  # the step's masks are made inside the step (and inside a capture)
         step_index = cache.step_index
         return gpt.forward(
-            model, fed, fed_positions.index_select(1, step_index)[:, 0], block_params=decode,
+            model, fed, fed_positions.index_select(1, step_index)[:, 0], block_params=params,
             reduce=lambda logits: draw(logits, (B, NB, n), step=step_index + 1), result=((B, NB, n), torch.long),
         )
 
@@ -170,8 +170,9 @@ def sample_rollouts(
     for t in range(1, G):
         decode = BlockAttentionParams(layout=layout, mode="decode", cache=cache, step=t - 1, doc_ids=doc_ids)
         if captured is None and t < G - 1 and _graphs_possible(settings, return_logits):
-            captured = CapturedStep(decode_step)
-        sampled = captured() if captured is not None else decode_step()
+            # replays run the kernels recorded here; only the device step index changes between them
+            captured = CapturedStep(functools.partial(decode_step, decode))
+        sampled = captured() if captured is not None else decode_step(decode)
         steps.append(sampled.clone() if captured is not None else sampled)
         fed.copy_(sampled.reshape(B, NB * n))
     tokens = torch.stack(steps, dim=-1)  # [B, NB, n, G]

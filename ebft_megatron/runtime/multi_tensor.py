@@ -41,16 +41,16 @@ def copy_main_params_to_model_params(self) -> None:
     precision-aware optimizer keep megatron's own."""
     from megatron.core.fp8_utils import is_float8tensor
 
-    groups = ((self.shard_fp32_from_float16_groups, self.model_float16_groups),
-              (self.shard_fp32_groups, self.model_fp32_groups))
     if (self.is_stub_optimizer or self.ddp_config.use_megatron_fsdp
-            or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
-            or any(is_float8tensor(p) for _, models in groups for group in models for p in group)):
+            or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8):
         return _megatron_copy_main_params(self)
     targets, sources = [], []
-    for shard_main_groups, model_groups in groups:
+    for shard_main_groups, model_groups in ((self.shard_fp32_from_float16_groups, self.model_float16_groups),
+                                            (self.shard_fp32_groups, self.model_fp32_groups)):
         for shard_main_group, model_group in zip(shard_main_groups, model_groups):
             for shard_main_param, model_param in zip(shard_main_group, model_group):
+                if is_float8tensor(model_param):  # nothing copied yet: megatron's does it all
+                    return _megatron_copy_main_params(self)
                 world_range = self._get_model_param_range_map(model_param)["gbuf_world_in_bucket"]
                 buffer_index, _, bucket_id = self.model_param_gbuf_map[model_param]
                 param_data = self.buffers[buffer_index].buckets[bucket_id].param_data
