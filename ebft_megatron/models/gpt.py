@@ -145,6 +145,18 @@ def layer_spec(use_te: bool, qk_norm: bool = False):
     return spec
 
 
+def block_spec(config, use_te: bool, qk_norm: bool = False):
+    """This stage's layers (:func:`layer_spec`) and, without TE, our RMSNorm as the final norm too
+    (megatron's default there is torch's, which keeps its normalised output for backward and
+    off CUDA launches eight kernels where ours is one op)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    spec = layer_spec(use_te, qk_norm)
+    if use_te:
+        return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=layers.RMSNorm)
+
+
 def set_block_attention(model, implementation: str) -> None:
     """Switch every layer's packed-mode attention between "fused" and "generic"."""
     for module in model.modules():
@@ -234,7 +246,7 @@ def build_model(
     is_last = ps.is_pipeline_last_stage()
     model = _gpt_model_class()(
         config=config,
-        transformer_layer_spec=layer_spec(use_te, arch.qk_norm),
+        transformer_layer_spec=block_spec(config, use_te, arch.qk_norm),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),

@@ -3,7 +3,8 @@ spec. An EBFT forward runs about five times the chunk's tokens, so what each lay
 is what bounds a step's memory.
 
 - :class:`RMSNorm`: keeps its input and the per-token inverse RMS (h + 1 values per token); the
-  normalised input is recomputed in backward. torch's RMSNorm keeps the normalised input too.
+  normalised input is recomputed in backward. torch's RMSNorm keeps the normalised input too
+  (except in CUDA's fused kernel, which :mod:`norm_kernels` calls there). One op each way.
   As Qwen3's per-head q/k norm it keeps a contiguous copy of the key: the key megatron hands it
   is a view of the fused qkv projection's output, which would otherwise stay alive whole.
 - :class:`SwiGLU`: the gated activation as one function of the fc1 output [.., 2f] that keeps only
@@ -22,27 +23,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ebft_megatron.models import norm_kernels
 from ebft_megatron.runtime import device
 
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        x32 = x.float()
-        inverse_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
+        out, inverse_rms = norm_kernels.rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, inverse_rms)
-        return (x32 * inverse_rms).to(x.dtype) * weight
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, inverse_rms = ctx.saved_tensors
-        normed = x.float() * inverse_rms  # recomputed, not kept
-        grad32 = grad.float()
-        d_weight = (grad32 * normed.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        d_normed = grad32 * weight.float()
-        projection = (d_normed * normed).mean(-1, keepdim=True)
-        d_x = d_normed.sub_(normed.mul_(projection)).mul_(inverse_rms)
-        return d_x.to(x.dtype), d_weight, None
+        d_x, d_weight = norm_kernels.rms_norm_backward(grad, x, inverse_rms, weight)
+        return d_x, d_weight, None
 
 
 class RMSNorm(torch.nn.Module):

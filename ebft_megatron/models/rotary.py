@@ -5,9 +5,16 @@ Engine's fused kernel) takes cos and sin of the same frequencies for the query a
 every layer: four elementwise kernels per layer and forward that compute nothing new. The model
 computes the frequencies once per forward (``GPTModel.rotary_pos_emb``) and hands the same tensor
 to every layer, so :func:`apply_rotary_pos_emb` keeps the cos and sin of the last frequencies it
-saw and reuses them while that tensor is the one handed in. The arithmetic is megatron's, in
-megatron's order: the results are the same to the bit. Fused RoPE, packed (THD) sequences and
-multi-latent attention go to megatron's own function unchanged.
+saw and reuses them while that tensor is the one handed in.
+
+The rotation itself takes fewer kernels than megatron's. Megatron rotates half of the head as
+``cat(-x2, x1)`` (a negation and a copy), then copies the result once more to append the part
+beyond the rotary dimension, even when that part is empty; its backward mirrors each step. Here
+the sine is stored with its first half negated (once per forward), so that the rotated term is
+``roll(x, half) * signed_sin``: ``(-x2) * s1`` is ``x2 * (-s1)`` exactly, so the forward and
+the gradient are megatron's to the bit, in four kernels each way instead of six and seven.
+Fused RoPE, interleaved rotation, packed (THD) sequences and multi-latent attention go to
+megatron's own function unchanged.
 """
 
 from __future__ import annotations
@@ -21,26 +28,29 @@ _last = None  # (weak reference to the frequencies, mscale, dtype, cos, sin)
 
 
 def _cos_sin(freqs: torch.Tensor, mscale: float, dtype):
+    """cos and the signed sin ``[-sin1, sin2]`` of ``freqs`` (cast to ``dtype``), made once per forward."""
     global _last
     if _last is not None and _last[0]() is freqs and _last[1:3] == (mscale, dtype):
         return _last[3], _last[4]
     cos = (torch.cos(freqs) * mscale).to(dtype)
     sin = (torch.sin(freqs) * mscale).to(dtype)
-    _last = (weakref.ref(freqs), mscale, dtype, cos, sin)
-    return cos, sin
+    signed_sin = torch.cat((-sin[..., :sin.shape[-1] // 2], sin[..., sin.shape[-1] // 2:]), dim=-1)
+    _last = (weakref.ref(freqs), mscale, dtype, cos, signed_sin)
+    return cos, signed_sin
 
 
 def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0, cp_group=None):
-    """megatron's ``apply_rotary_pos_emb``, with cos and sin shared by the layers of a forward."""
-    if config.apply_rope_fusion or cu_seqlens is not None or config.multi_latent_attention:
+    """megatron's ``apply_rotary_pos_emb`` (same values to the bit), with cos and sin shared by the
+    layers of a forward and the half-rotation as a roll (see the module)."""
+    if (config.apply_rope_fusion or cu_seqlens is not None or config.multi_latent_attention
+            or config.rotary_interleaved):
         return _megatron_apply(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
-    from megatron.core.models.common.embeddings.rope_utils import _rotate_half
-
     rot_dim = freqs.shape[-1]
+    cos, signed_sin = _cos_sin(freqs, mscale, t.dtype)
+    if rot_dim == t.shape[-1]:
+        return t * cos + t.roll(rot_dim // 2, dims=-1) * signed_sin
     t, t_pass = t[..., :rot_dim], t[..., rot_dim:]
-    cos, sin = _cos_sin(freqs, mscale, t.dtype)
-    t = (t * cos) + (_rotate_half(t, config.rotary_interleaved) * sin)
-    return torch.cat((t, t_pass), dim=-1)
+    return torch.cat((t * cos + t.roll(rot_dim // 2, dims=-1) * signed_sin, t_pass), dim=-1)
 
 
 def install() -> None:

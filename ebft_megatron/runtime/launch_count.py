@@ -76,10 +76,12 @@ class Counts:
     sync_kinds: dict[str, int] = field(default_factory=dict)  # kind -> syncs of that kind
     # kind -> the first few places that made one (file:line in function, and the library line beneath)
     sync_sites: dict[str, list[str]] = field(default_factory=dict)
+    kernels_by_op: dict[str, int] = field(default_factory=dict)  # aten op -> kernels (when asked for)
 
     def as_dict(self) -> dict:
         return {"ops": self.ops, "kernels": self.kernels, "syncs": self.syncs, "async_copies": self.async_copies,
-                "sync_kinds": dict(self.sync_kinds), "sync_sites": {k: list(v) for k, v in self.sync_sites.items()}}
+                "sync_kinds": dict(self.sync_kinds), "sync_sites": {k: list(v) for k, v in self.sync_sites.items()},
+                **({"kernels_by_op": dict(self.kernels_by_op)} if self.kernels_by_op else {})}
 
 
 _active: "LaunchCounter | None" = None
@@ -94,7 +96,8 @@ class LaunchCounter:
     guard's modes must be below them (the counter sees calls as the code makes them, before the
     guard rewrites devices): entering the counter enters the guard first when it is asked for."""
 
-    def __init__(self):
+    def __init__(self, by_op: bool = False):
+        self.by_op = by_op  # also count kernels by aten op (Counts.kernels_by_op), to find where they come from
         self.counts: dict[str, Counts] = {}
         self.total = Counts()
         self.outside = Counts()
@@ -129,10 +132,13 @@ class LaunchCounter:
     def _counted_in(self) -> list[Counts]:
         return [self.total, self._open[-1] if self._open else self.outside]
 
-    def _op(self, kernel: bool) -> None:
+    def _op(self, kernel: bool, func=None) -> None:
         for counts in self._counted_in():
             counts.ops += 1
             counts.kernels += kernel
+            if kernel and self.by_op:
+                name = str(func.overloadpacket)
+                counts.kernels_by_op[name] = counts.kernels_by_op.get(name, 0) + 1
 
     def _hidden_copy(self) -> None:  # a copy torch makes without dispatching it
         for counts in self._counted_in():
@@ -306,10 +312,10 @@ class _CountedOps(TorchDispatchMode):
             return result
         gpu_inputs = any(on_gpu(t) for t in device_guard.tensors_in((*args, *kwargs.values())))
         if rule.collective:
-            counter._op(True)
+            counter._op(True, func)
         elif rule.kernel:  # an op on host tensors launches nothing; a factory's output tells
             outputs = result if isinstance(result, (list, tuple)) else (result,)
-            counter._op(gpu_inputs or any(on_gpu(t) for t in device_guard.tensors_in(outputs)))
+            counter._op(gpu_inputs or any(on_gpu(t) for t in device_guard.tensors_in(outputs)), func)
         else:
             counter._op(False)
         if getattr(_thread, "accounted", False):
