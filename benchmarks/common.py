@@ -252,12 +252,14 @@ class StepBench:
         self.optimizer.zero_grad()
 
     def _run(self, mode: str) -> dict[str, float]:
-        from ebft_megatron.training.step import forward_backward
+        from ebft_megatron.training.optimizer import finish_step, prepare_step
+        from ebft_megatron.training.step import loss_terms, read_figures
 
         objective = self.objectives[mode]
         experience = objective.experience(self.batch, self.ddp)
         with self.timer.phase("forward_backward"):
-            terms = forward_backward(self.ddp, [experience], objective)
-        with self.timer.phase("optimizer"):
-            self.optimizer.step()
-        return terms
+            terms = loss_terms(self.ddp, [experience], objective)
+        with self.timer.phase("optimizer"):  # as the trainer steps: one read of the step's figures
+            figures = read_figures(objective.terms, terms, [experience.metrics], prepare_step(self.optimizer))
+            finish_step(self.optimizer, figures["grad_norm"])
+        return {name: figures[name] for name in objective.terms}

@@ -68,6 +68,10 @@ def rollout_logprobs(output, layout: BlockLayout, rollout_tokens: torch.Tensor, 
     return logprobs.view(rollout_tokens.shape)
 
 
+ROLLOUT_TERMS = ("loss", "loss/rl", "loss/ce", "rollout_logprob")  # what ebft_loss returns
+SFT_TERMS = ("loss", "loss/ce")  # what sft_loss returns
+
+
 def ebft_loss(output, layout: BlockLayout, chunk, lengths, rollout_tokens, advantages, settings: LossSettings):
     """Returns (loss, terms): loss is the mean over the micro-batch's chunks; terms are detached."""
     logprobs = rollout_logprobs(output, layout, rollout_tokens, settings.temperature)

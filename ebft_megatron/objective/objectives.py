@@ -51,7 +51,7 @@ class Experience:
     batch: Batch
     rollout_tokens: Optional[torch.Tensor] = None  # [B, NB, n, G]
     advantages: Optional[torch.Tensor] = None  # [B, NB, n]
-    metrics: dict = field(default_factory=dict)  # rewards and the like, averaged over the step
+    metrics: dict = field(default_factory=dict)  # rewards and the like (0-dim device tensors), averaged over the step
 
 
 @dataclass
@@ -86,6 +86,7 @@ def packed_inputs(layout: BlockLayout, batch: Batch, rollout_tokens: torch.Tenso
 
 class Objective:
     name = ""
+    terms: tuple[str, ...] = ()  # the names of the loss terms its loss returns, in the order a step reads them
     samples_rollouts = False  # the objective draws rollouts (needs a temperature > 0 and n >= 2)
     embeds_features = False  # the objective runs the feature network on the packed sequence
 
@@ -128,6 +129,7 @@ class SFT(Objective):
     """Cross entropy on the chunk."""
 
     name = "sft"
+    terms = objective_loss.SFT_TERMS
 
     def loss(self, output, experience: Experience):
         return objective_loss.sft_loss(output, experience.batch.chunk, experience.batch.lengths)
@@ -141,6 +143,7 @@ class _RolloutObjective(Objective):
     every rollout packed after it; the advantages are the subclass's."""
 
     samples_rollouts = True
+    terms = objective_loss.ROLLOUT_TERMS
 
     def __init__(self, layout: BlockLayout, vocab_size: int, sampling: SamplingSettings,
                  loss_settings: objective_loss.LossSettings, generator: torch.Generator,
@@ -230,7 +233,7 @@ class RLVR(_RolloutObjective):
             # rank and not another, and the model's shards would then step with different advantages
             scores = once_per_replica(lambda: self.reward(batch.chunk, tokens, self.layout), tokens.shape[:-1])
             count = valid.sum().clamp_min(1)
-            metrics = {"reward/verifiable": float((scores.mean(-1) * valid).sum() / count)}
+            metrics = {"reward/verifiable": (scores.mean(-1) * valid).sum() / count}
         return Experience(batch, tokens, verifiable_advantages(scores, valid), metrics)
 
     def flops_per_chunk(self, cost: flops.CostModel) -> float:

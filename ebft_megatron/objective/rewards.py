@@ -121,13 +121,14 @@ def cfm_loss(gram: torch.Tensor) -> torch.Tensor:
     return cross - 2.0 / n * gram[..., 1:, 0].sum(-1) + gram[..., 0, 0]
 
 
-def reward_metrics(rewards: BlockRewards, gram: torch.Tensor, settings: RewardSettings) -> dict[str, float]:
-    """Means over valid groups, with the reference's metric names where they exist (reference §5.2)."""
+def reward_metrics(rewards: BlockRewards, gram: torch.Tensor, settings: RewardSettings) -> dict[str, torch.Tensor]:
+    """Means over valid groups, with the reference's metric names where they exist (reference §5.2),
+    as 0-dim device tensors: the trainer reads a step's figures from the device once."""
     valid = rewards.valid
     count = valid.sum().clamp_min(1)
 
-    def mean(per_sample: torch.Tensor) -> float:
-        return float((per_sample.mean(-1) * valid).sum() / count)
+    def mean(per_sample: torch.Tensor) -> torch.Tensor:
+        return (per_sample.mean(-1) * valid).sum() / count
 
     A, D = 2 * rewards.alignment, 2 * rewards.diversity
     return {
@@ -136,5 +137,5 @@ def reward_metrics(rewards: BlockRewards, gram: torch.Tensor, settings: RewardSe
         "reward/total": mean(rewards.reward),  # reward_pass1
         "reward/effective": mean(settings.alignment_coef * A - settings.diversity_coef * D / 2),
         "reward/advantage_abs": mean(rewards.advantage.abs()),
-        "cfm": float((cfm_loss(gram) * valid).sum() / count),
+        "cfm": (cfm_loss(gram) * valid).sum() / count,
     }

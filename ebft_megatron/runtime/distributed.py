@@ -215,6 +215,13 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def data_parallel_size() -> int:
+    """Data-parallel replicas (1 before the parallel groups exist)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+
+
 def sum_over_data_parallel(tensor):
     """All-reduce (sum, in place) over the data-parallel group; a no-op with one replica or before
     the parallel groups exist. ``tensor`` is on the run's device (NCCL takes nothing else)."""

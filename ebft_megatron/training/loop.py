@@ -29,7 +29,8 @@ from ebft_megatron.training import builder
 from ebft_megatron.training.checkpointing import (latest_good_checkpoint, load_training_checkpoint,
                                                   save_training_checkpoint)
 from ebft_megatron.training.logging import MetricsLogger
-from ebft_megatron.training.step import forward_backward
+from ebft_megatron.training.optimizer import finish_step, prepare_step
+from ebft_megatron.training.step import loss_terms, read_figures
 
 
 class TrainingAborted(UserError, RuntimeError):
@@ -98,10 +99,6 @@ class Trainer:
             # the one boundary a training batch crosses from the host to the run's device
             yield device.to_device(Batch(chunks.tokens[picked], chunks.lengths[picked], doc_ids))
 
-    def _grads_finite(self) -> bool:
-        local = all(bool(torch.isfinite(buffer.grad_data).all()) for buffer in self.ddp.buffers)
-        return not distributed.any_rank(not local)
-
     def train_step(self) -> dict:
         c = self.config
         started = time.perf_counter()
@@ -111,15 +108,17 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         with self.timer.phase("forward_backward"):
-            terms = forward_backward(self.ddp, experiences, self.objective)
-        finite = math.isfinite(terms["loss"]) and self._grads_finite()
-        metrics = dict(terms)
+            terms = loss_terms(self.ddp, experiences, self.objective)
+        with self.timer.phase("optimizer"):
+            squared_grad_norm = prepare_step(self.optimizer)
+            # the step's one wait on the device: every figure, and whether to take the step
+            metrics = read_figures(self.objective.terms, terms, [e.metrics for e in experiences], squared_grad_norm)
+            finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+            if finite:
+                finish_step(self.optimizer, metrics["grad_norm"])
         if finite:
-            with self.timer.phase("optimizer"):
-                _, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(1)
             self.nonfinite_in_a_row = 0
-            metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         else:
             self.nonfinite_in_a_row += 1
             self.skipped_steps += 1
@@ -132,8 +131,6 @@ class Trainer:
                     "check the data, or resume from the last checkpoint")
         self.step += 1
         device.synchronize()  # the step's time includes its queued kernels
-        local = {key: sum(e.metrics[key] for e in experiences) / len(experiences) for key in experiences[0].metrics}
-        metrics.update(distributed.mean_over_data_parallel(local))
         elapsed = time.perf_counter() - started
         chunks = c.train.chunks_per_step
         metrics.update({"lr": self.optimizer.param_groups[0]["lr"], "step_time_s": elapsed,

@@ -34,3 +34,59 @@ def build_optimizer(ddp_model, settings: OptimizerSettings, params_dtype=torch.f
         bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
     )
     return get_megatron_optimizer(config, [ddp_model])
+
+
+# megatron's optimizer.step() in two halves with nothing read in between: the trainer reads the
+# gradient norm together with the step's other figures (training.step.read_figures) and decides
+# there whether the step is taken. Megatron's own step reads the norm by itself (an .item()), and
+# a finiteness check beside it read every gradient buffer once more.
+
+def _parts(optimizer) -> list:
+    """The optimizers a (chained) megatron optimizer steps, stub ones left out."""
+    return [part for part in getattr(optimizer, "chained_optimizers", [optimizer])
+            if not getattr(part, "is_stub_optimizer", False)]
+
+
+@torch.no_grad()
+def prepare_step(optimizer) -> torch.Tensor:
+    """The first half: the model's gradients copied into the main ones (megatron's
+    ``prepare_grads``), and the squared global L2 norm of the main gradients as an fp32 [1] device
+    tensor, not read: megatron's ``get_grad_norm_fp32`` up to its ``.item()`` (each parameter
+    counted once over TP and PP, summed over the group megatron sums it over). A gradient that is
+    not finite anywhere makes it not finite on every rank."""
+    from megatron.core.optimizer import clip_grads
+
+    from ebft_megatron.runtime import device
+
+    parts = _parts(optimizer)
+    if any(getattr(part, "grad_scaler", None) is not None for part in parts):
+        raise NotImplementedError("a loss-scaled (fp16) optimizer checks its gradients itself: use optimizer.step()")
+    optimizer.prepare_grads()
+    by_group: dict = {}
+    for part in parts:
+        by_group.setdefault(part.get_grad_stats_parallel_group(), []).extend(part.get_main_grads_for_grad_norm())
+    squared = torch.zeros(1, dtype=torch.float32, device=device.current())
+    for group, grads in by_group.items():
+        part_squared = torch.zeros(1, dtype=torch.float32, device=device.current())
+        if grads:
+            overflow = torch.zeros(1, dtype=torch.int, device=device.current())
+            norm, _ = clip_grads.multi_tensor_applier(clip_grads.l2_norm_impl, overflow, [grads], False)
+            part_squared = norm ** 2
+        torch.distributed.all_reduce(part_squared, op=torch.distributed.ReduceOp.SUM, group=group)
+        squared = squared + part_squared
+    return squared
+
+
+@torch.no_grad()
+def finish_step(optimizer, grad_norm: float) -> None:
+    """The second half, once the step's figures are read and finite: the main gradients clipped by
+    ``grad_norm`` (the square root of :func:`prepare_step`'s value, read on the host) as megatron
+    clips them, then Adam and the copies back to the model."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    for part in _parts(optimizer):
+        parameters = part.get_parameters()
+        if part.config.clip_grad > 0.0 and parameters:
+            clip_grad_by_total_norm_fp32(parameters, part.config.clip_grad, grad_norm,
+                                         part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    optimizer.step_with_ready_grads()

@@ -1,13 +1,18 @@
-"""The policy's forward and backward for one training step.
+"""The policy's forward and backward for one training step, and the step's one read of its figures.
 
     batch -> objective.experience (rollouts -> features -> rewards)  [objective.objectives]
           -> forward_backward: objective.forward_inputs -> policy forward -> objective.loss
              -> backward, through megatron's pipeline schedule                  [here]
-          -> optimizer step                                                     [training.loop]
+          -> optimizer.prepare_step (main gradients and their norm, on the device)
+          -> read_figures: loss terms, rewards and the gradient norm, read once [here]
+          -> optimizer.finish_step, when they are finite                       [training.optimizer]
 
-``forward_backward`` runs megatron's schedule over the micro-batches' experiences, accumulating
+``loss_terms`` runs megatron's schedule over the micro-batches' experiences, accumulating
 gradients in the model (and reducing them over DP through DDP's finalize hook), and returns the
-loss terms averaged over micro-batches and data-parallel ranks, on every rank.
+loss terms averaged over micro-batches as a device tensor on every rank; ``read_figures`` averages
+them (and the experiences' metrics) over data-parallel ranks and reads them with the gradient norm
+in one copy to the host: a step waits on the device once, however many layers, micro-batches and
+ranks it has. ``forward_backward`` is the same forward and backward with its terms read at once.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import torch
 from ebft_megatron.models.gpt import model_forward
 from ebft_megatron.models.output import model_output
 from ebft_megatron.runtime import pipeline
-from ebft_megatron.runtime.distributed import mean_over_data_parallel
+from ebft_megatron.runtime.distributed import data_parallel_size, sum_over_data_parallel
 
 
-def forward_backward(policy, experiences: list, objective, forward_only: bool = False) -> dict[str, float]:
+def loss_terms(policy, experiences: list, objective, forward_only: bool = False) -> torch.Tensor:
     """Policy forward (+ backward unless ``forward_only``) of every experience, as ``objective``
-    defines them; gradients accumulate in the model (DDP: its grad buffers)."""
+    defines them; gradients accumulate in the model (DDP: its grad buffers). Returns the loss terms
+    (``objective.terms``, in that order) averaged over the micro-batches: fp32 [terms] on the run's
+    device, on every rank, nothing read."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -43,11 +50,31 @@ def forward_backward(policy, experiences: list, objective, forward_only: bool = 
         num_microbatches=len(experiences), seq_length=objective.tokens_per_chunk,
         micro_batch_size=experiences[0].batch.chunk.shape[0], forward_only=forward_only,
     )
-    averaged = None
-    if ps.is_pipeline_last_stage():
-        # every term's mean over the micro-batches (the same sums as term by term), read from the
-        # device in one copy rather than one read per term
-        keys = list(terms[0])
-        means = sum(torch.stack([t[key] for key in keys]) for t in terms) / len(terms)
-        averaged = dict(zip(keys, means.tolist()))
-    return mean_over_data_parallel(pipeline.broadcast_from_last_stage(averaged))
+    means = None
+    if ps.is_pipeline_last_stage():  # the same sums as term by term
+        means = sum(torch.stack([t[name].float() for name in objective.terms]) for t in terms) / len(terms)
+    return pipeline.broadcast_tensor_from_last_stage(means, (len(objective.terms),), torch.float32)
+
+
+def read_figures(term_names, terms: torch.Tensor, metrics: list[dict], squared_grad_norm=None) -> dict[str, float]:
+    """The step's figures in one read from the device: the loss terms (:func:`loss_terms`, named
+    ``term_names``) and the micro-batches' ``metrics`` (dicts of 0-dim tensors, the same keys in
+    each), averaged over the micro-batches and data-parallel ranks, and with ``squared_grad_norm``
+    ([1], global already: ``optimizer.prepare_step``) ``grad_norm``."""
+    names, values = list(term_names), [terms]
+    if metrics and metrics[0]:
+        keys = list(metrics[0])
+        names += keys
+        values.append(sum(torch.stack([m[key].to(terms.device, torch.float32) for key in keys]) for m in metrics)
+                      / len(metrics))
+    averaged = sum_over_data_parallel(torch.cat(values)) / data_parallel_size()
+    if squared_grad_norm is None:
+        return dict(zip(names, averaged.tolist()))
+    *figures, squared = torch.cat([averaged.double(), squared_grad_norm.reshape(1).double()]).tolist()
+    # megatron's own reading of the norm: the square root of the summed squares, taken on the host
+    return {**dict(zip(names, figures)), "grad_norm": squared ** 0.5}
+
+
+def forward_backward(policy, experiences: list, objective, forward_only: bool = False) -> dict[str, float]:
+    """:func:`loss_terms`, read: the terms averaged over micro-batches and data-parallel ranks."""
+    return read_figures(objective.terms, loss_terms(policy, experiences, objective, forward_only), [])

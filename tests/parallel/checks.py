@@ -219,7 +219,7 @@ def check_objective(models_dir: Path, name: str) -> dict:
     terms = forward_backward(ddp, micro, objective)
     grads = full_grads(policy, arch.tie_word_embeddings)
     current = {"gram": moments.gram, "advantage": rewards.advantage, "loss": torch.tensor(terms["loss"]),
-               "cfm": torch.tensor(metrics["cfm"]), **{f"grad/{k}": v for k, v in grads.items()}}
+               "cfm": metrics["cfm"].clone(), **{f"grad/{k}": v for k, v in grads.items()}}
     if not _OBJECTIVE_REFERENCE:
         _OBJECTIVE_REFERENCE.update(current)
     ref = _OBJECTIVE_REFERENCE
@@ -236,7 +236,7 @@ def check_objective(models_dir: Path, name: str) -> dict:
         "gram_max_diff": max_diff(current["gram"], ref["gram"]),
         "advantage_max_diff": max_diff(current["advantage"], ref["advantage"]),
         "loss": terms["loss"], "loss_diff": abs(terms["loss"] - float(ref["loss"])),
-        "cfm_diff": abs(metrics["cfm"] - float(ref["cfm"])),
+        "cfm_diff": abs(float(metrics["cfm"]) - float(ref["cfm"])),
         "grad_names": sorted(k for k in current if k.startswith("grad/")) == sorted(k for k in ref if k.startswith("grad/")),
         "grad_max_rel_diff": grad_rel,
         "grad_count": sum(k.startswith("grad/") for k in current),

@@ -251,11 +251,11 @@ def test_phases_take_the_innermost_and_the_total_everything(seen):
     assert pick == {
         "a": (2, 2, 0),  # x + x and x - x (x * x is b's, inside)
         "b": (3, 2, 1),  # x * x, the .item() (no kernel, a sync), and x / x when b is entered again
-        "timed": (1, 1, 1),  # a PhaseTimer phase is a counter phase; its closing wait is its own
+        "timed": (1, 1, 0),  # a PhaseTimer phase is a counter phase, and does not wait for the device
         "outside": (1, 1, 0),  # x.neg()
-        "total": (7, 6, 2),
+        "total": (7, 6, 1),
     }
-    assert phases["timed"]["sync_kinds"] == {"synchronize": 1}
+    assert phases["timed"]["sync_kinds"] == {}
 
 
 def test_sync_sites_name_the_first_few_lines(seen):

@@ -2,6 +2,7 @@
 atomic saves under a kill, and config errors."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -67,12 +68,27 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(setup, monkeypatch):
         loss, terms = original(*args, **kwargs)
         return loss * float("nan"), dict(terms, loss=terms["loss"] * float("nan"))
 
+    class NonFiniteGradient(torch.autograd.Function):  # a finite loss whose gradient is not
+        @staticmethod
+        def forward(ctx, loss):
+            return loss.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    def poisoned_gradient(*args, **kwargs):
+        loss, terms = original(*args, **kwargs)
+        return NonFiniteGradient.apply(loss), terms
+
     monkeypatch.setattr(objective_loss, "ebft_loss", poisoned)
     metrics = trainer.train_step()
-    assert metrics["skipped_steps"] == 1 and "grad_norm" not in metrics
+    assert metrics["skipped_steps"] == 1 and math.isnan(metrics["loss"])
     assert all(torch.equal(p, before[k]) for k, p in params_of(trainer).items())  # nothing applied
+    monkeypatch.setattr(objective_loss, "ebft_loss", poisoned_gradient)
     with pytest.raises(TrainingAborted, match="2 consecutive steps"):
         trainer.train_step()
+    assert all(torch.equal(p, before[k]) for k, p in params_of(trainer).items())
     monkeypatch.setattr(objective_loss, "ebft_loss", original)
 
 
