@@ -114,6 +114,10 @@ class Objective:
     def experience(self, batch: Batch, policy) -> Experience:
         return Experience(batch)
 
+    def experiences(self, batches: list[Batch], policy) -> list[Experience]:
+        """The step's experiences, one per micro-batch."""
+        return [self.experience(batch, policy) for batch in batches]
+
     def forward_inputs(self, experience: Experience):
         """(token ids, position ids, forward params, attention mask) of the policy forward."""
         return chunk_inputs(self.layout, experience.batch)
@@ -192,14 +196,30 @@ class EBFT(_RolloutObjective):
                    pooling=config.objective.pooling, **cls._common(config, context))
 
     def experience(self, batch: Batch, policy) -> Experience:
-        tokens = self.rollouts(batch, policy)
-        with self.timer.phase("features"):
-            moments = embed(self.feature_model, self.layout, self.layout.pack(batch.chunk, tokens), self.pooling,
-                            doc_ids=batch.doc_ids)
+        return self.experiences([batch], policy)[0]
+
+    def experiences(self, batches: list[Batch], policy) -> list[Experience]:
+        """Rollouts and features micro-batch by micro-batch, then the rewards of the whole step in
+        one call: whitening takes an SVD, which on CUDA waits for the device (torch checks its
+        result on the host), so once a step rather than once a micro-batch. Each group's rewards
+        are its own, whatever else is in the call."""
+        drawn = []
+        for batch in batches:
+            tokens = self.rollouts(batch, policy)
+            with self.timer.phase("features"):
+                moments = embed(self.feature_model, self.layout, self.layout.pack(batch.chunk, tokens), self.pooling,
+                                doc_ids=batch.doc_ids)
+            drawn.append((batch, tokens, moments))
         with self.timer.phase("rewards"):
-            scored = block_rewards(moments.coordinates, self.reward_settings, self.layout.valid_blocks(batch.lengths))
-            metrics = reward_metrics(scored, moments.gram, self.reward_settings)
-        return Experience(batch, tokens, scored.advantage, metrics)
+            scored = block_rewards(torch.cat([moments.coordinates for _, _, moments in drawn]), self.reward_settings,
+                                   torch.cat([self.layout.valid_blocks(batch.lengths) for batch, _, _ in drawn]))
+            experiences, start = [], 0
+            for batch, tokens, moments in drawn:
+                part = scored.rows(start, start + len(tokens))
+                start += len(tokens)
+                experiences.append(Experience(batch, tokens, part.advantage,
+                                              reward_metrics(part, moments.gram, self.reward_settings)))
+        return experiences
 
     def flops_per_chunk(self, cost: flops.CostModel) -> float:
         deepest = max(self.feature_model.feature_layers)

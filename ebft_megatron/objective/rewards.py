@@ -21,7 +21,7 @@ Reference §2-3 (the reference's code), per group with samples phi_i and ground 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -56,6 +56,10 @@ class BlockRewards:
     baseline: torch.Tensor
     advantage: torch.Tensor
     valid: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> "BlockRewards":
+        """The chunks ``start:stop`` of the batch."""
+        return BlockRewards(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
 
 def whiten_samples(samples: torch.Tensor, threshold: float = WHITEN_THRESHOLD):

@@ -104,7 +104,7 @@ class Trainer:
         started = time.perf_counter()
         self.watchdog.beat("data", step=self.step + 1)
         indices = self.loader.next_indices()
-        experiences = [self.objective.experience(batch, self.ddp) for batch in self._micro_batches(indices)]
+        experiences = self.objective.experiences(list(self._micro_batches(indices)), self.ddp)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         with self.timer.phase("forward_backward"):

@@ -241,3 +241,19 @@ def test_alignment_is_cosine_not_dot_product():
     X = torch.tensor([[[2.0, 0.0], [0.0, 5.0]]])
     a, _ = alignment_and_diversity(features_of(gt, X)[0], whiten=False)
     torch.testing.assert_close(a, torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("whiten", [True, False])
+def test_a_step_scored_in_one_call_gives_each_micro_batch_its_own_rewards(whiten):
+    """EBFT scores all micro-batches of a step in one call (one SVD a step): each chunk's rewards
+    are to the bit those of its micro-batch scored alone, at the validation layout's shapes."""
+    generator = torch.Generator().manual_seed(3)
+    parts = [torch.randn(2, 127, 5, 48, generator=generator, dtype=torch.float64) for _ in range(4)]
+    valids = [torch.rand(2, 127, generator=generator) > 0.1 for _ in range(4)]
+    settings = RewardSettings(1.0, 0.5, whiten=whiten)
+    together = block_rewards(torch.cat(parts), settings, torch.cat(valids))
+    for index, (features, valid) in enumerate(zip(parts, valids)):
+        alone = block_rewards(features, settings, valid)
+        rows = together.rows(2 * index, 2 * index + 2)
+        for name in ("alignment", "diversity", "reward", "baseline", "advantage", "valid"):
+            assert torch.equal(getattr(rows, name), getattr(alone, name)), (index, name)
