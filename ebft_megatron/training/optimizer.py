@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ebft_megatron.config import OptimizerSettings
+from ebft_megatron.runtime import device
 
 
 def wrap_ddp(model, use_distributed_optimizer: bool = True):
@@ -55,8 +56,6 @@ def prepare_step(optimizer) -> torch.Tensor:
     counted once over TP and PP, summed over the group megatron sums it over). A gradient that is
     not finite anywhere makes it not finite on every rank."""
     from megatron.core.optimizer import clip_grads
-
-    from ebft_megatron.runtime import device
 
     parts = _parts(optimizer)
     if any(getattr(part, "grad_scaler", None) is not None for part in parts):

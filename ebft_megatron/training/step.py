@@ -61,16 +61,17 @@ def read_figures(term_names, terms: torch.Tensor, metrics: list[dict], squared_g
     ``term_names``) and the micro-batches' ``metrics`` (dicts of 0-dim tensors, the same keys in
     each), averaged over the micro-batches and data-parallel ranks, and with ``squared_grad_norm``
     ([1], global already: ``optimizer.prepare_step``) ``grad_norm``."""
-    names, values = list(term_names), [terms]
+    # in float64, as the host's floats summed them: the terms are fp32 means, the rewards fp64
+    names, values = list(term_names), [terms.double()]
     if metrics and metrics[0]:
         keys = list(metrics[0])
         names += keys
-        values.append(sum(torch.stack([m[key].to(terms.device, torch.float32) for key in keys]) for m in metrics)
+        values.append(sum(torch.stack([m[key].to(terms.device, torch.float64) for key in keys]) for m in metrics)
                       / len(metrics))
     averaged = sum_over_data_parallel(torch.cat(values)) / data_parallel_size()
     if squared_grad_norm is None:
         return dict(zip(names, averaged.tolist()))
-    *figures, squared = torch.cat([averaged.double(), squared_grad_norm.reshape(1).double()]).tolist()
+    *figures, squared = torch.cat([averaged, squared_grad_norm.reshape(1).double()]).tolist()
     # megatron's own reading of the norm: the square root of the summed squares, taken on the host
     return {**dict(zip(names, figures)), "grad_norm": squared ** 0.5}
 
