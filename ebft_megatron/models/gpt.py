@@ -145,18 +145,6 @@ def layer_spec(use_te: bool, qk_norm: bool = False):
     return spec
 
 
-def block_spec(config, use_te: bool, qk_norm: bool = False):
-    """This stage's layers (:func:`layer_spec`) and, without TE, our RMSNorm as the final norm too
-    (megatron's default there is torch's, which keeps its normalised output for backward and
-    off CUDA launches eight kernels where ours is one op)."""
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-
-    spec = layer_spec(use_te, qk_norm)
-    if use_te:
-        return spec
-    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=layers.RMSNorm)
-
-
 def set_block_attention(model, implementation: str) -> None:
     """Switch every layer's packed-mode attention between "fused" and "generic"."""
     for module in model.modules():
@@ -246,7 +234,7 @@ def build_model(
     is_last = ps.is_pipeline_last_stage()
     model = _gpt_model_class()(
         config=config,
-        transformer_layer_spec=block_spec(config, use_te, arch.qk_norm),
+        transformer_layer_spec=layer_spec(use_te, arch.qk_norm),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -257,6 +245,11 @@ def build_model(
         position_embedding_type="mrope",
         rotary_base=arch.rope_theta,
     )
+    # megatron's torch norm (the final norm without TE) is made in fp32 whatever the model's dtype:
+    # in a bf16 model it was the one fp32 parameter, with a gradient buffer (and a reduction) of its own
+    final_norm = getattr(model.decoder, "final_layernorm", None)
+    if final_norm is not None and not use_te:
+        final_norm.to(config.params_dtype)
     # the rotary frequencies are a plain attribute, not a buffer: moving the model does not move them
     inv_freq = llama3_inv_freq(arch) if arch.rope_scaling is not None else model.rotary_pos_emb.inv_freq
     model.rotary_pos_emb.inv_freq = inv_freq.to(device.current())

@@ -325,10 +325,10 @@ class _CountedOps(TorchDispatchMode):
             if condition is None or condition(args, kwargs):
                 counter._sync(kind)
         elif rule.copy:
-            self._copy(func, args, kwargs)
+            self._copy(func, args, kwargs, result)
         return result
 
-    def _copy(self, func, args, kwargs) -> None:
+    def _copy(self, func, args, kwargs, result) -> None:
         """A copy dispatched by no counted function (``copy_``, or torch's own ``_to_copy``)."""
         counter = self.counter
         if func.overloadpacket is _aten.copy_:
@@ -341,6 +341,10 @@ class _CountedOps(TorchDispatchMode):
             from_gpu = counter._on_gpu(source)
             device = kwargs.get("device")
             to_gpu = from_gpu if device is None else torch.device(device).type == "cuda"
+            # torch's composite ops (a CPU build's RMSNorm, say) cast with .to(dtype, device=<the
+            # tensor's own device>), which under the device guard names the host the data is on;
+            # the guard keeps such a result on the GPU, and so would CUDA: no move
+            to_gpu = to_gpu or (from_gpu and counter._on_gpu(result))
             host = None if from_gpu else source  # to the host non-blocking, torch pins the target
             non_blocking = kwargs.get("non_blocking", False)
         if to_gpu != from_gpu:
