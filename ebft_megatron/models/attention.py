@@ -202,6 +202,7 @@ class DecodeMasks:
     prefix: Optional[torch.Tensor] = None
     prefix_visible: Optional[torch.Tensor] = None
     rows_per_block: int = 1
+    prefix_key_bounds: tuple = ()  # ((row stop, key stop), ...): the keys each run of rows sees at most
 
     def at_step(self, step_index: torch.Tensor, dtype):
         """-> (prefix mask, own mask [X, 1, 1, G], rows without a prefix key [B, 1, rows] or None)
@@ -215,6 +216,13 @@ class DecodeMasks:
         return kernels.prepare_mask(visible, dtype), own, kernels.blind_rows(visible)
 
 
+def prefix_key_bounds(layout: BlockLayout, rows_per_block: int) -> tuple:
+    """((row stop, key stop), ...) of a decode step's prefix rows, a run of rows per block: block b
+    sees chunk keys before its anchor a_b at most (document masking only hides more). Host
+    integers, made once per generation, for the host's kernel (``attention_kernels.attend``)."""
+    return tuple(((b + 1) * rows_per_block, max(1, anchor)) for b, anchor in enumerate(layout.anchors))
+
+
 def decode_masks(layout: BlockLayout, query_groups: int, dtype, device,
                  doc_ids: Optional[torch.Tensor] = None) -> DecodeMasks:
     """The decode masks of a generation, for queries with ``query_groups`` query heads per KV head
@@ -224,15 +232,18 @@ def decode_masks(layout: BlockLayout, query_groups: int, dtype, device,
     if doc_ids is None:
         prefix = layout.prefix_visibility(0, NB, P)[:, 0].to(device)  # [NB, P]
         own = layout.own_visibility(device)[:, None, None, None]  # [G, 1, 1, 1, G]: step t sees slots <= t
-        return DecodeMasks(own, prefix=kernels.prepare_mask(prefix.repeat_interleave(rows_per_block, dim=0), dtype))
+        return DecodeMasks(own, prefix=kernels.prepare_mask(prefix.repeat_interleave(rows_per_block, dim=0), dtype),
+                           prefix_key_bounds=prefix_key_bounds(layout, rows_per_block))
     docs = doc_ids.to(device)
     own = layout.own_visibility(doc_ids=docs)  # [B, NB, G, G]: slots <= t in the same document
     B, G = own.shape[0], own.shape[-1]
     own = own.permute(2, 1, 0, 3).unsqueeze(2).expand(G, NB, n, B, G).reshape(G, NB * n * B, 1, 1, G)
-    return DecodeMasks(own, prefix_visible=layout.prefix_visibility(0, NB, P, docs), rows_per_block=rows_per_block)
+    return DecodeMasks(own, prefix_visible=layout.prefix_visibility(0, NB, P, docs), rows_per_block=rows_per_block,
+                       prefix_key_bounds=prefix_key_bounds(layout, rows_per_block))
 
 
-def decode_attention(query, chunk_k, chunk_v, own_k, own_v, prefix_mask, own_mask, prefix_blind, scale):
+def decode_attention(query, chunk_k, chunk_v, own_k, own_v, prefix_mask, own_mask, prefix_blind, scale,
+                     prefix_key_bounds: tuple = ()):
     """One decode step of real-pair attention, no grad: two fused kernel calls for all blocks,
     samples and chunks, merged exactly through their log-sum-exps.
 
@@ -240,6 +251,7 @@ def decode_attention(query, chunk_k, chunk_v, own_k, own_v, prefix_mask, own_mas
     chunk_k:  [B, Hkv, P, d]        cached chunk keys/values (after RoPE), read in place
     own_k:    [R*B, Hkv, G, d]      every row's own rollout slots, unwritten ones zero
     prefix_mask, own_mask, prefix_blind: the step's masks (``DecodeMasks.at_step``)
+    prefix_key_bounds: the keys runs of prefix rows see at most (:func:`prefix_key_bounds`)
     returns   [R, B, H*d]
 
     The own call takes the rows as its batch. The prefix call folds the query heads of a KV head
@@ -253,7 +265,7 @@ def decode_attention(query, chunk_k, chunk_v, own_k, own_v, prefix_mask, own_mas
     rep = H // Hkv
     out, own_lse = kernels.attend(query.reshape(R * B, Hkv, rep, d), own_k, own_v, scale, own_mask)
     folded = query.view(R, B, Hkv, rep, d).permute(1, 2, 0, 3, 4).reshape(B, Hkv, R * rep, d)
-    prefix_out, prefix_lse = kernels.attend(folded, chunk_k, chunk_v, scale, prefix_mask)
+    prefix_out, prefix_lse = kernels.attend(folded, chunk_k, chunk_v, scale, prefix_mask, key_bounds=prefix_key_bounds)
     if prefix_blind is not None:  # rows that see no prefix key: that part contributes nothing
         prefix_out = prefix_out.masked_fill(prefix_blind[..., None], 0.0)
         prefix_lse = prefix_lse.masked_fill(prefix_blind, float("-inf"))
@@ -384,7 +396,7 @@ class BlockCoreAttention(MegatronModule):
                 return decode_attention(
                     query, cache["chunk_k"], cache["chunk_v"],
                     cache["rollout_k"].view(NB * n * B, Hkv, G, d), cache["rollout_v"].view(NB * n * B, Hkv, G, d),
-                    prefix_mask, own_mask, prefix_blind, scale,
+                    prefix_mask, own_mask, prefix_blind, scale, self._generation_masks(params, rep, query)[0].prefix_key_bounds,
                 )
             own_k = cache["rollout_k"][..., : t + 1, :]  # [NB, n, B, Hkv, t+1, d]
             own_v = cache["rollout_v"][..., : t + 1, :]

@@ -24,6 +24,8 @@ heads, rows, keys], and prepared once with :func:`prepare_mask`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _aten = torch.ops.aten
@@ -124,14 +126,57 @@ def _uses_cpu_kernels(tensor) -> bool:
     return _kernel_type(tensor.device) == "cpu"
 
 
-def attend(q, k, v, scale: float, mask=None, causal: bool = False):
+def attend(q, k, v, scale: float, mask=None, causal: bool = False, key_bounds: tuple = ()):
     """-> (out [B, H, L, d] in q's dtype, lse [B, H, L] fp32). ``causal`` aligns the first query
-    with the first key (used for square parts only)."""
+    with the first key (used for square parts only). ``key_bounds`` ((row_stop, key_stop), ...),
+    row stops increasing to L, promises that the rows before each row stop see no key at or after
+    its key stop (the mask hides them): the host's kernel may then skip such keys (see
+    :func:`_cpu_bounded_forward`). CUDA's kernel takes all rows in one call (its cost there is the
+    launch, not the masked keys), and so does the device guard's emulated GPU."""
     if _uses_cpu_kernels(q):
+        if key_bounds and not q.is_cuda:
+            return _cpu_bounded_forward(q, k, v, scale, mask, key_bounds)
         return _cpu_forward(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
     k, v = _expand_heads(k, q.shape[1]), _expand_heads(v, q.shape[1])
     out, lse, _, _ = _cuda_forward(q, k, v, _cuda_bias(mask, q, k), True, 0.0, causal, scale=scale)
     return out, lse[..., : q.shape[2]]
+
+
+# torch's CPU flash attention runs over the keys in blocks of this many, an online softmax across
+# blocks. A block every key of which a row's mask hides adds exactly zero to that row's sums and
+# leaves its running maximum as it was, so leaving out trailing whole blocks changes no bit.
+CPU_KEY_BLOCK = 512
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_tiles(key_bounds: tuple, key_len: int) -> tuple:
+    """``key_bounds`` with key stops rounded up to whole key blocks, runs with the same stop merged."""
+    tiles = []
+    for row_stop, key_stop in key_bounds:
+        stop = min(key_len, -(-key_stop // CPU_KEY_BLOCK) * CPU_KEY_BLOCK)
+        if tiles and tiles[-1][1] == stop:
+            tiles[-1] = (row_stop, stop)
+        else:
+            tiles.append((row_stop, stop))
+    return tuple(tiles)
+
+
+def _cpu_bounded_forward(q, k, v, scale: float, mask, key_bounds: tuple):
+    """The host's kernel over runs of rows, each over the whole key blocks it can see: a decode
+    step's rows see prefixes that grow block by block (at P = 1024 the first half of the rows
+    see only the first key block). The same values to the bit as one call over all keys."""
+    tiles = _cpu_tiles(key_bounds, k.shape[2])
+    if len(tiles) == 1:
+        return _cpu_forward(q, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
+    outs, lses, row_start = [], [], 0
+    for row_stop, key_stop in tiles:
+        tile_mask = None if mask is None else mask[..., row_start:row_stop, :key_stop]
+        out, lse = _cpu_forward(q[..., row_start:row_stop, :], k[..., :key_stop, :], v[..., :key_stop, :], 0.0, False,
+                                attn_mask=tile_mask, scale=scale)[:2]
+        outs.append(out)
+        lses.append(lse)
+        row_start = row_stop
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def _rows_dense(x):

@@ -198,3 +198,32 @@ def test_decode_through_the_cuda_kernels_reproduces_the_packed_attention(core, c
                 layout=layout, mode="decode", cache=cache, step=t, doc_ids=doc_ids)).float()
             error = float((out - packed[rows]).abs().max() / packed[rows].abs().max())
             assert error < tolerance, f"step {t}: largest relative difference {error}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("documents", [False, True])
+def test_the_hosts_decode_prefix_call_skips_whole_hidden_key_blocks_and_changes_no_bit(dtype, documents):
+    """A decode step's prefix rows at the benchmark's layout (P = 1024, 127 blocks, n = 4, 3 query
+    heads a KV head): rows whose blocks see only the first key block are computed over it alone,
+    with the same values to the bit as one call over all keys."""
+    from ebft_megatron.block_layout import BlockLayout
+    from ebft_megatron.models.attention import prefix_key_bounds
+
+    layout = BlockLayout(1024, 8, 8, 8, 4)
+    rows_per_block, B, Hkv, d, P = 4 * 3, 2, 3, 64, 1024
+    rows = layout.num_blocks * rows_per_block
+    bounds = prefix_key_bounds(layout, rows_per_block)
+    assert len(kernels._cpu_tiles(bounds, P)) == 2  # keys [0, 512) for the first rows, all of them after
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(B, Hkv, rows, d, generator=generator).to(dtype)
+    k, v = (torch.randn(B, Hkv, P, d, generator=generator).to(dtype) for _ in range(2))
+    visible = layout.prefix_visibility(0, layout.num_blocks, P)[:, 0].repeat_interleave(rows_per_block, dim=0)
+    if documents:  # documents only hide more: [B, 1, rows, P]
+        starts = torch.tensor([[0, 300, 700], [0, 100, 900]])
+        doc_ids = (torch.arange(P)[None, None, :] >= starts[:, :, None]).sum(1)
+        row_docs = doc_ids[:, layout.anchors].repeat_interleave(rows_per_block, dim=1)
+        visible = (visible[None] & (doc_ids[:, None, :] == row_docs[..., None]))[:, None]
+    mask = kernels.prepare_mask(visible, dtype)
+    whole = kernels.attend(q, k, v, 0.125, mask)
+    bounded = kernels.attend(q, k, v, 0.125, mask, key_bounds=bounds)
+    assert torch.equal(bounded[0], whole[0]) and torch.equal(bounded[1], whole[1])
