@@ -5,6 +5,7 @@
   python benchmarks/rollouts.py --random-weights      # same shapes, random weights: nothing downloaded
   python benchmarks/rollouts.py --random-weights --layers 4 --chunk-len 256   # a quick look
   python benchmarks/rollouts.py --random-weights --count   # also ops, kernels and host syncs by phase
+  python benchmarks/rollouts.py --dtype bfloat16 --cuda-graphs off   # on a GPU: bf16, decode steps not replayed
 
 The reference's method (reference §1.5): for each of the n sample copies, G full forwards of the chunk
 plus all blocks' tokens so far, dense block mask, logits only at the rows that are sampled.
@@ -193,6 +194,12 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=1, help="chunks timed (batch 1 each)")
     add_model_arguments(parser)
     parser.add_argument("--skip-recompute", action="store_true", help="time only our engine")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the model's dtype (default float32: the tokens of both methods agree; in bfloat16 "
+                             "their reductions round differently)")
+    parser.add_argument("--cuda-graphs", default="on", choices=["on", "off"],
+                        help="on CUDA (TP = PP = 1), replay the engine's decode steps as a CUDA graph (default on, "
+                             "as rollout.cuda_graphs); no effect elsewhere")
     add_count_argument(parser)
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
@@ -215,13 +222,13 @@ def main() -> None:
     from ebft_megatron.runtime.launch_count import LaunchCounter
     from ebft_megatron.training import builder
 
-    # the policy as a run builds it (the training settings' defaults), in float32
-    config = load_config(None, [f"model.load={model_checkpoint(args)}", "model.dtype=float32", "train.seed=0"])
+    # the policy as a run builds it (the training settings' defaults), in --dtype
+    config = load_config(None, [f"model.load={model_checkpoint(args)}", f"model.dtype={args.dtype}", "train.seed=0"])
     builder.initialize(config)
     arch = builder.architecture(config)
     model = builder.policy(config, arch)
     layout = layout_from(args)
-    settings = SamplingSettings(temperature=0.6, top_p=1.0)
+    settings = SamplingSettings(temperature=0.6, top_p=1.0, cuda_graphs=args.cuda_graphs == "on")
     # real text: the standard library's own source, in the model's tokenizer
     ids = text_tokens(builder.tokenizer(config, arch), args.chunks * layout.chunk_len, "json/decoder.py")
     chunks = device.to_device(torch.tensor(ids).view(args.chunks, 1, layout.chunk_len))

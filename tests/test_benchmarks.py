@@ -106,6 +106,14 @@ def test_rollouts_benchmark_runs_on_the_device_without_downloads(offline_env, tm
     assert figures["decode_steps_per_generation"] == 7
 
 
+def test_rollouts_benchmark_runs_the_engine_in_bf16(offline_env, tmp_path):
+    """The GPU's bf16 run, at a tiny size (graphs off here: on a CPU there are none to take)."""
+    figures = run_benchmark("rollouts.py", [*TINY, "--dtype", "bfloat16", "--cuda-graphs", "off", "--skip-recompute"],
+                            offline_env, tmp_path / "rollouts_bf16.json")
+    assert figures["settings"]["dtype"] == "bfloat16" and figures["settings"]["cuda_graphs"] == "off"
+    assert figures["ours_tokens_per_s"] > 0 and "recompute_seconds" not in figures
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_benchmark_answers_help(script):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], cwd=ROOT, capture_output=True,
