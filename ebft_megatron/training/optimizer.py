@@ -43,9 +43,9 @@ def build_optimizer(ddp_model, settings: OptimizerSettings, params_dtype=torch.f
 # a finiteness check beside it read every gradient buffer once more.
 
 def _parts(optimizer) -> list:
-    """The optimizers a (chained) megatron optimizer steps, stub ones left out."""
-    return [part for part in getattr(optimizer, "chained_optimizers", [optimizer])
-            if not getattr(part, "is_stub_optimizer", False)]
+    """The optimizers a (chained) megatron optimizer is made of, stub ones (a rank without
+    parameters of that kind) included: they still take part in the norm's all-reduce."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 @torch.no_grad()
@@ -53,8 +53,9 @@ def prepare_step(optimizer) -> torch.Tensor:
     """The first half: the model's gradients copied into the main ones (megatron's
     ``prepare_grads``), and the squared global L2 norm of the main gradients as an fp32 [1] device
     tensor, not read: megatron's ``get_grad_norm_fp32`` up to its ``.item()`` (each parameter
-    counted once over TP and PP, summed over the group megatron sums it over). A gradient that is
-    not finite anywhere makes it not finite on every rank."""
+    counted once over TP and PP, summed over the group megatron sums it over, with every part of a
+    chained optimizer joining its group's all-reduce as megatron's own norm does). A gradient that
+    is not finite anywhere makes it not finite on every rank."""
     from megatron.core.optimizer import clip_grads
 
     parts = _parts(optimizer)
@@ -64,15 +65,16 @@ def prepare_step(optimizer) -> torch.Tensor:
     by_group: dict = {}
     for part in parts:
         by_group.setdefault(part.get_grad_stats_parallel_group(), []).extend(part.get_main_grads_for_grad_norm())
-    squared = torch.zeros(1, dtype=torch.float32, device=device.current())
+    squared = None
     for group, grads in by_group.items():
-        part_squared = torch.zeros(1, dtype=torch.float32, device=device.current())
         if grads:
             overflow = torch.zeros(1, dtype=torch.int, device=device.current())
             norm, _ = clip_grads.multi_tensor_applier(clip_grads.l2_norm_impl, overflow, [grads], False)
             part_squared = norm ** 2
+        else:
+            part_squared = torch.zeros(1, dtype=torch.float32, device=device.current())
         torch.distributed.all_reduce(part_squared, op=torch.distributed.ReduceOp.SUM, group=group)
-        squared = squared + part_squared
+        squared = part_squared if squared is None else squared + part_squared
     return squared
 
 
@@ -84,6 +86,8 @@ def finish_step(optimizer, grad_norm: float) -> None:
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
     for part in _parts(optimizer):
+        if getattr(part, "is_stub_optimizer", False):  # nothing to clip (megatron skips them too)
+            continue
         parameters = part.get_parameters()
         if part.config.clip_grad > 0.0 and parameters:
             clip_grad_by_total_norm_fp32(parameters, part.config.clip_grad, grad_norm,
