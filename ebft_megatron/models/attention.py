@@ -77,7 +77,8 @@ class RolloutKVCache:
     # masks: a step's ops and buffers are then the same at every step (what replaying one captured
     # step needs); set by :meth:`begin_step`
     step_index: Optional[torch.Tensor] = None
-    # (step, masks key, what :meth:`DecodeMasks.at_step` gave), for the step's other layers
+    # (step, masks key, what :meth:`DecodeMasks.at_step` gave and the prefix key bounds), for the
+    # step's other layers
     step_masks: Optional[tuple] = None
 
     def begin_step(self, step: int, where: torch.device) -> None:
@@ -229,17 +230,18 @@ def decode_masks(layout: BlockLayout, query_groups: int, dtype, device,
     (and ``doc_ids`` [B, P] under document masking)."""
     NB, n, P = layout.num_blocks, layout.num_samples, layout.chunk_len
     rows_per_block = n * query_groups
+    bounds = prefix_key_bounds(layout, rows_per_block)
     if doc_ids is None:
         prefix = layout.prefix_visibility(0, NB, P)[:, 0].to(device)  # [NB, P]
         own = layout.own_visibility(device)[:, None, None, None]  # [G, 1, 1, 1, G]: step t sees slots <= t
         return DecodeMasks(own, prefix=kernels.prepare_mask(prefix.repeat_interleave(rows_per_block, dim=0), dtype),
-                           prefix_key_bounds=prefix_key_bounds(layout, rows_per_block))
+                           prefix_key_bounds=bounds)
     docs = doc_ids.to(device)
     own = layout.own_visibility(doc_ids=docs)  # [B, NB, G, G]: slots <= t in the same document
     B, G = own.shape[0], own.shape[-1]
     own = own.permute(2, 1, 0, 3).unsqueeze(2).expand(G, NB, n, B, G).reshape(G, NB * n * B, 1, 1, G)
     return DecodeMasks(own, prefix_visible=layout.prefix_visibility(0, NB, P, docs), rows_per_block=rows_per_block,
-                       prefix_key_bounds=prefix_key_bounds(layout, rows_per_block))
+                       prefix_key_bounds=bounds)
 
 
 def decode_attention(query, chunk_k, chunk_v, own_k, own_v, prefix_mask, own_mask, prefix_blind, scale,
@@ -337,12 +339,13 @@ class BlockCoreAttention(MegatronModule):
 
     @staticmethod
     def _step_masks(params: BlockAttentionParams, query_groups: int, query):
-        """The decode step's masks, made from the generation's at the step's first layer; the other
-        layers reuse them."""
+        """The decode step's masks and the generation's prefix key bounds, made from the
+        generation's masks at the step's first layer; the other layers reuse them."""
         rollout_cache = params.cache
         masks, key = BlockCoreAttention._generation_masks(params, query_groups, query)
         if rollout_cache.step_masks is None or rollout_cache.step_masks[:2] != (params.step, key):
-            rollout_cache.step_masks = (params.step, key, masks.at_step(rollout_cache.step_index, query.dtype))
+            step = (*masks.at_step(rollout_cache.step_index, query.dtype), masks.prefix_key_bounds)
+            rollout_cache.step_masks = (params.step, key, step)
         return rollout_cache.step_masks[2]
 
     @staticmethod
@@ -392,11 +395,11 @@ class BlockCoreAttention(MegatronModule):
             cache["rollout_k"].index_copy_(4, step_index, key.view(NB, n, B, Hkv, 1, d))
             cache["rollout_v"].index_copy_(4, step_index, value.view(NB, n, B, Hkv, 1, d))
             if kernels.available(query.device) and not torch.is_grad_enabled():
-                prefix_mask, own_mask, prefix_blind = self._step_masks(params, rep, query)
+                prefix_mask, own_mask, prefix_blind, key_bounds = self._step_masks(params, rep, query)
                 return decode_attention(
                     query, cache["chunk_k"], cache["chunk_v"],
                     cache["rollout_k"].view(NB * n * B, Hkv, G, d), cache["rollout_v"].view(NB * n * B, Hkv, G, d),
-                    prefix_mask, own_mask, prefix_blind, scale, self._generation_masks(params, rep, query)[0].prefix_key_bounds,
+                    prefix_mask, own_mask, prefix_blind, scale, key_bounds,
                 )
             own_k = cache["rollout_k"][..., : t + 1, :]  # [NB, n, B, Hkv, t+1, d]
             own_v = cache["rollout_v"][..., : t + 1, :]
