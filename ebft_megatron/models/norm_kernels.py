@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ebft_megatron.runtime import device
+
 
 @torch.library.custom_op("ebft::rms_norm", mutates_args=())
 def _host_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +53,7 @@ def _(grad, x, inverse_rms, weight):
 def _fused(x: torch.Tensor) -> bool:
     """Whether torch's fused CUDA kernels take ``x`` (a real CUDA tensor; the device guard's
     emulated ones hold host data)."""
-    return x.is_cuda and torch.cuda.is_available()
+    return device.real_cuda(x.device)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

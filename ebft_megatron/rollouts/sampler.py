@@ -111,9 +111,8 @@ def _graphs_possible(settings: SamplingSettings, keep_logits: bool) -> bool:
     """Capture needs CUDA, no collectives in the step (tp=pp=1) and nothing kept per step."""
     from megatron.core import parallel_state as ps
 
-    return (settings.cuda_graphs and device.current().type == "cuda" and torch.cuda.is_available()
-            and not keep_logits and ps.get_tensor_model_parallel_world_size() == 1
-            and ps.get_pipeline_model_parallel_world_size() == 1)
+    return (settings.cuda_graphs and device.real_cuda() and not keep_logits
+            and ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1)
 
 
 def sample_rollouts(

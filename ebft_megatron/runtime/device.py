@@ -46,6 +46,13 @@ def current() -> torch.device:
     return _DEVICE if _DEVICE is not None else decide()
 
 
+def real_cuda(where: torch.device | None = None) -> bool:
+    """Whether ``where`` (default: the run's device) is a CUDA device whose data is on a GPU: what
+    CUDA-only machinery (its kernels, events, graphs) needs. The device guard's emulated GPU says
+    ``cuda`` but holds host data."""
+    return (where or current()).type == "cuda" and torch.cuda.is_available()
+
+
 def synchronize() -> None:
     """Wait for the device's queued work (CUDA runs kernels after the host returns): before a
     clock is read for a phase or a step."""

@@ -30,7 +30,7 @@ class PhaseTimer:
     @contextmanager
     def phase(self, name: str):
         watchdog.progress(name)
-        on_gpu = device.current().type == "cuda" and torch.cuda.is_available()
+        on_gpu = device.real_cuda()
         started = self._event() if on_gpu else time.perf_counter()
         with launch_count.phase(name):
             try:
