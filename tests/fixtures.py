@@ -8,7 +8,10 @@ from pathlib import Path
 # Qwen3 twice: untied and tied output layer. Its head_dim (32) is not hidden/heads (16), and its q/k
 # norm weights are random (around 1), so that a norm skipped, swapped or sharded wrongly
 # changes the logits. Heads, KV heads and layers are even: every family shards at TP2 and PP2.
-FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "qwen3_tied")
+# The two mixtures of experts have 4 experts (EP2 splits them), 2 chosen per token: Qwen3-MoE's
+# weights as they are (norm_topk_prob false, its default), Mixtral's renormalised.
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "qwen3_tied", "qwen3_moe", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 TOKENIZER_CORPUS = (
     "def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, item):\n"
     "        self.items.append(item)\n    def pop(self):\n        return self.items.pop()\n"
@@ -49,6 +52,11 @@ def make_tiny_hf(family: str, out_dir: str | Path, seed: int = 0, vocab_size: in
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(rope_theta=1e4, sliding_window=None)),
         "qwen3": qwen3,
         "qwen3_tied": qwen3,
+        "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
+                      dict(rope_theta=1e6, head_dim=32, rms_norm_eps=1e-6, num_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=64, norm_topk_prob=False)),
+        "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM,
+                    dict(rope_theta=1e6, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
     }
     config_cls, model_cls, extra = cls[family]
     if tie is None:

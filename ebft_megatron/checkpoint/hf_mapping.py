@@ -1,7 +1,11 @@
-"""Hugging Face <-> megatron-core (local spec, TP1) state-dict mapping for Llama/Qwen2/Mistral/Qwen3.
+"""Hugging Face <-> megatron-core (local spec, TP1, EP1) state-dict mapping for Llama, Qwen2,
+Mistral, Qwen3, Qwen3-MoE and Mixtral.
 
 The families share one mapping; they differ only in what the architecture says (q/k/v bias,
-Qwen3's per-head q/k norms, tied embeddings). The q/k norm weights are [head_dim] vectors used by
+Qwen3's per-head q/k norms, tied embeddings, experts). A mixture of experts' router is megatron's
+``mlp.router`` (Qwen3-MoE's ``mlp.gate``, Mixtral's ``block_sparse_moe.gate``), and each expert is
+a dense SwiGLU MLP, megatron's ``mlp.experts.local_experts.<j>`` (Mixtral names its gate, down and
+up projections w1, w2 and w3). Neither family has shared experts. The q/k norm weights are [head_dim] vectors used by
 every head, so they are copied as they are (and replicated across TP). Resharding to TP/PP > 1 is
 not done here: the TP1 model is saved as a dist checkpoint, and dist_checkpointing reshards on load.
 
@@ -49,6 +53,25 @@ def _split_qkv(qkv, arch: ModelArchitecture):
     )
 
 
+# Where each family keeps its experts and router, and what it calls the gate, up and down projections.
+_HF_EXPERTS = {"qwen3_moe": ("mlp.", ("gate_proj", "up_proj", "down_proj")),
+               "mixtral": ("block_sparse_moe.", ("w1", "w3", "w2"))}
+
+
+def _mlps(arch: ModelArchitecture) -> list[tuple[str, str, tuple[str, str, str]]]:
+    """A layer's dense SwiGLU MLPs, as (HF prefix, megatron prefix, HF (gate, up, down) names):
+    the layer's MLP, or each of its experts."""
+    if not arch.is_moe:
+        return [("mlp.", "mlp.", ("gate_proj", "up_proj", "down_proj"))]
+    where, names = _HF_EXPERTS[arch.family]
+    return [(f"{where}experts.{j}.", f"mlp.experts.local_experts.{j}.", names) for j in range(arch.num_experts)]
+
+
+def _router(arch: ModelArchitecture) -> tuple[str, str]:
+    """(HF, megatron) names of a layer's router weight."""
+    return _HF_EXPERTS[arch.family][0] + "gate.weight", "mlp.router.weight"
+
+
 def expected_hf_keys(arch: ModelArchitecture) -> list[str]:
     keys = ["model.embed_tokens.weight", "model.norm.weight"]
     if not arch.tie_word_embeddings:
@@ -63,7 +86,10 @@ def expected_hf_keys(arch: ModelArchitecture) -> list[str]:
         keys.append(p + "self_attn.o_proj.weight")
         if arch.qk_norm:
             keys += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-        keys += [p + f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
+        for hf_mlp, _, names in _mlps(arch):
+            keys += [p + f"{hf_mlp}{n}.weight" for n in names]
+        if arch.is_moe:
+            keys.append(p + _router(arch)[0])
     return keys
 
 
@@ -114,10 +140,13 @@ def hf_to_mcore(hf: dict, arch: ModelArchitecture) -> dict:
         if arch.qk_norm:
             out[m + "self_attention.q_layernorm.weight"] = hf[attn + "q_norm.weight"]
             out[m + "self_attention.k_layernorm.weight"] = hf[attn + "k_norm.weight"]
-        out[m + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]], dim=0
-        )
-        out[m + "mlp.linear_fc2.weight"] = hf[h + "mlp.down_proj.weight"]
+        for hf_mlp, mc_mlp, (gate, up, down) in _mlps(arch):
+            out[m + mc_mlp + "linear_fc1.weight"] = torch.cat(
+                [hf[h + f"{hf_mlp}{gate}.weight"], hf[h + f"{hf_mlp}{up}.weight"]], dim=0)
+            out[m + mc_mlp + "linear_fc2.weight"] = hf[h + f"{hf_mlp}{down}.weight"]
+        if arch.is_moe:
+            hf_router, mc_router = _router(arch)
+            out[m + mc_router] = hf[h + hf_router]
     return out
 
 
@@ -144,8 +173,11 @@ def mcore_to_hf(mc: dict, arch: ModelArchitecture) -> dict:
         if arch.qk_norm:
             out[attn + "q_norm.weight"] = mc[m + "self_attention.q_layernorm.weight"]
             out[attn + "k_norm.weight"] = mc[m + "self_attention.k_layernorm.weight"]
-        gate, up = mc[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out[h + "mlp.gate_proj.weight"] = gate
-        out[h + "mlp.up_proj.weight"] = up
-        out[h + "mlp.down_proj.weight"] = mc[m + "mlp.linear_fc2.weight"]
+        for hf_mlp, mc_mlp, (gate, up, down) in _mlps(arch):
+            out[h + f"{hf_mlp}{gate}.weight"], out[h + f"{hf_mlp}{up}.weight"] = mc[
+                m + mc_mlp + "linear_fc1.weight"].chunk(2, dim=0)
+            out[h + f"{hf_mlp}{down}.weight"] = mc[m + mc_mlp + "linear_fc2.weight"]
+        if arch.is_moe:
+            hf_router, mc_router = _router(arch)
+            out[h + hf_router] = mc[m + mc_router]
     return {k: v.contiguous() for k, v in out.items()}

@@ -1,8 +1,15 @@
 """Hugging Face ``config.json`` -> a validated, family-independent description of the model.
 
-Supported families: Llama (incl. Llama-3 rope scaling), Qwen2 (q/k/v bias), Mistral and Qwen3
-dense (per-head q/k RMSNorm, explicit head_dim). Anything else, Qwen3-MoE included, is refused
-here, before a model is built, with the list of what is supported.
+Supported families: Llama (incl. Llama-3 rope scaling), Qwen2 (q/k/v bias), Mistral, Qwen3 (per-head
+q/k RMSNorm, explicit head_dim), and two mixtures of experts: Qwen3-MoE (Qwen3's attention, every
+layer's MLP a set of routed SwiGLU experts) and Mixtral (Mistral's attention, the same). Anything
+else, other MoE variants included, is refused here, before a model is built, with the list of what
+is supported.
+
+A mixture-of-experts layer routes each token to ``experts_per_token`` of ``num_experts`` experts by a
+softmax over the router's logits; ``normalize_top_k`` says whether the chosen experts' weights are
+renormalised to sum to one (Mixtral always; Qwen3-MoE when ``norm_topk_prob``). Routing is
+dropless: every token reaches every expert it chose, whatever the batch holds.
 """
 
 from __future__ import annotations
@@ -32,11 +39,15 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
 
 # Families whose attention RMS-normalises each head's query and key (own weights of head_dim,
 # shared by all heads) before the rotary embedding.
-QK_NORM_FAMILIES = ("qwen3",)
+QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
+# Families whose every layer's MLP is a mixture of routed experts.
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 # The padded vocabulary is a multiple of this, independent of TP, so that a checkpoint has the same
 # tensor shapes at every TP size (TP must divide it). 128 is megatron-LM's default granule.
@@ -77,7 +88,16 @@ class ModelArchitecture:
     eos_token_id: Optional[int] = None
     # defaults to off so that checkpoints written before the field existed still describe their model
     qk_norm: bool = False
+    # mixture of experts (None: a dense MLP); ffn_hidden_size is then each expert's
+    num_experts: Optional[int] = None
+    experts_per_token: Optional[int] = None
+    normalize_top_k: bool = True
+    router_aux_loss_coef: Optional[float] = None  # the weight its authors trained the router with
     extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
 
     @property
     def padded_vocab_size(self) -> int:
@@ -90,9 +110,16 @@ class ModelArchitecture:
         L = self.num_layers
         return tuple(sorted({min(max(int(q * L), 1), L) for q in (0.25, 0.5, 0.75)}))
 
-    def check_parallel(self, tp: int, pp: int) -> None:
+    def check_parallel(self, tp: int, pp: int, ep: int = 1) -> None:
         """Refuse layouts that cannot shard this model, before any compute."""
         problems = []
+        if ep > 1 and not self.is_moe:
+            problems.append(f"expert parallel size {ep} needs a mixture-of-experts model ({self.hf_architecture} "
+                            "has no experts; set parallel.ep=1)")
+        elif self.is_moe and self.num_experts % ep:
+            valid_ep = [e for e in range(1, self.num_experts + 1) if self.num_experts % e == 0]
+            problems.append(f"expert parallel size {ep} does not divide num_experts={self.num_experts} "
+                            f"(valid: {valid_ep})")
         if self.num_attention_heads % tp:
             problems.append(f"tensor parallel size {tp} does not divide num_attention_heads={self.num_attention_heads}")
         if self.num_query_groups % tp:
@@ -174,7 +201,7 @@ def from_hf_config(config: dict, source: str = "config.json") -> ModelArchitectu
 
     if family == "qwen2":
         qkv_bias = True
-    elif family == "qwen3":
+    elif family in ("qwen3", "qwen3_moe"):
         # Qwen3's attention_bias puts a bias on o_proj as well, which the model has no place for
         if config.get("attention_bias"):
             raise ModelConfigError(f"{source}: attention_bias=true is not supported for Qwen3")
@@ -185,9 +212,9 @@ def from_hf_config(config: dict, source: str = "config.json") -> ModelArchitectu
         raise ModelConfigError(f"{source}: mlp_bias=true is not supported")
 
     sliding_window = config.get("sliding_window")
-    if family in ("qwen2", "qwen3") and not config.get("use_sliding_window", False):
+    if family in ("qwen2", "qwen3", "qwen3_moe") and not config.get("use_sliding_window", False):
         sliding_window = None
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         # the model attends over the whole sequence in every layer; a Qwen3 that windows some
         # layers would silently compute something else
         windowed = [t for t in config.get("layer_types") or () if t != "full_attention"]
@@ -198,13 +225,14 @@ def from_hf_config(config: dict, source: str = "config.json") -> ModelArchitectu
     eos = config.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
+    moe = _experts(config, family, source) if family in MOE_FAMILIES else {}
 
     return ModelArchitecture(
         family=family,
         hf_architecture=arch,
         num_layers=int(_require(config, "num_hidden_layers", source)),
         hidden_size=hidden,
-        ffn_hidden_size=int(_require(config, "intermediate_size", source)),
+        ffn_hidden_size=moe.pop("ffn_hidden_size", None) or int(_require(config, "intermediate_size", source)),
         num_attention_heads=heads,
         num_query_groups=kv_heads,
         head_dim=head_dim,
@@ -219,15 +247,42 @@ def from_hf_config(config: dict, source: str = "config.json") -> ModelArchitectu
         bos_token_id=config.get("bos_token_id"),
         eos_token_id=eos,
         qk_norm=family in QK_NORM_FAMILIES,
+        **moe,
     )
+
+
+def _experts(config: dict, family: str, source: str) -> dict:
+    """The mixture-of-experts fields of a Qwen3-MoE or Mixtral config; variants the model cannot
+    compute exactly (dense layers between sparse ones, jittered routing) are refused."""
+    # transformers 5 writes either family's expert count as num_local_experts; Qwen3-MoE's published
+    # configs call it num_experts
+    key = "num_experts" if "num_experts" in config else "num_local_experts"
+    num_experts = int(_require(config, key, source))
+    if family == "qwen3_moe":
+        ffn = int(_require(config, "moe_intermediate_size", source))
+        normalize = bool(config.get("norm_topk_prob", False))
+        if int(config.get("decoder_sparse_step", 1)) != 1 or config.get("mlp_only_layers"):
+            raise ModelConfigError(f"{source}: dense MLP layers between the expert layers (decoder_sparse_step != 1 "
+                                   "or mlp_only_layers) are not supported; every layer must be a mixture of experts")
+    else:
+        ffn = int(_require(config, "intermediate_size", source))
+        normalize = True
+        if float(config.get("router_jitter_noise") or 0.0):
+            raise ModelConfigError(f"{source}: router_jitter_noise={config['router_jitter_noise']} is not supported: "
+                                   "noisy routing would send identical tokens to different experts (set it to 0)")
+    top_k = int(_require(config, "num_experts_per_tok", source))
+    if not 1 <= top_k <= num_experts:
+        raise ModelConfigError(f"{source}: num_experts_per_tok={top_k} must be between 1 and the {num_experts} experts")
+    return dict(num_experts=num_experts, experts_per_token=top_k, normalize_top_k=normalize, ffn_hidden_size=ffn,
+                router_aux_loss_coef=float(config.get("router_aux_loss_coef") or 0.0))
 
 
 def unsupported_message(name, source: str) -> str:
     """One error line: what the config names, and every architecture that is supported."""
     supported = ", ".join(f"{a} ({f})" for a, f in SUPPORTED_ARCHITECTURES.items())
     names = name if isinstance(name, list) else [name]
-    moe = any("moe" in str(n).lower() for n in names)
-    why = " (mixture-of-experts models are not supported)" if moe else ""
+    moe = any(word in str(n).lower() for n in names for word in ("moe", "deepseek", "gptoss", "gpt_oss"))
+    why = " (of the mixtures of experts, Qwen3-MoE and Mixtral are supported)" if moe else ""
     return f"{source}: unsupported architecture {name!r}{why}; supported: {supported}"
 
 

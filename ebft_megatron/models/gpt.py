@@ -91,9 +91,40 @@ def transformer_config(arch: ModelArchitecture, tp: int, pp: int, params_dtype=t
         cross_entropy_loss_fusion=False,
         sequence_parallel=False,
         init_method_std=0.02,
+        **expert_settings(arch, tp),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def expert_settings(arch: ModelArchitecture, tp: int, ep: Optional[int] = None) -> dict:
+    """TransformerConfig settings of a mixture-of-experts model (none for a dense one): megatron's
+    MoE layer in every layer, dropless, with sequential experts (no grouped GEMM), tokens exchanged
+    between expert-parallel ranks by all-to-all (which gloo has too), and the load-balancing loss
+    off until a run sets its weight (``moe_aux_loss_coeff``)."""
+    if not arch.is_moe:
+        return {}
+    if ep is None:
+        from megatron.core import parallel_state as ps
+
+        ep = ps.get_expert_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.experts_per_token,
+        moe_ffn_hidden_size=arch.ffn_hidden_size,
+        # softmax over the top k logits = softmax over all then renormalised over the top k (Mixtral);
+        # softmax over all then the top k as they are: Qwen3-MoE without norm_topk_prob
+        moe_router_pre_softmax=not arch.normalize_top_k,
+        moe_router_score_function="softmax",
+        # dropless: no capacity, so a token's output never depends on what else is in the batch
+        moe_expert_capacity_factor=None,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=0.0,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=tp,
+    )
 
 
 FP8_INSTALL_HINT = ("install Transformer Engine on a CUDA machine: pip install -e '.[gpu]' "
@@ -121,17 +152,20 @@ def sequence_parallel_overrides(enabled: bool) -> dict:
     return {"sequence_parallel": True}
 
 
-def layer_spec(use_te: bool, qk_norm: bool = False):
+def layer_spec(use_te: bool, qk_norm: bool = False, num_experts: Optional[int] = None):
     """The layer spec with our layer parts and core attention plugged in; ``qk_norm`` adds the
-    per-head query/key RMSNorm (Qwen3)."""
+    per-head query/key RMSNorm (Qwen3); ``num_experts`` makes the MLP megatron's MoE layer, whose
+    experts get our SwiGLU as the dense MLP does."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     # TE fuses the norms into its linear layers, and normalises q/k with its own norm, which (unlike
     # layers.RMSNorm) also runs under sequence parallelism
     if use_te:
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=qk_norm)
     else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                                        normalization="RMSNorm")
         spec.submodules.input_layernorm = layers.RMSNorm
         spec.submodules.pre_mlp_layernorm = layers.RMSNorm
         if qk_norm:
@@ -141,7 +175,10 @@ def layer_spec(use_te: bool, qk_norm: bool = False):
     attention = spec.submodules.self_attention
     attention.module = layers.self_attention_class()
     attention.submodules.core_attention = BlockCoreAttention
-    spec.submodules.mlp.submodules.activation_func = layers.SwiGLU  # with use_te_activation_func
+    mlp = spec.submodules.mlp.submodules
+    if num_experts:  # each expert is a dense MLP of its own
+        mlp = mlp.experts.submodules
+    mlp.activation_func = layers.SwiGLU  # with use_te_activation_func
     return spec
 
 
@@ -225,7 +262,7 @@ def build_model(
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     layers = num_layers or arch.num_layers
-    replace(arch, num_layers=layers).check_parallel(tp, pp)
+    replace(arch, num_layers=layers).check_parallel(tp, pp, ps.get_expert_model_parallel_world_size())
     rotary.install()  # cos and sin of the rotary frequencies once per forward, not per layer
     embedding.install()  # the vocabulary-parallel embedding masks without a host sync
     if use_te is None:
@@ -234,7 +271,7 @@ def build_model(
     is_last = ps.is_pipeline_last_stage()
     model = _gpt_model_class()(
         config=config,
-        transformer_layer_spec=layer_spec(use_te, arch.qk_norm),
+        transformer_layer_spec=layer_spec(use_te, arch.qk_norm, arch.num_experts),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),

@@ -7,9 +7,11 @@ unmodified.
 
 The patches:
 
-P2  ``torch.cuda.current_device/synchronize/current_stream/Event``: megatron allocates with
-    ``device=torch.cuda.current_device()`` (p2p buffers, DDP grad buffers, global memory buffer,
-    rotary ``inv_freq``) and syncs streams in the p2p and DDP code.
+P2  ``torch.cuda.current_device/synchronize/current_stream/Stream/stream/Event``: megatron
+    allocates with ``device=torch.cuda.current_device()`` (p2p buffers, DDP grad buffers, global
+    memory buffer, rotary ``inv_freq``) and syncs streams in the p2p and DDP code; the MoE
+    all-to-all dispatcher makes a side stream for its device-to-host copies of the split sizes.
+    There is one null stream: every stream is the current one, so nothing is recorded on it.
 P3  A ``TorchFunctionMode`` that rewrites literal ``device="cuda"`` to CPU, makes
     ``Tensor.cuda()`` the identity, and reports CPU tensors' ``.type()`` as ``torch.cuda.*``
     because the optimizer and grad clipping branch on those strings.
@@ -28,6 +30,9 @@ P8  Without Transformer Engine, megatron's output-discarding checkpoint (the nor
     selective recompute) reaches for TE's FP8 state: its fp8 flag is ``fp8 is not None``, true for
     the default ``fp8=False``. Stand-ins that say FP8 is off are put where it looks. Applied
     wherever TE is missing, GPU included; with TE nothing changes.
+P9  Without Transformer Engine, the MoE router's linear reads the name ``te_general_gemm``, which
+    megatron defines only when TE imports; it is defined as None, which sends the router to its
+    torch matmul. Applied wherever TE is missing, GPU included.
 
 Under the device guard (``EBFT_DEVICE_GUARD=1``, ``runtime.device_guard``) P3 is replaced by the
 guard's mode, which also tracks which tensors a GPU run would hold on the GPU and fails where CUDA
@@ -60,6 +65,7 @@ def apply() -> None:
     _APPLIED = True
     _use_thread_queue_for_checkpoint_writes()
     _fp8_state_without_transformer_engine()
+    _router_gemm_without_transformer_engine()
     if cuda_available():
         return
     _patch_cuda_runtime_calls()
@@ -73,6 +79,15 @@ def apply() -> None:
 
 # --- P2 -------------------------------------------------------------------------------------
 class _NullStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _NullStream)
+
+    def __hash__(self) -> int:
+        return 0
+
     def wait_event(self, *args, **kwargs):
         pass
 
@@ -116,6 +131,8 @@ def _patch_cuda_runtime_calls() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.Stream = _NullStream
+    torch.cuda.stream = lambda *args, **kwargs: _NullStream()
     torch.cuda.Event = _TimingEvent
 
 
@@ -236,3 +253,11 @@ def _fp8_state_without_transformer_engine() -> None:
     random.FP8GlobalStateManager = _FP8Off
     random.activation_recompute_forward = _no_context
     random.fp8_autocast = _no_context
+
+
+# --- P9 -------------------------------------------------------------------------------------
+def _router_gemm_without_transformer_engine() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not getattr(moe_utils, "HAVE_TE", True) and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

@@ -117,9 +117,11 @@ def print_once_per_job(line: str, wait_seconds: float = 30.0) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: float = 20.0) -> ParallelInfo:
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: float = 20.0, ep: int = 1) -> ParallelInfo:
     """Set up torch.distributed and megatron's parallel groups; seed every RNG. Every process group
-    times out its collectives ``timeout_minutes`` (+ a grace minute) after they start.
+    times out its collectives ``timeout_minutes`` (+ a grace minute) after they start. ``ep``
+    splits a mixture of experts' experts over that many ranks; each expert is split over the TP
+    ranks as a dense MLP is, so tp * ep * pp must divide the world too.
 
     Idempotent for the same layout within a process (tests call it repeatedly).
     """
@@ -149,11 +151,17 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: floa
             f"tensor parallel size {tp} x pipeline parallel size {pp} must divide the number of "
             f"processes ({world}); launch with torchrun --nproc_per_node=<a multiple of {tp * pp}>"
         )
+    if ep < 1 or world % (tp * ep * pp) != 0:
+        raise ParallelLayoutError(
+            f"tensor parallel size {tp} x expert parallel size {ep} x pipeline parallel size {pp} must divide the "
+            f"number of processes ({world}); launch with torchrun --nproc_per_node=<a multiple of {tp * ep * pp}>"
+        )
 
     if parallel_state.model_parallel_is_initialized():
         same = (
             parallel_state.get_tensor_model_parallel_world_size() == tp
             and parallel_state.get_pipeline_model_parallel_world_size() == pp
+            and parallel_state.get_expert_model_parallel_world_size() == ep
         )
         if not same:
             parallel_state.destroy_model_parallel()
@@ -161,6 +169,7 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: floa
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
             distributed_timeout_minutes=timeout_minutes + COLLECTIVE_GRACE_MINUTES,
         )
     info = parallel_info()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ebft_megatron.checkpoint import convert
-from tests.fixtures import FAMILIES, hf_logits, make_tiny_hf
+from tests.fixtures import FAMILIES, MOE_FAMILIES, hf_logits, make_tiny_hf
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
@@ -64,6 +64,27 @@ def _megatron_logits(ckpt, tokens):
     store.load_model_weights(model, ckpt)
     positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
     return gpt.forward(model, tokens, positions, reduce=lambda out: out[..., : arch.vocab_size])
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_mixture_of_experts_logits_match_transformers_and_depend_on_how_weights_are_normalised(family, tiny_models):
+    """The converted experts and router compute Hugging Face's logits in fp32; the same weights with
+    the chosen experts' weights normalised the other way compute other logits, so the routing flavour
+    (Qwen3-MoE's raw softmax weights, Mixtral's renormalised ones) is what the comparison checks."""
+    from ebft_megatron.checkpoint import store
+    from ebft_megatron.models import gpt
+    from ebft_megatron.models.gpt import build_model
+
+    hf_dir, ckpt = tiny_models[family]
+    tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+    ours = _megatron_logits(ckpt, tokens)
+    assert float((ours - hf_logits(hf_dir, tokens)).abs().max()) <= 1e-5
+    arch = store.architecture_of(ckpt)
+    flipped = build_model(replace(arch, normalize_top_k=not arch.normalize_top_k))
+    store.load_model_weights(flipped, ckpt)
+    positions = torch.arange(tokens.shape[1])[None].expand_as(tokens)
+    other = gpt.forward(flipped, tokens, positions, reduce=lambda out: out[..., : arch.vocab_size])
+    assert float((other - ours).abs().max()) > 1e-2
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path):

@@ -87,20 +87,71 @@ def test_qwen3_dense_is_parsed_with_qk_norm_and_its_own_head_dim():
     assert not type(arch).from_json(legacy).qk_norm
 
 
-def test_qwen3_moe_and_other_unsupported_architectures_are_one_error_with_the_supported_list():
-    moe = dict(QWEN3_8B, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=128)
-    with pytest.raises(ModelConfigError) as err:
-        from_hf_config(moe, source="Qwen3-30B-A3B/config.json")
-    message = str(err.value)
-    assert "\n" not in message and message.startswith("Qwen3-30B-A3B/config.json: unsupported architecture")
-    assert "Qwen3MoeForCausalLM" in message and "mixture-of-experts" in message
-    for supported in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM"):
-        assert supported in message
+# Qwen3-30B-A3B's config.json, as published (the keys that matter)
+QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,
+                     intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                     norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_hidden_layers=48,
+                     vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                     use_sliding_window=False, sliding_window=None, attention_bias=False, max_position_embeddings=40960)
+MIXTRAL_8X7B = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=4096,
+                    intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2, num_attention_heads=32,
+                    num_key_value_heads=8, num_hidden_layers=32, vocab_size=32000, rope_theta=1e6,
+                    router_aux_loss_coef=0.02, router_jitter_noise=0.0, sliding_window=None)
+
+
+def test_qwen3_moe_and_mixtral_parse_to_expert_layers():
+    qwen = from_hf_config(QWEN3_30B_A3B)
+    assert (qwen.family, qwen.num_experts, qwen.experts_per_token, qwen.ffn_hidden_size) == ("qwen3_moe", 128, 8, 768)
+    assert qwen.qk_norm and qwen.normalize_top_k and qwen.is_moe and qwen.router_aux_loss_coef == 0.001
+    assert not from_hf_config(dict(QWEN3_30B_A3B, norm_topk_prob=False)).normalize_top_k
+    mixtral = from_hf_config(MIXTRAL_8X7B)
+    assert (mixtral.family, mixtral.num_experts, mixtral.experts_per_token, mixtral.ffn_hidden_size) == (
+        "mixtral", 8, 2, 14336)
+    assert mixtral.normalize_top_k and not mixtral.qk_norm and mixtral.router_aux_loss_coef == 0.02
+    assert not from_hf_config(QWEN3_8B).is_moe
+    # checkpoints written before the expert fields existed still describe their dense model
+    legacy = from_hf_config(QWEN3_8B).to_json()
+    for key in ("num_experts", "experts_per_token", "normalize_top_k", "router_aux_loss_coef"):
+        legacy.pop(key)
+    assert not type(qwen).from_json(legacy).is_moe
+
+
+def test_expert_parallel_layouts_are_checked():
+    qwen = from_hf_config(QWEN3_30B_A3B)
+    qwen.check_parallel(4, 2, ep=8)
+    with pytest.raises(ModelConfigError, match=r"expert parallel size 3 does not divide num_experts=128"):
+        qwen.check_parallel(1, 1, ep=3)
+    with pytest.raises(ModelConfigError, match="needs a mixture-of-experts model"):
+        from_hf_config(QWEN3_8B).check_parallel(1, 1, ep=2)
+
+
+def test_moe_variants_the_model_cannot_compute_are_one_error():
+    cases = [
+        (dict(QWEN3_30B_A3B, decoder_sparse_step=2), "decoder_sparse_step"),
+        (dict(QWEN3_30B_A3B, mlp_only_layers=[0, 5]), "mlp_only_layers"),
+        (dict(MIXTRAL_8X7B, router_jitter_noise=0.01), "router_jitter_noise"),
+        (dict(QWEN3_30B_A3B, num_experts_per_tok=200), "num_experts_per_tok"),
+    ]
+    for config, what in cases:
+        with pytest.raises(ModelConfigError, match=what) as err:
+            from_hf_config(config, source="model/config.json")
+        assert "\n" not in str(err.value) and str(err.value).startswith("model/config.json: ")
+
+
+def test_unsupported_architectures_are_one_error_with_the_supported_list():
+    for name in ("DeepseekV3ForCausalLM", "Qwen2MoeForCausalLM", "GptOssForCausalLM"):
+        with pytest.raises(ModelConfigError) as err:
+            from_hf_config(dict(QWEN3_8B, architectures=[name]), source="m/config.json")
+        message = str(err.value)
+        assert "\n" not in message and message.startswith("m/config.json: unsupported architecture")
+        assert name in message and "mixtures of experts" in message
+        for supported in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM",
+                          "Qwen3MoeForCausalLM", "MixtralForCausalLM"):
+            assert supported in message
     # a named architecture that is not ours is refused even where model_type names a supported family
     with pytest.raises(ModelConfigError, match="unsupported architecture.*Qwen3ForCausalLM"):
-        from_hf_config(dict(QWEN3_8B, architectures=["Qwen3MoeForCausalLM"]))
-    with pytest.raises(ModelConfigError, match="unsupported architecture 'qwen3_moe'.*mixture-of-experts"):
-        from_hf_config(dict(QWEN3_8B, architectures=None, model_type="qwen3_moe"))
+        from_hf_config(dict(QWEN3_8B, architectures=["Qwen2MoeForCausalLM"], model_type="qwen3"))
 
 
 def test_qwen3_variants_the_model_cannot_compute_are_refused():
