@@ -69,6 +69,9 @@ class ParallelSettings(Section):
     tp: int = setting(1, "Tensor parallel size (must divide the attention and KV heads).", minimum=1)
     pp: int = setting(1, "Pipeline parallel size (must divide the number of layers). DP = world size / (tp * pp).",
                       minimum=1)
+    ep: int = setting(1, "Expert parallel size, for mixture-of-experts models: each rank holds num_experts / ep of "
+                         "each layer's experts and tokens reach them by all-to-all (must divide num_experts; "
+                         "tp * ep * pp must divide the world size).", minimum=1)
     sequence_parallel: bool = setting(
         False, "Megatron sequence parallelism: norms and dropouts split over the TP ranks along the sequence (needs "
                "tp > 1 and a GPU with Transformer Engine; megatron's CPU norm refuses it).")
@@ -218,6 +221,25 @@ class LoraSettings(Section):
 
 
 @dataclass
+class MoESettings(Section):
+    section = "moe"
+    aux_loss_weight: Optional[float] = setting(
+        None, "Weight of the router's load-balancing loss (megatron's auxiliary loss, summed over the MoE layers), "
+              "added to the sft, rlvr and ebft losses and logged as loss/load_balancing; empty = the checkpoint's "
+              "router_aux_loss_coef; 0 = off. Dense models ignore it.", minimum=0)
+    expert_capacity_factor: Optional[float] = setting(
+        None, "Must stay empty: routing is dropless. A capacity would drop tokens, and a token's output would then "
+              "depend on the other tokens of its batch, so identical rollouts would get different tokens and "
+              "log-probs.")
+
+    def check(self) -> None:
+        if self.expert_capacity_factor is not None:
+            raise ConfigError(f"moe.expert_capacity_factor={self.expert_capacity_factor}: routing that drops tokens is "
+                              "not supported (a dropped token's output depends on the rest of its batch, so identical "
+                              "rollouts would get different log-probs); leave it empty for dropless routing")
+
+
+@dataclass
 class Config:
     model: ModelSettings = field(default_factory=ModelSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
@@ -227,6 +249,7 @@ class Config:
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    moe: MoESettings = field(default_factory=MoESettings)
     data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict:

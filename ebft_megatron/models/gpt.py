@@ -262,7 +262,9 @@ def build_model(
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     layers = num_layers or arch.num_layers
-    replace(arch, num_layers=layers).check_parallel(tp, pp, ps.get_expert_model_parallel_world_size())
+    # a dense model (a feature network beside an MoE policy) is simply not split over the EP ranks
+    replace(arch, num_layers=layers).check_parallel(
+        tp, pp, ps.get_expert_model_parallel_world_size() if arch.is_moe else 1)
     rotary.install()  # cos and sin of the rotary frequencies once per forward, not per layer
     embedding.install()  # the vocabulary-parallel embedding masks without a host sync
     if use_te is None:

@@ -42,6 +42,14 @@ contiguous slice of the full tensor on every rank, which dist checkpointing can 
 
 Sequence parallelism is refused: the column-parallel input would be the sequence-sharded
 activation before megatron's all-gather inside the linear.
+
+Mixtures of experts: adapters go on the attention (qkv, proj) only; the router and the experts stay
+frozen, and the MLP targets are refused (:func:`check_targets`). An adapter per expert would
+multiply the adapters, their gradients and Adam's moments by the number of experts (128 in
+Qwen3-30B-A3B) while each one learns from the few tokens routed to it, and would make the adapters
+expert-parallel parameters, reduced over other ranks than the rest. Adapting the router would
+move tokens between experts the base model trained together. The attention is where a dense
+model's LoRA has most of its effect, and every token passes through it.
 """
 
 from __future__ import annotations
@@ -61,6 +69,8 @@ TARGETS = {"qkv": ("self_attention", "linear_qkv", "column"), "proj": ("self_att
            "fc1": ("mlp", "linear_fc1", "column"), "fc2": ("mlp", "linear_fc2", "row")}
 # per target, so that each linear of a layer draws its own A from the init seed
 _TARGET_INDEX = {name: i for i, name in enumerate(TARGETS)}
+# the targets a mixture of experts' layer has (its MLP is a router and experts, left frozen)
+MOE_TARGETS = ("qkv", "proj")
 
 
 class LoraError(UserError, ValueError):
@@ -223,15 +233,24 @@ def _hook(state: LoraState, adapter, norm):
     return hook
 
 
+def check_targets(targets: Sequence[str], is_moe: bool) -> None:
+    """Refuse targets a model's layers do not have: a mixture of experts' MLP takes no adapters."""
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        raise LoraError(f"unknown LoRA targets {unknown}; choose among {', '.join(TARGETS)}")
+    mlp = sorted(set(targets) - set(MOE_TARGETS))
+    if is_moe and mlp:
+        raise LoraError(f"lora.targets {mlp}: a mixture of experts' MLP (its router and experts) stays frozen under "
+                        f"LoRA; set lora.targets=[{','.join(MOE_TARGETS)}]")
+
+
 def attach_adapters(model, rank: int, alpha: float = 16.0, dropout: float = 0.0,
                     targets: Sequence[str] = tuple(TARGETS), seed: int = 0) -> LoraState:
     """Attach adapters to this stage's layers (after its base weights are loaded), freeze every
     base parameter, and keep the state as ``model.lora``. Returns it."""
     if rank < 1:
         raise LoraError(f"LoRA rank must be at least 1, got {rank}")
-    unknown = sorted(set(targets) - set(TARGETS))
-    if unknown:
-        raise LoraError(f"unknown LoRA targets {unknown}; choose among {', '.join(TARGETS)}")
+    check_targets(targets, model.config.num_moe_experts is not None)
     if getattr(model, "lora", None) is not None:
         raise LoraError("the model already has LoRA adapters")
     config = model.config

@@ -32,6 +32,7 @@ from ebft_megatron.models.attention import BlockAttentionParams, RolloutKVCache
 from ebft_megatron.block_layout import BlockLayout
 from ebft_megatron.rollouts.sampling import SamplingSettings, sample_tokens
 from ebft_megatron.models import gpt
+from ebft_megatron.models.output import unwrap
 from ebft_megatron.runtime import device, pipeline
 
 
@@ -107,11 +108,14 @@ class CapturedStep:
         return self.output
 
 
-def _graphs_possible(settings: SamplingSettings, keep_logits: bool) -> bool:
-    """Capture needs CUDA, no collectives in the step (tp=pp=1) and nothing kept per step."""
+def _graphs_possible(model, settings: SamplingSettings, keep_logits: bool) -> bool:
+    """Capture needs CUDA, no collectives in the step (tp=pp=1), nothing kept per step, and shapes
+    that do not depend on the data: a mixture of experts' layers read how many tokens each expert
+    got on the host, so its decode steps run eagerly."""
     from megatron.core import parallel_state as ps
 
     return (settings.cuda_graphs and device.real_cuda() and not keep_logits
+            and unwrap(model).config.num_moe_experts is None
             and ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1)
 
 
@@ -168,7 +172,7 @@ def sample_rollouts(
     captured = None
     for t in range(1, G):
         decode = BlockAttentionParams(layout=layout, mode="decode", cache=cache, step=t - 1, doc_ids=doc_ids)
-        if captured is None and t < G - 1 and _graphs_possible(settings, return_logits):
+        if captured is None and t < G - 1 and _graphs_possible(model, settings, return_logits):
             # replays run the kernels recorded here; only the device step index changes between them
             captured = CapturedStep(functools.partial(decode_step, decode))
         sampled = captured() if captured is not None else decode_step(decode)

@@ -42,15 +42,24 @@ def recompute_overrides(recompute: str) -> dict:
 def initialize(config: Config):
     """torch.distributed and megatron's parallel groups for ``config.parallel``; the rank's place."""
     distributed.initialize(config.parallel.tp, config.parallel.pp, seed=config.train.seed,
-                           timeout_minutes=config.train.timeout_minutes)
+                           timeout_minutes=config.train.timeout_minutes, ep=config.parallel.ep)
     return distributed.parallel_info()
 
 
 def architecture(config: Config):
     """The policy's architecture, checked against the parallel layout before anything is built."""
     arch = store.architecture_of(config.model.load)
-    arch.check_parallel(config.parallel.tp, config.parallel.pp)
+    arch.check_parallel(config.parallel.tp, config.parallel.pp, config.parallel.ep)
     return arch
+
+
+def aux_loss_weight(config: Config, arch) -> float:
+    """The weight of a mixture of experts' load-balancing loss: ``moe.aux_loss_weight``, else the
+    checkpoint's own (0 for a dense model)."""
+    if not arch.is_moe:
+        return 0.0
+    weight = config.moe.aux_loss_weight
+    return float(arch.router_aux_loss_coef or 0.0) if weight is None else float(weight)
 
 
 def tokenizer(config: Config, arch):
@@ -71,8 +80,9 @@ def policy(config: Config, arch, load: bool = True):
     settings, and (``load``) the weights of ``model.load``; with ``lora.rank`` > 0, LoRA adapters
     attached after loading (base weights frozen, so base checkpoints load unchanged)."""
     m = config.model
+    aux = {"moe_aux_loss_coeff": aux_loss_weight(config, arch)} if arch.is_moe else {}
     model = build_model(arch, params_dtype=torch_dtype(m.dtype), **recompute_overrides(m.recompute),
-                        **_gpu_overrides(config, fp8=True))
+                        **_gpu_overrides(config, fp8=True), **aux)
     set_block_attention(model, m.attention)
     model.logit_chunk_rows = m.logit_chunk_rows
     if not load:

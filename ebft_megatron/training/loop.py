@@ -30,7 +30,7 @@ from ebft_megatron.training.checkpointing import (latest_good_checkpoint, load_t
                                                   save_training_checkpoint)
 from ebft_megatron.training.logging import MetricsLogger
 from ebft_megatron.training.optimizer import finish_step, prepare_step
-from ebft_megatron.training.step import loss_terms, read_figures
+from ebft_megatron.training.step import loss_terms, read_figures, term_names
 
 
 class TrainingAborted(UserError, RuntimeError):
@@ -112,7 +112,7 @@ class Trainer:
         with self.timer.phase("optimizer"):
             squared_grad_norm = prepare_step(self.optimizer)
             # the step's one wait on the device: every figure, and whether to take the step
-            metrics = read_figures(self.objective.terms, terms, [e.metrics for e in experiences], squared_grad_norm)
+            metrics = read_figures(term_names(self.objective, self.ddp), terms, [e.metrics for e in experiences], squared_grad_norm)
             finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
             if finite:
                 finish_step(self.optimizer, metrics["grad_norm"])

@@ -17,6 +17,7 @@ from ebft_megatron.checkpoint import lora as lora_checkpoint
 from ebft_megatron.checkpoint import store
 from ebft_megatron.config import Config, layout_of
 from ebft_megatron.errors import UsageError
+from ebft_megatron.models import lora
 from ebft_megatron.objective.objectives import OBJECTIVES
 from ebft_megatron.training import builder, memory
 from ebft_megatron.training.checkpointing import latest_good_checkpoint
@@ -66,11 +67,14 @@ def check_run(config: Config, gpus: Optional[int] = None, say: Callable[[str], N
     """Everything a launch can know before it starts: raises the first user error, else prints a
     summary. ``gpus``: the job's processes over all nodes (default: tp x pp, i.e. DP 1)."""
     c = config
-    tp, pp = c.parallel.tp, c.parallel.pp
-    gpus = gpus or tp * pp
+    tp, pp, ep = c.parallel.tp, c.parallel.pp, c.parallel.ep
+    gpus = gpus or tp * pp * ep
     if gpus % (tp * pp):
         raise UsageError(f"{gpus} processes cannot hold parallel.tp={tp} x parallel.pp={pp}; launch a multiple "
                          f"of {tp * pp}")
+    if gpus % (tp * ep * pp):
+        raise UsageError(f"{gpus} processes cannot hold parallel.tp={tp} x parallel.ep={ep} x parallel.pp={pp}; "
+                         f"launch a multiple of {tp * ep * pp}")
     dp = gpus // (tp * pp)
     c.train.check_data_parallel(dp)
 
@@ -79,10 +83,16 @@ def check_run(config: Config, gpus: Optional[int] = None, say: Callable[[str], N
     say(f"model: {c.model.load}: {arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
         f"{arch.num_attention_heads} heads ({arch.num_query_groups} key/value), vocabulary {arch.vocab_size}; "
         f"{tensors} weight tensors present")
+    if arch.is_moe:
+        say(f"experts: {arch.num_experts} per layer, {arch.experts_per_token} per token, dropless; "
+            f"{arch.num_experts // ep} per rank at EP{ep}; load-balancing loss weight "
+            f"{builder.aux_loss_weight(c, arch):g}")
+    if c.lora.rank:
+        lora.check_targets(c.lora.targets, arch.is_moe)
     _check_adapters(c, say)
     if c.model.feature_load:
         feature_arch = store.architecture_of(c.model.feature_load)
-        feature_arch.check_parallel(tp, pp)
+        feature_arch.check_parallel(tp, pp, ep if feature_arch.is_moe else 1)
         check_weights(c.model.feature_load)
         say(f"feature network: {c.model.feature_load}: {feature_arch.family}, {feature_arch.num_layers} layers")
     objective = OBJECTIVES[c.objective.mode]
@@ -92,7 +102,8 @@ def check_run(config: Config, gpus: Optional[int] = None, say: Callable[[str], N
     say(f"layout: {c.objective.mode}, chunks of {layout.chunk_len} tokens, {layout.num_blocks} blocks x "
         f"{layout.num_samples} samples x {layout.rollout_len} tokens; policy forward of "
         f"{objective.tokens_of(layout)} tokens per chunk")
-    say(f"parallel: {gpus} processes = TP{tp} x PP{pp} x DP{dp}, {c.train.chunks_per_step // (dp * c.train.micro_batch)} "
+    experts = f" (experts: EP{ep} x expert-DP{gpus // (tp * ep * pp)})" if arch.is_moe else ""
+    say(f"parallel: {gpus} processes = TP{tp} x PP{pp} x DP{dp}{experts}, {c.train.chunks_per_step // (dp * c.train.micro_batch)} "
         f"micro-batches of {c.train.micro_batch} per step and rank")
 
     counts = {split: len(builder.chunks(c, tokenizer, split, verbose=True).tokens)

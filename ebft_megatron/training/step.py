@@ -19,16 +19,25 @@ from __future__ import annotations
 
 import torch
 
+from ebft_megatron.models import experts
 from ebft_megatron.models.gpt import model_forward
 from ebft_megatron.models.output import model_output
 from ebft_megatron.runtime import pipeline
 from ebft_megatron.runtime.distributed import data_parallel_size, sum_over_data_parallel
 
 
+def term_names(objective, policy, forward_only: bool = False) -> tuple[str, ...]:
+    """The names of :func:`loss_terms`' terms: the objective's, then, for a mixture of experts in
+    training, its router's load-balancing loss (unweighted; its weighted gradient is megatron's,
+    ``models.experts``)."""
+    balancing = not forward_only and experts.tracks_load_balancing(policy)
+    return tuple(objective.terms) + ((experts.LOAD_BALANCING_TERM,) if balancing else ())
+
+
 def loss_terms(policy, experiences: list, objective, forward_only: bool = False) -> torch.Tensor:
     """Policy forward (+ backward unless ``forward_only``) of every experience, as ``objective``
     defines them; gradients accumulate in the model (DDP: its grad buffers). Returns the loss terms
-    (``objective.terms``, in that order) averaged over the micro-batches: fp32 [terms] on the run's
+    (:func:`term_names`, in that order) averaged over the micro-batches: fp32 [terms] on the run's
     device, on every rank, nothing read."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -53,7 +62,11 @@ def loss_terms(policy, experiences: list, objective, forward_only: bool = False)
     means = None
     if ps.is_pipeline_last_stage():  # the same sums as term by term
         means = sum(torch.stack([t[name].float() for name in objective.terms]) for t in terms) / len(terms)
-    return pipeline.broadcast_tensor_from_last_stage(means, (len(objective.terms),), torch.float32)
+    means = pipeline.broadcast_tensor_from_last_stage(means, (len(objective.terms),), torch.float32)
+    if forward_only:
+        return means
+    balancing = experts.load_balancing_loss(policy, len(experiences))
+    return means if balancing is None else torch.cat([means, balancing.reshape(1)])
 
 
 def read_figures(term_names, terms: torch.Tensor, metrics: list[dict], squared_grad_norm=None) -> dict[str, float]:
@@ -78,4 +91,5 @@ def read_figures(term_names, terms: torch.Tensor, metrics: list[dict], squared_g
 
 def forward_backward(policy, experiences: list, objective, forward_only: bool = False) -> dict[str, float]:
     """:func:`loss_terms`, read: the terms averaged over micro-batches and data-parallel ranks."""
-    return read_figures(objective.terms, loss_terms(policy, experiences, objective, forward_only), [])
+    terms = loss_terms(policy, experiences, objective, forward_only)
+    return read_figures(term_names(objective, policy, forward_only), terms, [])

@@ -85,7 +85,7 @@ def test_replayed_decode_steps_sample_the_tokens_of_eager_steps(model, monkeypat
     settings = SamplingSettings(temperature, top_p, cuda_graphs=True)
     eager = sample_rollouts(net, layout, chunk, arch.vocab_size, settings, torch.Generator().manual_seed(9),
                             doc_ids=doc_ids)
-    monkeypatch.setattr(sampler, "_graphs_possible", lambda settings, keep_logits: settings.cuda_graphs)
+    monkeypatch.setattr(sampler, "_graphs_possible", lambda model, settings, keep_logits: settings.cuda_graphs)
     made = []
     monkeypatch.setattr(sampler, "CapturedStep", lambda run: made.append(RecordedStep(run)) or made[-1])
     replayed = sample_rollouts(net, layout, chunk, arch.vocab_size, settings, torch.Generator().manual_seed(9),
