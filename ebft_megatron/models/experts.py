@@ -43,9 +43,12 @@ def load_balancing_loss(model, num_microbatches: int) -> Optional[torch.Tensor]:
     if entry is None:  # no training forward on this rank yet: every stage still joins the sum
         total = torch.zeros((), device=device.current())
     else:
-        # each stage holds its own layers' losses (the TP ranks of a stage hold the same ones)
+        # each stage holds its own layers' losses, each TP rank the part of its share of the
+        # tokens (``layers.moe_layer_class``; as under sequence parallelism)
         total = entry["values"].sum()
         entry["values"].zero_()
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    for size, group in ((ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group),
+                        (ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_group)):
+        if size > 1:
+            torch.distributed.all_reduce(total, group=group())
     return total.float() / (config.num_layers * num_microbatches)

@@ -177,6 +177,7 @@ def layer_spec(use_te: bool, qk_norm: bool = False, num_experts: Optional[int] =
     attention.submodules.core_attention = BlockCoreAttention
     mlp = spec.submodules.mlp.submodules
     if num_experts:  # each expert is a dense MLP of its own
+        spec.submodules.mlp.module = layers.moe_layer_class()
         mlp = mlp.experts.submodules
     mlp.activation_func = layers.SwiGLU  # with use_te_activation_func
     return spec

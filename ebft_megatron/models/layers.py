@@ -10,6 +10,8 @@ is what bounds a step's memory.
 - :class:`SwiGLU`: the gated activation as one function of the fc1 output [.., 2f] that keeps only
   that input; megatron's unfused path keeps the input, silu(x1), a copy of x2 and the product's
   operands (5f per token where this keeps 2f).
+- :func:`moe_layer_class`: megatron's MoE layer, which also trains under tensor parallelism
+  without sequence parallelism (see the class).
 - :class:`SelfAttention`: hands the core attention a contiguous value. Megatron's value is a view
   of the fused qkv projection's output, so keeping the value for backward kept the whole [q; k; v]
   buffer alive; query and key are new tensors after the rotary embedding anyway.
@@ -102,3 +104,121 @@ def self_attention_class():
             return (query, key, value.contiguous(), *rest)
 
     return SelfAttention
+
+
+def _token_slices(count: int, group) -> tuple[int, int, int]:
+    """(start, size, padded size) of this TP rank's share of ``count`` tokens: the shares of
+    ``torch.tensor_split``, each at most one token longer than the next."""
+    ranks, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    base, extra = divmod(count, ranks)
+    return rank * base + min(rank, extra), base + (rank < extra), base + (extra > 0)
+
+
+def _gather_token_slices(part: torch.Tensor, count: int, group) -> torch.Tensor:
+    """Every TP rank's share of the tokens, [share, ...] -> [count, ...], in rank order."""
+    ranks = torch.distributed.get_world_size(group)
+    _, size, padded = _token_slices(count, group)
+    if size < padded:
+        part = torch.cat([part, part.new_zeros(padded - size, *part.shape[1:])])
+    gathered = part.new_empty(ranks * padded, *part.shape[1:])
+    torch.distributed.all_gather_into_tensor(gathered, part.contiguous(), group=group)
+    base, extra = divmod(count, ranks)
+    if not extra:
+        return gathered
+    # each rank's padding sits after its share: the first `extra` ranks' shares have no padding
+    return torch.cat([gathered[r * padded: r * padded + base + (r < extra)] for r in range(ranks)])
+
+
+class _OwnTokens(torch.autograd.Function):
+    """This TP rank's share of tokens every TP rank holds; backward gathers the shares' gradients,
+    so the input's gradient is whole, and the same, on every rank."""
+
+    @staticmethod
+    def forward(ctx, tokens, group):
+        ctx.count, ctx.group = tokens.shape[0], group
+        start, size, _ = _token_slices(tokens.shape[0], group)
+        return tokens[start:start + size].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_token_slices(grad, ctx.count, ctx.group), None
+
+
+class _AllTokens(torch.autograd.Function):
+    """The shares of every TP rank, joined; backward keeps this rank's share of the gradient (which
+    every rank holds whole)."""
+
+    @staticmethod
+    def forward(ctx, part, count: int, group):
+        ctx.count, ctx.group = count, group
+        return _gather_token_slices(part, count, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start, size, _ = _token_slices(ctx.count, ctx.group)
+        return grad[start:start + size].contiguous(), None, None
+
+
+def moe_layer_class():
+    from megatron.core.transformer.moe.moe_layer import MoELayer as MegatronMoELayer
+
+    class MoELayer(MegatronMoELayer):
+        """megatron's MoE layer, also at TP > 1 without sequence parallelism.
+
+        megatron's all-to-all dispatcher assumes the tokens are split over the TP ranks, as
+        sequence parallelism splits them: it gathers every TP rank's tokens for the experts and
+        reduce-scatters their outputs back. Without sequence parallelism each TP rank holds the
+        whole sequence, the experts would see each token TP times and their weights would get TP
+        times its gradient, and megatron refuses to train so. Sequence parallelism needs
+        Transformer Engine here (a CPU has none), so this layer splits the tokens itself: each TP
+        rank routes and computes its own share (``_OwnTokens``) and the shares are gathered after
+        (``_AllTokens``), in training and inference alike. The router then sees a share of the
+        tokens on each rank, as under sequence parallelism: its weight's gradient is a partial sum,
+        marked ``sum_grad_over_tp`` for :func:`sum_router_grads_over_tp`, and so is each rank's
+        part of the load-balancing loss (``models.experts`` sums it)."""
+
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            self.splits_tokens = config.tensor_model_parallel_size > 1 and not config.sequence_parallel
+            if self.splits_tokens:
+                for param in self.router.parameters():
+                    param.sum_grad_over_tp = True
+
+        def forward(self, hidden_states, padding_mask=None):
+            if not self.splits_tokens:
+                return super().forward(hidden_states, padding_mask)
+            if padding_mask is not None:
+                raise ValueError("the MoE layer takes no padding mask at TP > 1 without sequence parallelism")
+            group = self.attn_tp_group
+            s, b, h = hidden_states.shape
+            own = _OwnTokens.apply(hidden_states.reshape(s * b, 1, h), group)
+            # megatron's check against training at TP > 1 without sequence parallelism reads the
+            # module's flag; the tokens are split already (nothing else in the forward reads it: the
+            # router, which adds the load-balancing loss, has its own)
+            training, self.training = self.training, False
+            try:
+                output, bias = super().forward(own)
+            finally:
+                self.training = training
+            return _AllTokens.apply(output, s * b, group).reshape(s, b, h), bias
+
+    return MoELayer
+
+
+def sum_router_grads_over_tp(model_chunks) -> None:
+    """Sum over the TP ranks the gradients of parameters marked ``sum_grad_over_tp`` (routers that
+    saw a share of the tokens on each rank), in one all-reduce; before DDP reduces over DP."""
+    from megatron.core import parallel_state as ps
+
+    grads = [param.main_grad if getattr(param, "main_grad", None) is not None else param.grad
+             for chunk in model_chunks for param in chunk.parameters()
+             if getattr(param, "sum_grad_over_tp", False) and param.requires_grad]
+    grads = [grad for grad in grads if grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    torch.distributed.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ebft_megatron.config import OptimizerSettings
+from ebft_megatron.models import layers
 from ebft_megatron.runtime import device
 
 
@@ -20,7 +21,13 @@ def wrap_ddp(model, use_distributed_optimizer: bool = True):
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     config.no_sync_func = ddp.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
+
+    def finalize(model_chunks, *args, **kwargs):
+        # a mixture of experts' routers at TP > 1 saw a share of the tokens on each TP rank
+        layers.sum_router_grads_over_tp(model_chunks)
+        return finalize_model_grads(model_chunks, *args, **kwargs)
+
+    config.finalize_model_grads_func = finalize
     return ddp
 
 

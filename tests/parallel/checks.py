@@ -137,23 +137,27 @@ def check_dp_sampling(models_dir: Path, seed: int) -> dict:
 
 
 def full_grads(model, tied: bool) -> dict:
-    """Every parameter's gradient as a full (unsharded) tensor, keyed by its TP1/PP1 name, on
-    every rank: TP shards all-gathered (SwiGLU fc1 shards are [gate_r; up_r]), PP stages merged."""
+    """Every parameter's gradient as a full (unsharded) tensor, keyed by its TP1/PP1/EP1 name, on
+    every rank: TP shards all-gathered (SwiGLU fc1 shards are [gate_r; up_r]; an expert's over its
+    expert-TP group), a mixture of experts' local experts gathered over EP and named by their
+    global index, PP stages merged."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    tp = ps.get_tensor_model_parallel_world_size()
     rename = {f"decoder.layers.{i}.": f"decoder.layers.{layer.layer_number - 1}."
               for i, layer in enumerate(model.decoder.layers)}
-    out = {}
+    out, experts = {}, {}
     for name, param in model.named_parameters():
         if not param.requires_grad:  # frozen (LoRA's base weights)
             continue
         grad = (param.main_grad if getattr(param, "main_grad", None) is not None else param.grad).detach().float()
+        expert = ".local_experts." in name
+        group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
+        tp = dist.get_world_size(group)
         if getattr(param, "tensor_model_parallel", False) and tp > 1:
             parts = [torch.empty_like(grad) for _ in range(tp)]
-            dist.all_gather(parts, grad.contiguous(), group=ps.get_tensor_model_parallel_group())
+            dist.all_gather(parts, grad.contiguous(), group=group)
             if "linear_fc1." in name:  # not LoRA's fc1 B, kept [2, ffn/tp, r] and cut along ffn
                 halves = [part.chunk(2, dim=0) for part in parts]
                 grad = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
@@ -165,7 +169,17 @@ def full_grads(model, tied: bool) -> dict:
                 break
         if tied and name == "output_layer.weight":
             name = "embedding.word_embeddings.weight"
-        out[name] = grad.clone()
+        (experts if expert else out)[name] = grad.clone()
+    if experts:
+        ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+        local_count = model.config.num_moe_experts // ep
+        ranks = [None] * ep
+        dist.all_gather_object(ranks, (ep_rank, experts), group=ps.get_expert_model_parallel_group())
+        for rank, named in ranks:
+            for name, grad in named.items():
+                head, _, tail = name.partition(".local_experts.")
+                index, _, rest = tail.partition(".")
+                out[f"{head}.local_experts.{rank * local_count + int(index)}.{rest}"] = grad
     if ps.get_pipeline_model_parallel_world_size() > 1:
         stages = [None] * ps.get_pipeline_model_parallel_world_size()
         dist.all_gather_object(stages, out, group=ps.get_pipeline_model_parallel_group())
