@@ -24,9 +24,8 @@ from typing import Optional
 
 import torch
 
-from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.data.packing import PackedChunks
-from ebft_megatron.evaluation.sharding import mean_and_error, replica_share
+from ebft_megatron.evaluation.sharding import mean_and_error, replica_batches
 from ebft_megatron.models import gpt
 from ebft_megatron.models.attention import BlockAttentionParams
 from ebft_megatron.models.output import model_output
@@ -84,7 +83,7 @@ def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
         raise ValueError(f"response_mask has shape {tuple(response_mask.shape)}, the chunks {tuple(chunks.tokens.shape)}")
     totals = torch.zeros(4, dtype=torch.float64, device=device.current())
     per_chunk: dict[str, float] = {}
-    for batch in micro_batches(replica_share(len(chunks)), micro_batch_size):
+    for batch, counted in replica_batches(len(chunks), micro_batch_size):
         watchdog.progress()  # a long evaluation is not a stall
         index = torch.tensor(batch)
         chunk, lengths, response, doc_ids = device.to_device((  # the evaluation batch's boundary
@@ -100,6 +99,8 @@ def validation_ce(model, chunks: PackedChunks, micro_batch_size: int = 1,
             reduce=lambda output: nll_sums(model_output(output, model), chunk, lengths, response),
             attention_mask=mask,
         ).to(totals.device)
+        if not counted:  # a replica's forward in lockstep with the others (sharding.replica_batches)
+            continue
         totals += rows.sum(0)
         per_chunk.update(zip(map(str, batch), (rows[:, 0] / rows[:, 1].clamp(min=1)).tolist()))
     if chunk_ce is not None:

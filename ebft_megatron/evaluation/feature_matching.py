@@ -29,11 +29,10 @@ from typing import Callable, Optional
 import torch
 
 from ebft_megatron.block_layout import BlockLayout
-from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.data.packing import PackedChunks
 from ebft_megatron.evaluation.files import atomic_write
 from ebft_megatron.evaluation.plotting import curve_png
-from ebft_megatron.evaluation.sharding import mean_and_error, replica_share
+from ebft_megatron.evaluation.sharding import in_lockstep, mean_and_error, replica_batches
 from ebft_megatron.features.network import FeatureMoments, embed
 from ebft_megatron.objective.rewards import alignment_and_diversity, cfm_loss
 from ebft_megatron.rollouts.sampler import SamplingSettings, sample_rollouts
@@ -141,19 +140,22 @@ def feature_matching_curve(feature_model, layout: BlockLayout, chunks: PackedChu
     with ``document_masking``. Chunks without a valid block are skipped."""
     check_layout(layout, chunks)
     sums = _CurveSums(layout.rollout_len)
-    for batch in micro_batches(replica_share(len(chunks)), micro_batch_size):
+    for batch, counted in replica_batches(len(chunks), micro_batch_size):
         watchdog.progress()  # a long evaluation is not a stall
         index = torch.tensor(batch)
         valid = layout.valid_blocks(chunks.lengths[index])
         keep = valid.any(dim=1)  # the same on every rank: it depends on the data only
         if not keep.any():
-            continue
+            if not in_lockstep():
+                continue
+            counted, keep = False, torch.ones_like(keep)  # run it with the other replicas, drop it
         chunk, valid = chunks.tokens[index][keep], valid[keep]
         doc_ids = chunks.doc_ids[index][keep] if document_masking else None
         chunk, doc_ids = device.to_device((chunk, doc_ids))  # the evaluation batch's boundary
         rollouts = rollouts_of(chunk) if doc_ids is None else rollouts_of(chunk, doc_ids)
         moments = embed(feature_model, layout, layout.pack(chunk, rollouts), pooling, doc_ids=doc_ids)
-        sums.add(moments, valid, [chunk for chunk, kept in zip(batch, keep.tolist()) if kept])
+        if counted:
+            sums.add(moments, valid, [chunk for chunk, kept in zip(batch, keep.tolist()) if kept])
     return sums.curve()
 
 

@@ -4,14 +4,21 @@ Every rank of a replica (its TP and PP ranks) walks the same chunks in lockstep,
 forward is a collective over the replica. Replicas take interleaved shares of the chunks, and the
 per-replica sums are added over the data-parallel group at the end, so the pooled number does not
 depend on the parallel layout (up to float64 summation order).
+
+A mixture of experts split over EP > 1 ranks makes every forward a collective over replicas too:
+the expert-parallel group spans data-parallel replicas, and each MoE layer exchanges tokens among
+them. Replicas then walk as many micro-batches as the largest share (:func:`replica_batches`); a
+replica with fewer repeats one whose results it drops.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 
+from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.evaluation.statistics import standard_error_from_sums
 from ebft_megatron.runtime import device
 from ebft_megatron.runtime.distributed import sum_over_data_parallel
@@ -29,6 +36,27 @@ def replica_share(num_chunks: int) -> list[int]:
     """Indices of the chunks this data-parallel replica evaluates (every dp_size-th one)."""
     rank, size = _data_parallel()
     return list(range(rank, num_chunks, size))
+
+
+def in_lockstep() -> bool:
+    """Whether every forward is a collective over the data-parallel replicas (experts split over
+    EP > 1 ranks), so that replicas must run the same number of them."""
+    from megatron.core import parallel_state as ps
+
+    return ps.model_parallel_is_initialized() and ps.get_expert_model_parallel_world_size() > 1
+
+
+def replica_batches(num_chunks: int, micro_batch_size: int) -> Iterator[tuple[list[int], bool]]:
+    """This replica's share (:func:`replica_share`) in micro-batches, each with whether its results
+    count. In lockstep (:func:`in_lockstep`) every replica runs as many micro-batches as the largest
+    share has; a shorter share ends with repeats of a batch whose results do not count."""
+    batches = list(micro_batches(replica_share(num_chunks), micro_batch_size))
+    yield from ((batch, True) for batch in batches)
+    if in_lockstep():
+        _, size = _data_parallel()
+        most = -(-math.ceil(num_chunks / size) // micro_batch_size)
+        filler = batches[0] if batches else [0]
+        yield from ((filler, False) for _ in range(most - len(batches)))
 
 
 def gather_items(local: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:

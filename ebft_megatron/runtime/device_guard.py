@@ -278,7 +278,10 @@ class _RuleMode(TorchDispatchMode):
         gpu_inputs = any(on_gpu(t) for t in checked)
         target = getattr(_state, "target", None)
         if gpu_inputs and func not in _COPIES:
-            host = [tuple(t.shape) for t in checked if not on_gpu(t) and t.dim() > 0]
+            # empty ones hold nothing to move: autograd makes the gradient of an output that got
+            # none (an expert that received no tokens) from the tensor's metadata, which under
+            # emulation names the host, where CUDA would name the GPU
+            host = [tuple(t.shape) for t in checked if not on_gpu(t) and t.dim() > 0 and t.numel() > 0]
             if host:
                 raise _violation(f"{func} mixes GPU tensors with host tensors of shape {', '.join(map(str, host))}")
         if _has_generator(args, kwargs) and (gpu_inputs or target):

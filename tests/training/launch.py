@@ -1,11 +1,12 @@
 """End-to-end training under torchrun (one launch per process count; imports dominate the cost).
 
-    torchrun --nproc_per_node=2 tests/training/launch.py --phase first  --work DIR --checkpoint CKPT
-    torchrun --nproc_per_node=4 tests/training/launch.py --phase second --work DIR --checkpoint CKPT
+    torchrun --nproc_per_node=2 tests/training/launch.py --phase first  --work DIR --checkpoint CKPT --moe-checkpoint MOE
+    torchrun --nproc_per_node=4 tests/training/launch.py --phase second --work DIR --checkpoint CKPT --moe-checkpoint MOE
 
 first (2 processes): an EBFT run at PP2 and an SFT run at DP2 that saves at step 2.
 second (4 processes, TP2 x PP2): an EBFT run, and the SFT run resumed from the DP2 checkpoint at
-step 2 (a different TP/PP/DP layout), whose next losses must equal the DP2 run's.
+step 2 (a different TP/PP/DP layout), whose next losses must equal the DP2 run's; then an EBFT run
+of a tiny Qwen3-MoE at TP2 x EP2 (x DP2), with its load-balancing loss.
 Rank 0 writes DIR/<phase>.json for tests/training/test_distributed_training.py.
 """
 
@@ -20,18 +21,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def ebft_run(checkpoint: Path, code: Path, save: Path, tp: int, pp: int) -> dict:
+def ebft_run(checkpoint: Path, code: Path, save: Path, tp: int, pp: int, ep: int = 1) -> dict:
     from ebft_megatron.config import load_config
     from ebft_megatron.training.loop import Trainer
     from tests.training.common import tiny_overrides
 
     overrides = tiny_overrides(checkpoint, code, save, steps=6, mode="ebft", **{
-        "parallel.tp": tp, "parallel.pp": pp, "optimizer.lr": 3e-3, "objective.ce_coef": 0.5,
+        "parallel.tp": tp, "parallel.pp": pp, "parallel.ep": ep, "optimizer.lr": 3e-3, "objective.ce_coef": 0.5,
         "train.save_interval": 0, "eval.ce_chunks": 8, "eval.cfm_chunks": 1})
     history = Trainer(load_config(None, overrides)).run()
+    logged = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()] if ep > 1 else []
     return {"losses": history["losses"], "ce_before": history["eval_before"]["eval/ce"],
             "ce_after": history["eval_after"]["eval/ce"], "cfm_after": history["eval_after"]["eval/cfm"],
-            "report": sorted(p.name for p in (save / "eval").glob("*/*"))}
+            "report": sorted(p.name for p in (save / "eval").glob("*/*")),
+            "load_balancing": [m["loss/load_balancing"] for m in logged if "loss/load_balancing" in m]}
 
 
 def sft_steps(checkpoint: Path, code: Path, save: Path, tp: int, pp: int, steps: int, save_at: int = 0) -> dict:
@@ -57,6 +60,7 @@ def main() -> None:
     parser.add_argument("--phase", choices=["first", "second"], required=True)
     parser.add_argument("--work", required=True)
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--moe-checkpoint", required=True)
     args = parser.parse_args()
 
     from ebft_megatron.cli import quiet_imports
@@ -85,6 +89,8 @@ def main() -> None:
             shutil.copytree(work / "sft_dp2" / "step_000002", resumed / "step_000002")
         dist.barrier()
         results["sft_resumed_tp2pp2"] = sft_steps(checkpoint, code, resumed, tp=2, pp=2, steps=4)
+        results["ebft_moe_tp2ep2"] = ebft_run(Path(args.moe_checkpoint), code, work / "ebft_moe_tp2ep2", tp=2, pp=1,
+                                              ep=2)
     if dist.get_rank() == 0:
         (work / f"{args.phase}.json").write_text(json.dumps(results, indent=1))
     distributed.destroy()
