@@ -176,8 +176,7 @@ def layer_spec(use_te: bool, qk_norm: bool = False, num_experts: Optional[int] =
     attention.module = layers.self_attention_class()
     attention.submodules.core_attention = BlockCoreAttention
     mlp = spec.submodules.mlp.submodules
-    if num_experts:  # each expert is a dense MLP of its own
-        spec.submodules.mlp.module = layers.moe_layer_class()
+    if num_experts:  # each expert is a dense MLP of its own (the layer: layers.adopt_moe_layers)
         mlp = mlp.experts.submodules
     mlp.activation_func = layers.SwiGLU  # with use_te_activation_func
     return spec
@@ -262,15 +261,15 @@ def build_model(
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    layers = num_layers or arch.num_layers
+    layer_count = num_layers or arch.num_layers
     # a dense model (a feature network beside an MoE policy) is simply not split over the EP ranks
-    replace(arch, num_layers=layers).check_parallel(
+    replace(arch, num_layers=layer_count).check_parallel(
         tp, pp, ps.get_expert_model_parallel_world_size() if arch.is_moe else 1)
     rotary.install()  # cos and sin of the rotary frequencies once per forward, not per layer
     embedding.install()  # the vocabulary-parallel embedding masks without a host sync
     if use_te is None:
         use_te = transformer_engine_available()
-    config = transformer_config(arch, tp, pp, params_dtype, num_layers=layers, **config_overrides)
+    config = transformer_config(arch, tp, pp, params_dtype, num_layers=layer_count, **config_overrides)
     is_last = ps.is_pipeline_last_stage()
     model = _gpt_model_class()(
         config=config,
@@ -295,6 +294,7 @@ def build_model(
     model.rotary_pos_emb.inv_freq = inv_freq.to(device.current())
     if model.post_process and arch.padded_vocab_size != arch.vocab_size:
         model.output_layer.register_forward_hook(_mask_padded_vocab(arch.vocab_size, tp))
+    layers.adopt_moe_layers(model)
     model.architecture = arch
     # built on the host (megatron's CPU initialisation; our norms), moved to the run's device once,
     # as Megatron-LM's get_model does: every model of a run is built here

@@ -10,7 +10,7 @@ is what bounds a step's memory.
 - :class:`SwiGLU`: the gated activation as one function of the fc1 output [.., 2f] that keeps only
   that input; megatron's unfused path keeps the input, silu(x1), a copy of x2 and the product's
   operands (5f per token where this keeps 2f).
-- :func:`moe_layer_class`: megatron's MoE layer, which also trains under tensor parallelism
+- :func:`adopt_moe_layers`: megatron's MoE layer, which also trains under tensor parallelism
   without sequence parallelism (see the class).
 - :class:`SelfAttention`: hands the core attention a contiguous value. Megatron's value is a view
   of the fused qkv projection's output, so keeping the value for backward kept the whole [q; k; v]
@@ -159,7 +159,7 @@ class _AllTokens(torch.autograd.Function):
         return grad[start:start + size].contiguous(), None, None
 
 
-def moe_layer_class():
+def _moe_layer_class():
     from megatron.core.transformer.moe.moe_layer import MoELayer as MegatronMoELayer
 
     class MoELayer(MegatronMoELayer):
@@ -177,12 +177,7 @@ def moe_layer_class():
         marked ``sum_grad_over_tp`` for :func:`sum_router_grads_over_tp`, and so is each rank's
         part of the load-balancing loss (``models.experts`` sums it)."""
 
-        def __init__(self, config, *args, **kwargs):
-            super().__init__(config, *args, **kwargs)
-            self.splits_tokens = config.tensor_model_parallel_size > 1 and not config.sequence_parallel
-            if self.splits_tokens:
-                for param in self.router.parameters():
-                    param.sum_grad_over_tp = True
+        splits_tokens = False
 
         def forward(self, hidden_states, padding_mask=None):
             if not self.splits_tokens:
@@ -202,7 +197,21 @@ def moe_layer_class():
                 self.training = training
             return _AllTokens.apply(output, s * b, group).reshape(s, b, h), bias
 
-    return MoELayer
+    return MegatronMoELayer, MoELayer
+
+
+def adopt_moe_layers(model) -> None:
+    """Make each of the model's megatron MoE layers our :class:`MoELayer` (built by megatron's spec,
+    which passes its process groups only to the classes it knows; ours adds no state but the flag)."""
+    megatron_class, ours = _moe_layer_class()
+    for module in model.modules():
+        if type(module) is megatron_class:
+            module.__class__ = ours
+            config = module.config
+            module.splits_tokens = config.tensor_model_parallel_size > 1 and not config.sequence_parallel
+            if module.splits_tokens:
+                for param in module.router.parameters():
+                    param.sum_grad_over_tp = True
 
 
 def sum_router_grads_over_tp(model_chunks) -> None:
