@@ -26,11 +26,23 @@ layer parts of ``models.layers`` and the fused block attention:
     output and the fc2 input), and the attention's row log-sum-exps (one per head). The rotary
     tables (cos and sin, 2d) are kept once per forward: every layer's query and key share them
     (``models.rotary``).
+A mixture of experts' MLP keeps, in place of SwiGLU's 3f, per token: its k chosen experts' copies
+of the token (k h; the first expert linear's input), per copy the fc1 output (2f), the activation
+output and its product with the routing weight (f each, the product being fc2's input) and the
+weight, and the router's scores and routing map (E each) with the top-k weights, indices and their
+dispatched copies (4k): k h + 4 k f + 2E + 4k. At TP > 1 each rank routes its own share of the
+tokens (``models.layers``; its copy of the share, h, is kept too) and computes the f/tp slice of
+the experts for every rank's tokens. The all-to-all's receive buffers (tokens in, expert outputs
+back: 2 k h per token) are working set, not kept.
 Selective recompute re-runs the core attention in backward (with the fused kernels that saves
 only the log-sum-exps: no score matrices are kept in the first place) and the norms, whose outputs
 megatron discards once the next linear layer has used them (2 x (h + 1) fewer per layer). Full
 recompute keeps each layer's input (h) and re-runs one layer at a time in backward.
 (``tests/training/test_memory.py`` checks these counts against what autograd saves.)
+
+Experts are spread over EP ranks: each holds num_experts / ep of every layer's experts, and the
+distributed optimizer shards their fp32 state over the expert-data-parallel ranks (dp / ep), the
+rest of the model's over dp.
 
 LoRA (``lora_rank`` > 0): the base weights are frozen, so they hold no gradient buffer, no Adam
 moments and no master copy: only the adapters do (A and B of each target linear, one of them
@@ -80,6 +92,7 @@ class StepShape:
     # every mode, for the evaluation's feature-matching loss, except LoRA's shared one)
     lora_rank: int = 0  # 0: full fine-tuning
     lora_targets: tuple = ("qkv", "proj", "fc1", "fc2")
+    ep: int = 1  # expert parallel size (a mixture of experts'; dp / ep expert-data-parallel ranks)
 
     @classmethod
     def of(cls, config, arch, dp: int = 1) -> "StepShape":
@@ -98,7 +111,7 @@ class StepShape:
                    config.parallel.pp, dp, m.recompute, 2 if m.dtype == "bfloat16" else 4,
                    config.optimizer.distributed, m.logit_chunk_rows,
                    0 if shared_features else max(m.feature_layers or arch.default_feature_layers()),
-                   config.lora.rank, tuple(config.lora.targets))
+                   config.lora.rank, tuple(config.lora.targets), ep=config.parallel.ep)
 
 
 @dataclass(frozen=True)
@@ -150,7 +163,7 @@ def layer_activation_elements(arch, tp: int, recompute: str) -> float:
     f = arch.ffn_hidden_size // tp
     if recompute == "full":
         return h
-    kept = 2 * a + kv + 3 * f
+    kept = 2 * a + kv + (moe_activation_elements(arch, tp) if arch.is_moe else 3 * f)
     if getattr(arch, "qk_norm", False):  # the q and k norms keep their inputs and a 1/RMS per head
         kept += a + kv / 2 + heads + arch.num_query_groups // tp
     if recompute == "selective":
@@ -158,10 +171,33 @@ def layer_activation_elements(arch, tp: int, recompute: str) -> float:
     return kept + 2 * (2 * h + 1) + heads  # norms' inputs, outputs and inverse RMS; log-sum-exps
 
 
+def moe_activation_elements(arch, tp: int) -> float:
+    """Elements a mixture of experts' MLP keeps per token for backward (see the module docstring)."""
+    h, k, E, f = arch.hidden_size, arch.experts_per_token, arch.num_experts, arch.ffn_hidden_size // tp
+    routing = (4 * k + 2 * E + (h if tp > 1 else 0)) / tp  # this rank's share of the tokens
+    return k * h + 4 * k * f + routing
+
+
+def moe_buffer_elements(arch) -> float:
+    """The all-to-all's receive buffers per token of one MoE layer: the k copies going to the
+    experts and the k outputs coming back (0 for a dense model)."""
+    return 2 * arch.experts_per_token * arch.hidden_size if arch.is_moe else 0
+
+
 def _layer_parameters(arch, tp: int) -> float:
+    """One layer's parameters on a TP rank, its experts aside (:func:`_expert_layer_parameters`)."""
     h, q, kv = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
     bias = (q + 2 * kv) if arch.qkv_bias else 0
-    return (2 * h * q + 2 * h * kv + 3 * h * arch.ffn_hidden_size + bias) / tp + 2 * h
+    mlp = 0 if arch.is_moe else 3 * h * arch.ffn_hidden_size
+    router = arch.num_experts * h if arch.is_moe else 0  # the same on every TP rank
+    return (2 * h * q + 2 * h * kv + mlp + bias) / tp + router + 2 * h
+
+
+def _expert_layer_parameters(arch, tp: int, ep: int) -> float:
+    """One layer's experts on a rank: num_experts / ep of them, each a SwiGLU MLP split over TP."""
+    if not arch.is_moe:
+        return 0.0
+    return arch.num_experts // ep * 3 * arch.hidden_size * arch.ffn_hidden_size / tp
 
 
 def lora_layer_parameters(arch, tp: int, rank: int, targets=("qkv", "proj", "fc1", "fc2")) -> float:
@@ -175,10 +211,19 @@ def lora_layer_parameters(arch, tp: int, rank: int, targets=("qkv", "proj", "fc1
     return sum(sizes[target] for target in targets)
 
 
-def stage_parameters(arch, tp: int, pp: int, layers: Optional[int] = None, output_layer: bool = True) -> float:
-    """Parameters of the largest pipeline stage of this rank (first: embedding; last: output layer)."""
+def stage_expert_parameters(arch, tp: int, pp: int, ep: int, layers: Optional[int] = None) -> float:
+    """The experts among :func:`stage_parameters`."""
     layers = arch.num_layers if layers is None else layers
-    per_stage = -(-layers // pp) * _layer_parameters(arch, tp)
+    return -(-layers // pp) * _expert_layer_parameters(arch, tp, ep)
+
+
+def stage_parameters(arch, tp: int, pp: int, layers: Optional[int] = None, output_layer: bool = True,
+                     ep: int = 1) -> float:
+    """Parameters of the largest pipeline stage of this rank (first: embedding; last: output layer),
+    its share of the experts included."""
+    per_stage = stage_expert_parameters(arch, tp, pp, ep, layers)
+    layers = arch.num_layers if layers is None else layers
+    per_stage += -(-layers // pp) * _layer_parameters(arch, tp)
     vocab = arch.padded_vocab_size * arch.hidden_size / tp
     if pp == 1:
         untied = output_layer and not arch.tie_word_embeddings
@@ -188,25 +233,30 @@ def stage_parameters(arch, tp: int, pp: int, layers: Optional[int] = None, outpu
 
 def estimate(arch, shape: StepShape) -> MemoryEstimate:
     s, b = shape, shape.bytes_per_value
-    params = stage_parameters(arch, s.tp, s.pp)
+    params = stage_parameters(arch, s.tp, s.pp, ep=s.ep)
+    experts = stage_expert_parameters(arch, s.tp, s.pp, s.ep)
     shard = s.dp if s.distributed_optimizer else 1
+    expert_shard = max(1, s.dp // s.ep) if s.distributed_optimizer else 1
     optimizer_bytes = 8 + (4 if b < 4 else 0)  # Adam moments (+ fp32 master weights)
     layers = -(-arch.num_layers // s.pp)
-    trained = params
     if s.lora_rank:  # frozen weights, trained adapters
         trained = layers * lora_layer_parameters(arch, s.tp, s.lora_rank, s.lora_targets)
         model_state = params * b + trained * (b + 4 + optimizer_bytes / shard)
+        optimizer_shard = trained / shard
     else:
-        model_state = params * (b + 4 + optimizer_bytes / shard)
+        model_state = (params * (b + 4) + (params - experts) * optimizer_bytes / shard
+                       + experts * optimizer_bytes / expert_shard)
+        optimizer_shard = (params - experts) / shard + experts / expert_shard
     feature_network = 0.0
     if s.feature_layers:
-        feature_network = stage_parameters(arch, s.tp, s.pp, s.feature_layers, output_layer=False) * b
+        feature_network = stage_parameters(arch, s.tp, s.pp, s.feature_layers, output_layer=False, ep=s.ep) * b
 
     h = arch.hidden_size
     vocab = arch.padded_vocab_size / s.tp
     kv = 2 * (arch.num_query_groups // s.tp) * arch.head_dim
     tokens = s.packed_len * s.micro_batch
-    layer_working_set = layer_activation_elements(arch, s.tp, "none") * b  # per token
+    # per token: one layer's forward with nothing recomputed, and a mixture of experts' all-to-all buffers
+    layer_working_set = (layer_activation_elements(arch, s.tp, "none") + moe_buffer_elements(arch)) * b
     phases = {}
     if s.rollout_tokens:
         cache = layers * s.micro_batch * (s.chunk_len + s.rollout_tokens) * kv * b
@@ -225,7 +275,7 @@ def estimate(arch, shape: StepShape) -> MemoryEstimate:
     logits = logit_rows * vocab * (4 + (b if b < 4 else 0))  # fp32 logits (+ the matmul's own output)
     output_grad = 0 if s.lora_rank else vocab * h * 4  # the output weight's gradient, fp32
     phases["training"] = kept + outside + tokens * layer_working_set + logits + output_grad
-    phases["optimizer"] = trained / shard * 4
+    phases["optimizer"] = optimizer_shard * 4
     return MemoryEstimate(model_state, feature_network, phases)
 
 
@@ -253,15 +303,16 @@ def main(argv=None) -> int:
             arch = from_hf_config(json.loads(path.read_text()), source=str(path))
         else:
             arch = store.architecture_of(config.model.load)
-        tp, pp = config.parallel.tp, config.parallel.pp
-        arch.check_parallel(tp, pp)
-        gpus = args.gpus or tp * pp
-        if gpus % (tp * pp):
-            raise ConfigError(f"--gpus {gpus} is not a multiple of tp x pp = {tp * pp}")
+        tp, pp, ep = config.parallel.tp, config.parallel.pp, config.parallel.ep
+        arch.check_parallel(tp, pp, ep)
+        gpus = args.gpus or tp * pp * ep
+        if gpus % (tp * pp * ep):
+            raise ConfigError(f"--gpus {gpus} is not a multiple of tp x ep x pp = {tp * ep * pp}")
         shape = StepShape.of(config, arch, dp=gpus // (tp * pp))
         lora = f", LoRA rank {config.lora.rank}" if config.lora.rank else ""
+        experts = f" (EP{ep}: {arch.num_experts // ep} experts per layer and GPU)" if arch.is_moe else ""
         print(f"{config.objective.mode}{lora}, {config.model.dtype}, recompute {config.model.recompute}, "
-              f"TP{tp} x PP{pp} x DP{shape.dp}, {shape.micro_batches} micro-batches of {shape.micro_batch} "
+              f"TP{tp} x PP{pp} x DP{shape.dp}{experts}, {shape.micro_batches} micro-batches of {shape.micro_batch} "
               f"x {shape.packed_len} tokens: {estimate(arch, shape).describe()}")
 
     return run_cli(run)

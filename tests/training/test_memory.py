@@ -1,5 +1,7 @@
 """The memory model (training.memory) against what autograd keeps and what the step shapes imply."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,6 +13,11 @@ LAYOUT = BlockLayout(64, 8, 8, 8, 4)
 
 
 def _arch(layers, family="llama"):
+    if family == "mixtral":  # 4 experts of width 40, 2 per token
+        return architecture.from_hf_config(dict(
+            architectures=["MixtralForCausalLM"], hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=40, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=layers, vocab_size=300,
+            tie_word_embeddings=True))
     if family == "qwen3":  # q/k norms, and a head width that is not hidden / heads
         return architecture.from_hf_config(dict(
             architectures=["Qwen3ForCausalLM"], hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -45,11 +52,31 @@ def _kept_per_token(recompute, layers, family="llama"):
     return sum(storage.nbytes() // size for storage, size in storages.values()) / LAYOUT.packed_len
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mixtral"])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 def test_activation_elements_per_layer_are_what_autograd_keeps(recompute, family):
     per_layer = _kept_per_token(recompute, 3, family) - _kept_per_token(recompute, 2, family)
     assert per_layer == pytest.approx(memory.layer_activation_elements(_arch(2, family), 1, recompute), abs=0.5)
+
+
+def test_expert_parameters_are_counted_per_expert_parallel_rank():
+    """A built mixture of experts holds what stage_parameters counts; at EP2 a rank holds half the
+    experts, and the distributed optimizer shards the experts' state over dp / ep ranks only."""
+    from ebft_megatron.models.gpt import build_model
+    from ebft_megatron.runtime import distributed
+
+    distributed.initialize(1, 1)
+    arch = _arch(2, "mixtral")
+    built = sum(p.numel() for p in build_model(arch).parameters())
+    assert memory.stage_parameters(arch, 1, 1) == built
+    experts = memory.stage_expert_parameters(arch, 1, 1, 1)
+    assert experts == 2 * 4 * 3 * 64 * 40
+    assert memory.stage_parameters(arch, 1, 1, ep=2) == built - experts / 2
+    shape = memory.StepShape(64, 64, 0, False, dp=4)
+    dense = built - experts
+    # bf16 off: fp32 weights and gradients (8 bytes), Adam's moments (8) over the data-parallel ranks
+    assert memory.estimate(arch, replace(shape, ep=2)).model_state == pytest.approx(
+        dense * (8 + 8 / 4) + experts / 2 * (8 + 8 / 2))
 
 
 def test_ebft_peak_grows_with_the_packed_length_and_full_recompute_caps_it():
