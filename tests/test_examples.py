@@ -29,6 +29,7 @@ NAMED = {
     "ebft_qwen2.5_1.5b.yaml": (hf_config("qwen2.5-1.5b"), 8, 1.54),
     "ebft_qwen2.5_7b.yaml": (hf_config("qwen2.5-7b"), 8, 7.6),
     "ebft_qwen3_8b.yaml": (hf_config("qwen3-8b"), 8, 8.19),
+    "ebft_qwen3_30b_a3b.yaml": (hf_config("qwen3-30b-a3b"), 16, 30.5),
     "ebft_70b_tp8pp4.yaml": (hf_config("llama-3-70b"), 32, 70.6),
     "ebft_translation_llama3.2_1b.yaml": (hf_config("llama-3.2-1b"), 8, 1.24),
     "ebft_smollm2_stdlib.yaml": (hf_config("smollm2-135m"), 2, 0.135),
@@ -39,7 +40,10 @@ GPU_CONFIGS = [name for name in NAMED if name != "ebft_smollm2_stdlib.yaml"]
 def parameters(arch) -> float:
     """Parameters in billions (the memory estimates in the configs' comments start from these)."""
     h, q, kv = arch.hidden_size, arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
-    layer = 2 * h * q + 2 * h * kv + 3 * h * arch.ffn_hidden_size + 2 * h + ((q + 2 * kv) if arch.qkv_bias else 0)
+    mlp = 3 * h * arch.ffn_hidden_size
+    if arch.is_moe:  # every expert, and the router
+        mlp = arch.num_experts * (mlp + h)
+    layer = 2 * h * q + 2 * h * kv + mlp + 2 * h + ((q + 2 * kv) if arch.qkv_bias else 0)
     layer += 2 * arch.head_dim if arch.qk_norm else 0
     embeddings = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
     return (arch.num_layers * layer + embeddings + h) / 1e9
@@ -70,9 +74,9 @@ def test_layout_fits_the_named_model(name):
     model, gpus, billions = NAMED[name]
     config = load_config(EXAMPLES / name)
     arch = from_hf_config(model, source=name)
-    tp, pp = config.parallel.tp, config.parallel.pp
-    arch.check_parallel(tp, pp)  # heads, KV heads, FFN and padded vocabulary divide by TP; layers by PP
-    assert gpus % (tp * pp) == 0
+    tp, pp, ep = config.parallel.tp, config.parallel.pp, config.parallel.ep
+    arch.check_parallel(tp, pp, ep)  # heads, KV heads, FFN and padded vocabulary divide by TP; layers by PP
+    assert gpus % (tp * pp * ep) == 0
     dp = gpus // (tp * pp)
     # the trainer refuses a step that does not split evenly over data-parallel ranks and micro-batches
     assert config.train.chunks_per_step % (dp * config.train.micro_batch) == 0
