@@ -36,6 +36,10 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--layers", type=int, default=None,
                         help="with --random-weights: this many layers (default: SmolLM2-135M's 30; at least 4, "
                              "so that the feature layers L/4, L/2, 3L/4 differ)")
+    parser.add_argument("--experts", type=int, default=0,
+                        help="with --random-weights: a mixture of experts of SmolLM2-135M's shape (Mixtral's "
+                             "architecture): every layer's MLP is this many SwiGLU experts of half SmolLM2's FFN "
+                             "width, 2 chosen per token, so that a token costs the dense model's FLOPs")
 
 
 def add_count_argument(parser) -> None:
@@ -75,20 +79,26 @@ def model_checkpoint(args) -> Path:
     from ebft_megatron import assets
 
     if args.random_weights:
-        return smollm2_random_checkpoint(args.layers)
-    if args.layers is not None:
-        raise SystemExit("--layers needs --random-weights (SmolLM2-135M's weights come with its 30 layers)")
+        return smollm2_random_checkpoint(args.layers, args.experts)
+    if args.layers is not None or args.experts:
+        raise SystemExit("--layers and --experts need --random-weights (SmolLM2-135M's weights come with its "
+                         "30 dense layers)")
     return assets.smollm2_checkpoint()
 
 
-def smollm2_random_checkpoint(layers: int | None = None) -> Path:
-    """SmolLM2-135M's shape (with ``layers`` layers) with random weights (:func:`random_weight_checkpoint`),
+def smollm2_random_checkpoint(layers: int | None = None, experts: int = 0) -> Path:
+    """SmolLM2-135M's shape (with ``layers`` layers; with ``experts`` > 0 a Mixtral of that many
+    experts of half the FFN width, 2 per token) with random weights (:func:`random_weight_checkpoint`),
     made once and kept under the cache folder (``$EBFT_CACHE_DIR``)."""
     from ebft_megatron import assets
 
     hf_config = json.loads(SMOLLM2_CONFIG.read_text())
     if layers is not None:
         hf_config["num_hidden_layers"] = layers
+    if experts:
+        hf_config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=experts,
+                         num_experts_per_tok=2, intermediate_size=hf_config["intermediate_size"] // 2,
+                         sliding_window=None, router_aux_loss_coef=0.001)
     digest = hashlib.sha256(json.dumps(hf_config, sort_keys=True).encode()).hexdigest()[:12]
     name = f"smollm2-135m_{hf_config['num_hidden_layers']}layers_{digest}"
     return random_weight_checkpoint(assets.cache_dir() / "random_weights" / name, hf_config)
@@ -253,13 +263,14 @@ class StepBench:
 
     def _run(self, mode: str) -> dict[str, float]:
         from ebft_megatron.training.optimizer import finish_step, prepare_step
-        from ebft_megatron.training.step import loss_terms, read_figures
+        from ebft_megatron.training.step import loss_terms, read_figures, term_names
 
         objective = self.objectives[mode]
         experience = objective.experience(self.batch, self.ddp)
         with self.timer.phase("forward_backward"):
             terms = loss_terms(self.ddp, [experience], objective)
         with self.timer.phase("optimizer"):  # as the trainer steps: one read of the step's figures
-            figures = read_figures(objective.terms, terms, [experience.metrics], prepare_step(self.optimizer))
+            names = term_names(objective, self.ddp)
+            figures = read_figures(names, terms, [experience.metrics], prepare_step(self.optimizer))
             finish_step(self.optimizer, figures["grad_norm"])
-        return {name: figures[name] for name in objective.terms}
+        return {name: figures[name] for name in names}

@@ -33,7 +33,10 @@ class CostModel:
         h, L = arch.hidden_size, arch.num_layers
         kv = arch.num_query_groups * arch.head_dim
         q = arch.num_attention_heads * arch.head_dim
-        per_layer = h * (q + 2 * kv) + q * h + 3 * h * arch.ffn_hidden_size
+        mlp = 3 * h * arch.ffn_hidden_size
+        if arch.is_moe:  # a token's chosen experts, and the router's logits
+            mlp = arch.experts_per_token * mlp + arch.num_experts * h
+        per_layer = h * (q + 2 * kv) + q * h + mlp
         return cls(2 * L * per_layer, 4 * L * arch.num_attention_heads * arch.head_dim, 2 * h * arch.vocab_size, L)
 
     def forward(self, tokens, pairs, lm_rows, layers=None) -> float:

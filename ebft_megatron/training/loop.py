@@ -112,7 +112,8 @@ class Trainer:
         with self.timer.phase("optimizer"):
             squared_grad_norm = prepare_step(self.optimizer)
             # the step's one wait on the device: every figure, and whether to take the step
-            metrics = read_figures(term_names(self.objective, self.ddp), terms, [e.metrics for e in experiences], squared_grad_norm)
+            metrics = read_figures(term_names(self.objective, self.ddp), terms, [e.metrics for e in experiences],
+                                   squared_grad_norm)
             finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
             if finite:
                 finish_step(self.optimizer, metrics["grad_norm"])

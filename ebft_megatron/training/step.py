@@ -75,6 +75,8 @@ def read_figures(term_names, terms: torch.Tensor, metrics: list[dict], squared_g
     each), averaged over the micro-batches and data-parallel ranks, and with ``squared_grad_norm``
     ([1], global already: ``optimizer.prepare_step``) ``grad_norm``."""
     # in float64, as the host's floats summed them: the terms are fp32 means, the rewards fp64
+    if len(term_names) != terms.numel():  # shapes are known on the host: nothing is read
+        raise ValueError(f"{terms.numel()} loss terms for the {len(term_names)} names {tuple(term_names)}")
     names, values = list(term_names), [terms.double()]
     if metrics and metrics[0]:
         keys = list(metrics[0])
