@@ -175,3 +175,26 @@ def test_adapter_dropout_acts_in_training_only(tiny_models):
     model.eval()
     with torch.no_grad():
         assert torch.equal(model_forward(model, tokens, positions)[..., : arch.vocab_size], evaluated)
+
+
+def test_a_mixture_of_experts_takes_adapters_on_its_attention_only(tiny_models):
+    """The MLP targets are refused in one line naming the setting; on qkv and proj the adapters are
+    the only trained parameters (router and experts frozen) and switched off give the base model."""
+    from ebft_megatron.models.lora import LoraError, adapters, adapters_disabled, attach_adapters
+
+    model, arch = load_megatron_model(tiny_models["qwen3_moe"][1])
+    with pytest.raises(LoraError) as err:
+        attach_adapters(model, rank=4)
+    assert "\n" not in str(err.value) and "['fc1', 'fc2']" in str(err.value)
+    assert "lora.targets=[qkv,proj]" in str(err.value)
+    assert not list(adapters(model))  # nothing attached by the refused call
+    tokens = _tokens(arch, seed=5)
+    base = _logits(model, tokens)
+    attach_adapters(model, rank=4, alpha=8.0, targets=("qkv", "proj"))
+    _randomize_b(model)
+    assert len(list(adapters(model))) == arch.num_layers * 2
+    trained = [name for name, param in model.named_parameters() if param.requires_grad]
+    assert trained and all("_lora." in name for name in trained)
+    assert not torch.equal(_logits(model, tokens), base)
+    with adapters_disabled(model):
+        assert torch.equal(_logits(model, tokens), base)
