@@ -125,3 +125,25 @@ def test_a_lora_checkpoint_is_checked_with_its_base(run_setup, capsys, tmp_path)
     shard.write_bytes(shard.read_bytes()[:100])
     status, _, err = check(capsys, *tiny_overrides(adapters, code, root / "run"))
     assert status == 2 and f"model/{shard.name} is truncated" in err, err
+
+
+def test_a_mixture_of_experts_run_is_summarised_and_its_bad_layouts_refused(tiny_models, run_setup, capsys):
+    _, code, root = run_setup
+    moe = tiny_models["qwen3_moe"][1]
+    status, out, err = check(capsys, "--gpus", "4", *tiny_overrides(moe, code, root / "run"), "parallel.tp=2",
+                             "parallel.ep=2", "moe.aux_loss_weight=0.01")
+    assert status == 0, err
+    assert "experts: 4 per layer, 2 per token, dropless; 2 per rank at EP2; load-balancing loss weight 0.01" in out
+    assert "4 processes = TP2 x PP1 x DP2 (experts: EP2 x expert-DP1)" in out
+    refused = [
+        (6, ("parallel.ep=3", "train.chunks_per_step=6"), "expert parallel size 3 does not divide num_experts=4"),
+        (4, ("parallel.tp=2", "parallel.ep=4"), "4 processes cannot hold parallel.tp=2 x parallel.ep=4 x parallel.pp=1"),
+        (1, ("moe.expert_capacity_factor=1.25",), "routing that drops tokens is not supported"),
+        (1, ("lora.rank=4",), "a mixture of experts' MLP"),
+    ]
+    for gpus, extra, message in refused:
+        status, _, err = check(capsys, "--gpus", str(gpus), *tiny_overrides(moe, code, root / "run"), *extra)
+        assert status != 0 and message in err, (extra, err)
+    dense = tiny_models["llama"][1]
+    status, _, err = check(capsys, "--gpus", "2", *tiny_overrides(dense, code, root / "run"), "parallel.ep=2")
+    assert status != 0 and "needs a mixture-of-experts model" in err
