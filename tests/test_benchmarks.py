@@ -79,6 +79,16 @@ def test_step_benchmark_runs_on_the_device_without_downloads(offline_env, tmp_pa
     assert figures["flop_ratio"]["ours_vs_sft"] < figures["flop_ratio"]["reference_vs_sft"]
 
 
+def test_step_benchmark_runs_a_mixture_of_experts(offline_env, tmp_path):
+    """--experts: the random-weight model is a Mixtral of the same shape; both steps log its
+    load-balancing loss (about 1 for a router that spreads tokens evenly, E / k at worst)."""
+    figures = run_benchmark("step.py", [*TINY, "--experts", "4"], offline_env, tmp_path / "step.json")
+    assert_untrained_ce(figures["losses"]["sft"]["loss"])
+    for mode in ("sft", "ebft"):
+        assert 1.0 <= figures["losses"][mode]["loss/load_balancing"] < 2.0
+    assert figures["measured_ratio"] > 0
+
+
 def test_memory_benchmark_runs_on_the_device_without_downloads(offline_env, tmp_path):
     results = run_benchmark("memory.py", [*TINY, "--recompute", "selective", "--lora-rank", "4"], offline_env,
                             tmp_path / "memory.json")
