@@ -46,7 +46,9 @@ def check_logits(models_dir: Path, families, tokens) -> dict:
     return out
 
 
-def check_packed_and_rollouts(models_dir: Path) -> dict:
+def check_packed_and_rollouts(models_dir: Path, family: str = "qwen2") -> dict:
+    """The packed forward equals separate causal forwards, and the KV-cached rollout engine's logits
+    and tokens equal independent generation of each block with the same random numbers."""
     import torch
 
     from ebft_megatron.checkpoint import store
@@ -57,7 +59,7 @@ def check_packed_and_rollouts(models_dir: Path) -> dict:
     from ebft_megatron.models import gpt
     from ebft_megatron.runtime import pipeline
 
-    ckpt = models_dir / "qwen2-mcore"
+    ckpt = models_dir / f"{family}-mcore"
     arch = store.architecture_of(ckpt)
     model = build_model(arch)
     store.load_model_weights(model, ckpt)
@@ -114,7 +116,7 @@ def check_dp_sampling(models_dir: Path, seed: int) -> dict:
     from ebft_megatron.runtime import distributed
 
     info = distributed.parallel_info()
-    ckpt = models_dir / "qwen2-mcore"
+    ckpt = models_dir / f"{family}-mcore"
     arch = store.architecture_of(ckpt)
     model = build_model(arch)
     store.load_model_weights(model, ckpt)

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node=4 tests/parallel/moe_checks.py --models DIR --out results.json
 
 With 4 processes the same run covers EP1 (x DP4), EP2 (x DP4; 2 experts per rank), TP2 x EP2 and
-PP2 x EP2. At each layout one SFT, one RLVR and one EBFT step (2 micro-batches each, megatron's
+PP2 x EP2. At each layout the packed forward equals separate forwards and the rollout engine
+equals independent generation through the MoE layers; then one SFT, one RLVR and one EBFT step (2 micro-batches each, megatron's
 schedule and DDP, the router's load-balancing loss weighted in) of a tiny Qwen3-MoE: every rank
 holds the same data and draws the same rollouts, so the steps must give the first layout's rollout
 tokens, losses and gradients. Rank 0 writes the figures tests/parallel/test_moe_parallel.py
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.parallel.checks import full_grads, max_diff  # noqa: E402
+from tests.parallel.checks import check_packed_and_rollouts, full_grads, max_diff  # noqa: E402
 
 LAYOUTS = [(1, 1, 1), (1, 1, 2), (2, 1, 2), (1, 2, 2)]  # (tp, pp, ep)
 AUX_LOSS_WEIGHT = 0.05  # large enough that a router gradient from the balancing loss shows in the comparison
@@ -120,6 +121,7 @@ def main() -> None:
         distributed.initialize(tp, pp, seed=1234, ep=ep)
         name = f"tp{tp}pp{pp}ep{ep}"
         results[name] = {mode: compare(mode, step_figures(ckpt, mode)) for mode in ("sft", "rlvr", "ebft")}
+        results[name]["packed"] = check_packed_and_rollouts(Path(args.models), "qwen3_moe")
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     distributed.destroy()

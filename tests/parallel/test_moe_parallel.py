@@ -2,16 +2,10 @@
 launch (tests/parallel/moe_checks.py): SFT, RLVR and EBFT steps of a tiny Qwen3-MoE, with the
 router's load-balancing loss weighted in, give the EP1 run's rollout tokens, losses and gradients."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.parallel.launch import run_checks
+
 LAYOUTS = ["tp1pp1ep2", "tp2pp1ep2", "tp1pp2ep2"]
 MODES = ["sft", "rlvr", "ebft"]
 
@@ -19,18 +13,7 @@ MODES = ["sft", "rlvr", "ebft"]
 @pytest.fixture(scope="module")
 def results(tiny_models, tmp_path_factory):
     models_dir = tiny_models["qwen3_moe"][1].parent
-    out = tmp_path_factory.mktemp("moe_parallel") / "results.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    with socket.socket() as sock:  # torchrun's static rendezvous needs a concrete free port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={port}",
-           str(ROOT / "tests" / "parallel" / "moe_checks.py"), "--models", str(models_dir), "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    data = json.loads(out.read_text())
-    print(json.dumps(data, indent=1))
-    return data
+    return run_checks("moe_checks.py", models_dir, tmp_path_factory.mktemp("moe_parallel") / "results.json")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -44,6 +27,13 @@ def test_moe_step_equals_ep1(results, layout, mode):
     assert check["grad_names_equal"] and check["router_grads"] == 4 and check["expert_grads"] == 4 * 4 * 2
     assert check["expert_grads_nonzero"] == 32
     assert check["grad_max_rel_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("layout", ["tp1pp1ep1", *LAYOUTS])
+def test_moe_packed_forward_and_rollout_engine_equal_separate_forwards(results, layout):
+    packed = results[layout]["packed"]
+    assert packed["packed_vs_separate"] <= 1e-5 and packed["packed_chunk_vs_causal"] <= 1e-5
+    assert packed["rollout_logits"] <= 1e-5 and packed["rollout_tokens_equal"]
 
 
 def test_moe_rlvr_compares_a_policy_gradient_term(results):

@@ -4,17 +4,12 @@ fp32 tolerance: 1e-5 absolute on logits of magnitude ~1 (measured differences ar
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.fixtures import FAMILIES
+from tests.parallel.launch import run_checks
 
-ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 
 
@@ -22,18 +17,7 @@ TOL = 1e-5
 def results(tiny_models, tmp_path_factory):
     models_dir = next(iter(tiny_models.values()))[0].parent
     (models_dir / "families.json").write_text(json.dumps(list(FAMILIES)))
-    out = tmp_path_factory.mktemp("parallel") / "results.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    with socket.socket() as sock:  # torchrun's static rendezvous needs a concrete free port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={port}",
-           str(ROOT / "tests" / "parallel" / "checks.py"), "--models", str(models_dir), "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    data = json.loads(out.read_text())
-    print(json.dumps(data, indent=1))
-    return data
+    return run_checks("checks.py", models_dir, tmp_path_factory.mktemp("parallel") / "results.json")
 
 
 LAYOUTS = ["tp1pp1", "tp2pp1", "tp1pp2", "tp2pp2"]
