@@ -116,7 +116,7 @@ def check_dp_sampling(models_dir: Path, seed: int) -> dict:
     from ebft_megatron.runtime import distributed
 
     info = distributed.parallel_info()
-    ckpt = models_dir / f"{family}-mcore"
+    ckpt = models_dir / "qwen2-mcore"
     arch = store.architecture_of(ckpt)
     model = build_model(arch)
     store.load_model_weights(model, ckpt)
