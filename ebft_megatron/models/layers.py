@@ -179,20 +179,25 @@ def _moe_layer_class():
 
         splits_tokens = False
 
-        def forward(self, hidden_states, padding_mask=None):
+        def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
             if not self.splits_tokens:
-                return super().forward(hidden_states, padding_mask)
-            if padding_mask is not None:
-                raise ValueError("the MoE layer takes no padding mask at TP > 1 without sequence parallelism")
+                return super().forward(hidden_states, intermediate_tensors, padding_mask=padding_mask)
+            if padding_mask is not None or intermediate_tensors is not None:
+                raise ValueError("the MoE layer takes no padding mask or intermediate tensors at TP > 1 without "
+                                 "sequence parallelism")
             group = self.attn_tp_group
             s, b, h = hidden_states.shape
             own = _OwnTokens.apply(hidden_states.reshape(s * b, 1, h), group)
             # megatron's check against training at TP > 1 without sequence parallelism reads the
             # module's flag; the tokens are split already (nothing else in the forward reads it: the
             # router, which adds the load-balancing loss, has its own)
+            # a mask of no padding sends the router's load-balancing loss to megatron's counted
+            # path: its token total is the TP ranks' counts summed, exact when the shares differ
+            # by a token (else each rank would take its own share times TP as the total)
+            no_padding = torch.zeros(1, own.shape[0], dtype=torch.bool, device=own.device)
             training, self.training = self.training, False
             try:
-                output, bias = super().forward(own)
+                output, bias = super().forward(own, padding_mask=no_padding)
             finally:
                 self.training = training
             return _AllTokens.apply(output, s * b, group).reshape(s, b, h), bias
