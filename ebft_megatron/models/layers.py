@@ -108,36 +108,42 @@ def self_attention_class():
 
 def _token_slices(count: int, group) -> tuple[int, int, int]:
     """(start, size, padded size) of this TP rank's share of ``count`` tokens: the shares of
-    ``torch.tensor_split``, each at most one token longer than the next."""
+    ``torch.tensor_split``, each at most one token longer than the next; every share is padded to
+    the longest (so that a rank whose share is empty still has a row to route)."""
     ranks, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
     base, extra = divmod(count, ranks)
     return rank * base + min(rank, extra), base + (rank < extra), base + (extra > 0)
 
 
+def _padded(part: torch.Tensor, rows: int) -> torch.Tensor:
+    if part.shape[0] == rows:
+        return part.contiguous()
+    return torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])])
+
+
 def _gather_token_slices(part: torch.Tensor, count: int, group) -> torch.Tensor:
-    """Every TP rank's share of the tokens, [share, ...] -> [count, ...], in rank order."""
+    """Every TP rank's share of the tokens, each padded ([padded, ...], padding after the share), ->
+    the ``count`` tokens [count, ...] in rank order."""
     ranks = torch.distributed.get_world_size(group)
-    _, size, padded = _token_slices(count, group)
-    if size < padded:
-        part = torch.cat([part, part.new_zeros(padded - size, *part.shape[1:])])
-    gathered = part.new_empty(ranks * padded, *part.shape[1:])
+    gathered = part.new_empty(ranks * part.shape[0], *part.shape[1:])
     torch.distributed.all_gather_into_tensor(gathered, part.contiguous(), group=group)
     base, extra = divmod(count, ranks)
     if not extra:
         return gathered
-    # each rank's padding sits after its share: the first `extra` ranks' shares have no padding
+    padded = part.shape[0]
     return torch.cat([gathered[r * padded: r * padded + base + (r < extra)] for r in range(ranks)])
 
 
 class _OwnTokens(torch.autograd.Function):
-    """This TP rank's share of tokens every TP rank holds; backward gathers the shares' gradients,
-    so the input's gradient is whole, and the same, on every rank."""
+    """This TP rank's share of tokens every TP rank holds, padded with zero rows to the longest share;
+    backward gathers the shares' gradients, so the input's gradient is whole, and the same, on
+    every rank."""
 
     @staticmethod
     def forward(ctx, tokens, group):
         ctx.count, ctx.group = tokens.shape[0], group
-        start, size, _ = _token_slices(tokens.shape[0], group)
-        return tokens[start:start + size].contiguous()
+        start, size, padded = _token_slices(tokens.shape[0], group)
+        return _padded(tokens[start:start + size], padded)
 
     @staticmethod
     def backward(ctx, grad):
@@ -145,8 +151,8 @@ class _OwnTokens(torch.autograd.Function):
 
 
 class _AllTokens(torch.autograd.Function):
-    """The shares of every TP rank, joined; backward keeps this rank's share of the gradient (which
-    every rank holds whole)."""
+    """The (padded) shares of every TP rank, joined without their padding; backward keeps this
+    rank's share of the gradient (which every rank holds whole), padded again."""
 
     @staticmethod
     def forward(ctx, part, count: int, group):
@@ -155,8 +161,8 @@ class _AllTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        start, size, _ = _token_slices(ctx.count, ctx.group)
-        return grad[start:start + size].contiguous(), None, None
+        start, size, padded = _token_slices(ctx.count, ctx.group)
+        return _padded(grad[start:start + size], padded), None, None
 
 
 def _moe_layer_class():
@@ -191,13 +197,14 @@ def _moe_layer_class():
             # megatron's check against training at TP > 1 without sequence parallelism reads the
             # module's flag; the tokens are split already (nothing else in the forward reads it: the
             # router, which adds the load-balancing loss, has its own)
-            # a mask of no padding sends the router's load-balancing loss to megatron's counted
-            # path: its token total is the TP ranks' counts summed, exact when the shares differ
-            # by a token (else each rank would take its own share times TP as the total)
-            no_padding = torch.zeros(1, own.shape[0], dtype=torch.bool, device=own.device)
+            # the rows padding a share are marked (megatron's router: True = padding), which also
+            # sends the load-balancing loss to megatron's counted path: its token total is the TP
+            # ranks' counts of real tokens summed, not a rank's share times TP
+            _, size, padded = _token_slices(s * b, group)
+            padding = (torch.arange(padded, device=own.device) >= size)[None]
             training, self.training = self.training, False
             try:
-                output, bias = super().forward(own, padding_mask=no_padding)
+                output, bias = super().forward(own, padding_mask=padding)
             finally:
                 self.training = training
             return _AllTokens.apply(output, s * b, group).reshape(s, b, h), bias

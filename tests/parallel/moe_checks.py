@@ -79,6 +79,30 @@ def step_figures(ckpt: Path, mode: str) -> dict:
             "grads": full_grads(policy, arch.tie_word_embeddings)}
 
 
+def short_sequence_logits(models_dir: Path) -> float:
+    """Max difference from transformers' logits of a forward of one token and of three (fewer
+    tokens than, and not a multiple of, the TP ranks that share them out)."""
+    import torch
+
+    from ebft_megatron.checkpoint import store
+    from ebft_megatron.models import gpt
+    from ebft_megatron.models.gpt import build_model
+    from ebft_megatron.runtime import pipeline
+    from tests.fixtures import hf_logits
+
+    ckpt = models_dir / "qwen3_moe-mcore"
+    arch = store.architecture_of(ckpt)
+    model = build_model(arch)
+    store.load_model_weights(model, ckpt)
+    worst = 0.0
+    for length in (1, 3):
+        tokens = torch.arange(length)[None] + 5
+        ours = gpt.forward(model, tokens, torch.arange(length)[None],
+                           reduce=lambda o: pipeline.gather_vocab_parallel(o)[..., : arch.vocab_size])
+        worst = max(worst, max_diff(ours, hf_logits(models_dir / "qwen3_moe-hf", tokens)))
+    return worst
+
+
 def compare(mode: str, current: dict) -> dict:
     reference = _REFERENCE.setdefault(mode, current)
     grads, ref_grads = current["grads"], reference["grads"]
@@ -124,6 +148,7 @@ def main() -> None:
         name = f"tp{tp}pp{pp}ep{ep}"
         results[name] = {mode: compare(mode, step_figures(ckpt, mode)) for mode in ("sft", "sft_odd", "rlvr", "ebft")}
         results[name]["packed"] = check_packed_and_rollouts(Path(args.models), "qwen3_moe")
+        results[name]["packed"]["short_sequence_logits_vs_hf"] = short_sequence_logits(Path(args.models))
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
     distributed.destroy()

@@ -34,6 +34,7 @@ def test_moe_packed_forward_and_rollout_engine_equal_separate_forwards(results, 
     packed = results[layout]["packed"]
     assert packed["packed_vs_separate"] <= 1e-5 and packed["packed_chunk_vs_causal"] <= 1e-5
     assert packed["rollout_logits"] <= 1e-5 and packed["rollout_tokens_equal"]
+    assert packed["short_sequence_logits_vs_hf"] <= 1e-5  # 1 and 3 tokens: TP2 shares them out unevenly
 
 
 def test_moe_rlvr_compares_a_policy_gradient_term(results):
