@@ -5,9 +5,10 @@ The families share one mapping; they differ only in what the architecture says (
 Qwen3's per-head q/k norms, tied embeddings, experts). A mixture of experts' router is megatron's
 ``mlp.router`` (Qwen3-MoE's ``mlp.gate``, Mixtral's ``block_sparse_moe.gate``), and each expert is
 a dense SwiGLU MLP, megatron's ``mlp.experts.local_experts.<j>`` (Mixtral names its gate, down and
-up projections w1, w2 and w3). Neither family has shared experts. The q/k norm weights are [head_dim] vectors used by
-every head, so they are copied as they are (and replicated across TP). Resharding to TP/PP > 1 is
-not done here: the TP1 model is saved as a dist checkpoint, and dist_checkpointing reshards on load.
+up projections w1, w2 and w3). Neither family has shared experts. The q/k norm weights are
+[head_dim] vectors used by every head, so they are copied as they are (and replicated across TP).
+Resharding to TP/PP/EP > 1 is not done here: the TP1 model is saved as a dist checkpoint, and
+dist_checkpointing reshards on load.
 
 Megatron's fused ``linear_qkv`` interleaves per query group: for each group g,
 [q heads of g; k_g; v_g]. SwiGLU's ``linear_fc1`` is [gate; up].
@@ -19,17 +20,11 @@ import torch
 
 from ebft_megatron.errors import UserError
 from ebft_megatron.models.architecture import ModelArchitecture
+from ebft_megatron.runtime.rows import pad_rows
 
 
 class MappingError(UserError, ValueError):
     pass
-
-
-def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    if weight.shape[0] == rows:
-        return weight
-    pad = weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])
-    return torch.cat([weight, pad], dim=0)
 
 
 def _fuse_qkv(q, k, v, arch: ModelArchitecture):
@@ -119,11 +114,11 @@ def hf_to_mcore(hf: dict, arch: ModelArchitecture) -> dict:
                            f"not have: {_some(unused)}; config.json and the weights do not match")
     V = arch.padded_vocab_size
     out = {
-        "embedding.word_embeddings.weight": _pad_rows(hf["model.embed_tokens.weight"], V),
+        "embedding.word_embeddings.weight": pad_rows(hf["model.embed_tokens.weight"], V),
         "decoder.final_layernorm.weight": hf["model.norm.weight"],
     }
     if not arch.tie_word_embeddings:
-        out["output_layer.weight"] = _pad_rows(hf["lm_head.weight"], V)
+        out["output_layer.weight"] = pad_rows(hf["lm_head.weight"], V)
     for i in range(arch.num_layers):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         attn = h + "self_attn."

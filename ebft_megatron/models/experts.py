@@ -44,7 +44,7 @@ def load_balancing_loss(model, num_microbatches: int) -> Optional[torch.Tensor]:
         total = torch.zeros((), device=device.current())
     else:
         # each stage holds its own layers' losses, each TP rank the part of its share of the
-        # tokens (``layers.moe_layer_class``; as under sequence parallelism)
+        # tokens (``layers.adopt_moe_layers``; as under sequence parallelism)
         total = entry["values"].sum()
         entry["values"].zero_()
     for size, group in ((ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group),

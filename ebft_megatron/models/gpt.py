@@ -97,17 +97,16 @@ def transformer_config(arch: ModelArchitecture, tp: int, pp: int, params_dtype=t
     return TransformerConfig(**kwargs)
 
 
-def expert_settings(arch: ModelArchitecture, tp: int, ep: Optional[int] = None) -> dict:
+def expert_settings(arch: ModelArchitecture, tp: int) -> dict:
     """TransformerConfig settings of a mixture-of-experts model (none for a dense one): megatron's
     MoE layer in every layer, dropless, with sequential experts (no grouped GEMM), tokens exchanged
     between expert-parallel ranks by all-to-all (which gloo has too), and the load-balancing loss
     off until a run sets its weight (``moe_aux_loss_coeff``)."""
+    from megatron.core import parallel_state as ps
+
     if not arch.is_moe:
         return {}
-    if ep is None:
-        from megatron.core import parallel_state as ps
-
-        ep = ps.get_expert_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    ep = ps.get_expert_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
     return dict(
         num_moe_experts=arch.num_experts,
         moe_router_topk=arch.experts_per_token,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ebft_megatron.models import norm_kernels
-from ebft_megatron.runtime import device
+from ebft_megatron.runtime import device, rows
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -106,32 +106,15 @@ def self_attention_class():
     return SelfAttention
 
 
-def _token_slices(count: int, group) -> tuple[int, int, int]:
-    """(start, size, padded size) of this TP rank's share of ``count`` tokens: the shares of
-    ``torch.tensor_split``, each at most one token longer than the next; every share is padded to
-    the longest (so that a rank whose share is empty still has a row to route)."""
+def _token_slices(count: int, group) -> tuple[int, int, list[int]]:
+    """(start, size) of this TP rank's share of ``count`` tokens, and every rank's share size: the
+    shares of ``torch.tensor_split``, each at most one token longer than the next. Each share is
+    padded to the longest (``runtime.rows``), so that a rank whose share is empty still has a row
+    to route."""
     ranks, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
     base, extra = divmod(count, ranks)
-    return rank * base + min(rank, extra), base + (rank < extra), base + (extra > 0)
-
-
-def _padded(part: torch.Tensor, rows: int) -> torch.Tensor:
-    if part.shape[0] == rows:
-        return part.contiguous()
-    return torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])])
-
-
-def _gather_token_slices(part: torch.Tensor, count: int, group) -> torch.Tensor:
-    """Every TP rank's share of the tokens, each padded ([padded, ...], padding after the share), ->
-    the ``count`` tokens [count, ...] in rank order."""
-    ranks = torch.distributed.get_world_size(group)
-    gathered = part.new_empty(ranks * part.shape[0], *part.shape[1:])
-    torch.distributed.all_gather_into_tensor(gathered, part.contiguous(), group=group)
-    base, extra = divmod(count, ranks)
-    if not extra:
-        return gathered
-    padded = part.shape[0]
-    return torch.cat([gathered[r * padded: r * padded + base + (r < extra)] for r in range(ranks)])
+    sizes = [base + (r < extra) for r in range(ranks)]
+    return rank * base + min(rank, extra), sizes[rank], sizes
 
 
 class _OwnTokens(torch.autograd.Function):
@@ -141,13 +124,13 @@ class _OwnTokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tokens, group):
-        ctx.count, ctx.group = tokens.shape[0], group
-        start, size, padded = _token_slices(tokens.shape[0], group)
-        return _padded(tokens[start:start + size], padded)
+        start, size, ctx.sizes = _token_slices(tokens.shape[0], group)
+        ctx.group = group
+        return rows.pad_rows(tokens[start:start + size], max(ctx.sizes)).contiguous()
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_token_slices(grad, ctx.count, ctx.group), None
+        return rows.gather_rows(grad, ctx.sizes, ctx.group), None
 
 
 class _AllTokens(torch.autograd.Function):
@@ -157,12 +140,12 @@ class _AllTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, part, count: int, group):
         ctx.count, ctx.group = count, group
-        return _gather_token_slices(part, count, group)
+        return rows.gather_rows(part, _token_slices(count, group)[2], group)
 
     @staticmethod
     def backward(ctx, grad):
-        start, size, padded = _token_slices(ctx.count, ctx.group)
-        return _padded(grad[start:start + size], padded), None, None
+        start, size, sizes = _token_slices(ctx.count, ctx.group)
+        return rows.pad_rows(grad[start:start + size], max(sizes)).contiguous(), None, None
 
 
 def _moe_layer_class():
@@ -180,7 +163,7 @@ def _moe_layer_class():
         rank routes and computes its own share (``_OwnTokens``) and the shares are gathered after
         (``_AllTokens``), in training and inference alike. The router then sees a share of the
         tokens on each rank, as under sequence parallelism: its weight's gradient is a partial sum,
-        marked ``sum_grad_over_tp`` for :func:`sum_router_grads_over_tp`, and so is each rank's
+        marked ``sum_grad_over_tp`` for :func:`sum_grads_over_tp`, and so is each rank's
         part of the load-balancing loss (``models.experts`` sums it)."""
 
         splits_tokens = False
@@ -194,14 +177,14 @@ def _moe_layer_class():
             group = self.attn_tp_group
             s, b, h = hidden_states.shape
             own = _OwnTokens.apply(hidden_states.reshape(s * b, 1, h), group)
-            # megatron's check against training at TP > 1 without sequence parallelism reads the
-            # module's flag; the tokens are split already (nothing else in the forward reads it: the
-            # router, which adds the load-balancing loss, has its own)
             # the rows padding a share are marked (megatron's router: True = padding), which also
             # sends the load-balancing loss to megatron's counted path: its token total is the TP
             # ranks' counts of real tokens summed, not a rank's share times TP
-            _, size, padded = _token_slices(s * b, group)
-            padding = (torch.arange(padded, device=own.device) >= size)[None]
+            _, size, _ = _token_slices(s * b, group)
+            padding = (torch.arange(own.shape[0], device=own.device) >= size)[None]
+            # megatron's check against training at TP > 1 without sequence parallelism reads the
+            # module's flag; the tokens are split already (nothing else in the forward reads it: the
+            # router, which adds the load-balancing loss, has its own)
             training, self.training = self.training, False
             try:
                 output, bias = super().forward(own, padding_mask=padding)
@@ -226,20 +209,20 @@ def adopt_moe_layers(model) -> None:
                     param.sum_grad_over_tp = True
 
 
-def sum_router_grads_over_tp(model_chunks) -> None:
-    """Sum over the TP ranks the gradients of parameters marked ``sum_grad_over_tp`` (routers that
-    saw a share of the tokens on each rank), in one all-reduce; before DDP reduces over DP."""
+def tp_partial_parameters(model) -> list:
+    """The parameters whose gradients are partial sums over the TP ranks (routers that see a share
+    of the tokens on each rank; :func:`adopt_moe_layers` marks them), to be summed by
+    :func:`sum_grads_over_tp` once a step; empty for a dense model or at TP1."""
+    return [param for param in model.parameters() if getattr(param, "sum_grad_over_tp", False) and param.requires_grad]
+
+
+def sum_grads_over_tp(parameters: list) -> None:
+    """Sum the gradients (megatron DDP's ``main_grad``) of ``parameters`` over the TP ranks, in one
+    all-reduce; before DDP reduces them over DP."""
     from megatron.core import parallel_state as ps
 
-    grads = [param.main_grad if getattr(param, "main_grad", None) is not None else param.grad
-             for chunk in model_chunks for param in chunk.parameters()
-             if getattr(param, "sum_grad_over_tp", False) and param.requires_grad]
-    grads = [grad for grad in grads if grad is not None]
-    if not grads:
-        return
+    grads = [param.main_grad for param in parameters]
     flat = torch.cat([grad.reshape(-1) for grad in grads])
     torch.distributed.all_reduce(flat, group=ps.get_tensor_model_parallel_group())
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+    torch._foreach_copy_(grads, [part.view_as(grad) for part, grad in zip(flat.split([g.numel() for g in grads]),
+                                                                          grads)])

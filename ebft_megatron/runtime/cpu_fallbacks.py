@@ -30,6 +30,9 @@ P8  Without Transformer Engine, megatron's output-discarding checkpoint (the nor
     selective recompute) reaches for TE's FP8 state: its fp8 flag is ``fp8 is not None``, true for
     the default ``fp8=False``. Stand-ins that say FP8 is off are put where it looks. Applied
     wherever TE is missing, GPU included; with TE nothing changes.
+P9  Without Transformer Engine, the MoE router's linear reads the name ``te_general_gemm``, which
+    megatron defines only when TE imports; it is defined as None, which sends the router to its
+    torch matmul. Applied wherever TE is missing, GPU included.
 P10 The MoE all-to-all dispatcher turns its split sizes into host numbers by copying them off the
     GPU (``maybe_move_tensor_to_cpu`` turns only CUDA tensors into numpy); on the host they stayed
     tensors, which gloo's all-to-all refuses. The host's split sizes become numpy too.
@@ -37,9 +40,6 @@ P11 gloo gathers and reduce-scatters only equal shares, and the MoE dispatcher's
     expert-TP ranks (and its reduce-scatter back) moves as many tokens as each rank routed there:
     megatron's first-dimension gather and reduce-scatter with split sizes pad each share to the
     largest and cut the padding off again.
-P9  Without Transformer Engine, the MoE router's linear reads the name ``te_general_gemm``, which
-    megatron defines only when TE imports; it is defined as None, which sends the router to its
-    torch matmul. Applied wherever TE is missing, GPU included.
 
 Under the device guard (``EBFT_DEVICE_GUARD=1``, ``runtime.device_guard``) P3 is replaced by the
 guard's mode, which also tracks which tensors a GPU run would hold on the GPU and fails where CUDA
@@ -55,7 +55,7 @@ import time
 
 import torch
 
-from ebft_megatron.runtime import device_guard
+from ebft_megatron.runtime import device_guard, rows
 
 _APPLIED = False
 
@@ -291,25 +291,18 @@ def _uneven_first_dim_collectives() -> None:
 
     gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
 
-    def padded(part: torch.Tensor, rows: int) -> torch.Tensor:
-        if part.shape[0] == rows:
-            return part.contiguous()
-        return torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])])
-
     def uneven_gather(input_, group, output_split_sizes=None, use_global_buffer=False):
         if output_split_sizes is None or group.size() == 1:
             return gather(input_, group, output_split_sizes, use_global_buffer)
-        sizes, largest = [int(n) for n in output_split_sizes], max(int(n) for n in output_split_sizes)
-        gathered = input_.new_empty(group.size() * largest, *input_.shape[1:])
-        dist.all_gather_into_tensor(gathered, padded(input_, largest), group=group)
-        return torch.cat([gathered[r * largest: r * largest + n] for r, n in enumerate(sizes)])
+        return rows.gather_rows(input_, [int(n) for n in output_split_sizes], group)
 
     def uneven_reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
         if input_split_sizes is None or group.size() == 1:
             return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
-        sizes, largest = [int(n) for n in input_split_sizes], max(int(n) for n in input_split_sizes)
-        parts = torch.cat([padded(part, largest) for part in torch.split(input_, sizes, dim=0)])
-        output = input_.new_empty(largest, *input_.shape[1:])
+        sizes = [int(n) for n in input_split_sizes]
+        longest = max(sizes)
+        parts = torch.cat([rows.pad_rows(part, longest) for part in torch.split(input_, sizes, dim=0)])
+        output = input_.new_empty(longest, *input_.shape[1:])
         dist.reduce_scatter_tensor(output, parts, group=group)
         return output[: sizes[dist.get_rank(group)]]
 

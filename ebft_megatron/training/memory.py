@@ -239,14 +239,13 @@ def estimate(arch, shape: StepShape) -> MemoryEstimate:
     expert_shard = max(1, s.dp // s.ep) if s.distributed_optimizer else 1
     optimizer_bytes = 8 + (4 if b < 4 else 0)  # Adam moments (+ fp32 master weights)
     layers = -(-arch.num_layers // s.pp)
-    if s.lora_rank:  # frozen weights, trained adapters
+    if s.lora_rank:  # frozen weights, trained adapters (weights, gradient buffer, optimizer state)
         trained = layers * lora_layer_parameters(arch, s.tp, s.lora_rank, s.lora_targets)
-        model_state = params * b + trained * (b + 4 + optimizer_bytes / shard)
         optimizer_shard = trained / shard
+        model_state = params * b + trained * (b + 4) + optimizer_shard * optimizer_bytes
     else:
-        model_state = (params * (b + 4) + (params - experts) * optimizer_bytes / shard
-                       + experts * optimizer_bytes / expert_shard)
         optimizer_shard = (params - experts) / shard + experts / expert_shard
+        model_state = params * (b + 4) + optimizer_shard * optimizer_bytes
     feature_network = 0.0
     if s.feature_layers:
         feature_network = stage_parameters(arch, s.tp, s.pp, s.feature_layers, output_layer=False, ep=s.ep) * b

@@ -21,13 +21,15 @@ def wrap_ddp(model, use_distributed_optimizer: bool = True):
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    # a mixture of experts' routers at TP > 1 see a share of the tokens on each TP rank
+    partial = layers.tp_partial_parameters(model)
+    if partial:
+        def finalize(model_chunks, *args, **kwargs):
+            layers.sum_grads_over_tp(partial)
+            return finalize_model_grads(model_chunks, *args, **kwargs)
 
-    def finalize(model_chunks, *args, **kwargs):
-        # a mixture of experts' routers at TP > 1 saw a share of the tokens on each TP rank
-        layers.sum_router_grads_over_tp(model_chunks)
-        return finalize_model_grads(model_chunks, *args, **kwargs)
-
-    config.finalize_model_grads_func = finalize
+        config.finalize_model_grads_func = finalize
     return ddp
 
 
