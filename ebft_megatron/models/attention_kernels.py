@@ -142,18 +142,20 @@ def attend(q, k, v, scale: float, mask=None, causal: bool = False, key_bounds: t
     return out, lse[..., : q.shape[2]]
 
 
-# torch's CPU flash attention runs over the keys in blocks of this many, an online softmax across
-# blocks. A block every key of which a row's mask hides adds exactly zero to that row's sums and
-# leaves its running maximum as it was, so leaving out trailing whole blocks changes no bit.
-CPU_KEY_BLOCK = 512
+# The host's decode prefix call runs over runs of rows, each over the keys its rows can see rounded
+# up to a whole tile of this many (at P = 1024, 8 runs, each block's rows reading on average 64
+# keys its mask hides, against 256 with torch's own 512-key blocks). A tile's hidden keys add
+# exactly zero to a row's sums, but the host's matrix products over fewer keys add in another
+# order: the values equal one call over all keys to fp32 rounding, not to the bit.
+CPU_KEY_TILE = 128
 
 
 @functools.lru_cache(maxsize=64)
 def _cpu_tiles(key_bounds: tuple, key_len: int) -> tuple:
-    """``key_bounds`` with key stops rounded up to whole key blocks, runs with the same stop merged."""
+    """``key_bounds`` with key stops rounded up to whole key tiles, runs with the same stop merged."""
     tiles = []
     for row_stop, key_stop in key_bounds:
-        stop = min(key_len, -(-key_stop // CPU_KEY_BLOCK) * CPU_KEY_BLOCK)
+        stop = min(key_len, -(-key_stop // CPU_KEY_TILE) * CPU_KEY_TILE)
         if tiles and tiles[-1][1] == stop:
             tiles[-1] = (row_stop, stop)
         else:
@@ -162,9 +164,9 @@ def _cpu_tiles(key_bounds: tuple, key_len: int) -> tuple:
 
 
 def _cpu_bounded_forward(q, k, v, scale: float, mask, key_bounds: tuple):
-    """The host's kernel over runs of rows, each over the whole key blocks it can see: a decode
-    step's rows see prefixes that grow block by block (at P = 1024 the first half of the rows
-    see only the first key block). The same values to the bit as one call over all keys."""
+    """The host's kernel over runs of rows, each over the key tiles it can see: a decode step's
+    rows see prefixes that grow block by block, so with all keys in one call a row would read
+    twice the keys it sees, on average."""
     tiles = _cpu_tiles(key_bounds, k.shape[2])
     if len(tiles) == 1:
         return _cpu_forward(q, k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]

@@ -54,11 +54,8 @@ def sample_tokens(
     # Unnormalised probabilities exp((l - max) / T) in one buffer, then their running sum: the
     # draw is the first index whose running sum exceeds u * total (exact inverse CDF).
     weights = logits.reshape(-1, logits.shape[-1]).float()
-    greedy_fallback = None
     if not (overwrite_logits and weights.dtype == logits.dtype and weights.is_contiguous()):
         weights = weights.clone()
-    else:
-        greedy_fallback = weights.argmax(dim=-1, keepdim=True)  # the logits are about to go
     weights.sub_(weights.amax(dim=-1, keepdim=True)).mul_(1.0 / temperature).exp_()
     if top_p < 1.0:
         sorted_weights, order = weights.sort(dim=-1, descending=True)
@@ -66,16 +63,17 @@ def sample_tokens(
         before = (cdf - sorted_weights) / cdf[:, -1:]
         sorted_weights = sorted_weights.masked_fill(before > top_p, 0.0)  # the top token always stays
         cdf = sorted_weights.cumsum(dim=-1)
-        pick = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_(max=weights.shape[-1] - 1)
-        tokens = order.gather(-1, pick)
+        tokens = order.gather(-1, _inverse_cdf(cdf, uniforms))
     else:
-        cdf = torch.cumsum(weights, dim=-1, out=weights)
-        tokens = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
-        # a token of probability 0 can only be hit through rounding at its cdf step; move off it
-        below = torch.where(tokens > 0, cdf.gather(-1, (tokens - 1).clamp(min=0)), torch.zeros_like(uniforms))
-        empty = cdf.gather(-1, tokens) <= below
-        # always applied: a branch on ``empty.any()`` would wait for the device
-        if greedy_fallback is None:
-            greedy_fallback = logits.reshape(-1, logits.shape[-1]).argmax(dim=-1, keepdim=True)
-        tokens = torch.where(empty, greedy_fallback, tokens)
+        tokens = _inverse_cdf(torch.cumsum(weights, dim=-1, out=weights), uniforms)
     return tokens.reshape(shape)
+
+
+def _inverse_cdf(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The first index whose running sum exceeds u * total: its running sum is above its
+    predecessor's, so a token of probability 0 (or one too small to move the running sum) is never
+    drawn. For u < 1, u * total stays below the total in fp32; the target is kept below it for a
+    uniform of 1 too (explicit uniforms may hold one), so no index past the end is returned."""
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)

@@ -170,10 +170,10 @@ def test_top_p_with_temperature_uses_tempered_probabilities():
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_minus_inf_logits_are_never_drawn(top_p):
     inf = float("inf")
-    # -inf at the front, the middle and the end (padded vocab), uniforms at 0, just below 1,
-    # and a fine grid in between
+    # -inf at the front, the middle and the end (padded vocab), uniforms at 0, just below 1, at 1
+    # (explicit uniforms may hold it) and a fine grid in between
     values = torch.tensor([-inf, 0.5, -inf, 0.0, 1.0, -inf, -inf, -inf])
-    us = torch.cat([torch.tensor([0.0, 1.0 - 2**-24, 1.0 - 2**-20]), torch.rand(5000, generator=torch.Generator().manual_seed(14))])
+    us = torch.cat([torch.tensor([0.0, 1.0 - 2**-24, 1.0 - 2**-20, 1.0]), torch.rand(5000, generator=torch.Generator().manual_seed(14))])
     tokens = sample_tokens(values.expand(len(us), -1), 0.7, top_p=top_p, uniforms=us)
     # (at T=0.7 the real tokens hold 0.58, 0.28, 0.14: top_p=0.9 keeps all three)
     assert set(tokens.tolist()) == {1, 3, 4}
