@@ -21,7 +21,7 @@ import torch
 from ebft_megatron.data.dataset import micro_batches
 from ebft_megatron.evaluation.statistics import standard_error_from_sums
 from ebft_megatron.runtime import device
-from ebft_megatron.runtime.distributed import sum_over_data_parallel
+from ebft_megatron.runtime.distributed import expert_parallel_size, sum_over_data_parallel
 
 
 def _data_parallel() -> tuple[int, int]:
@@ -41,9 +41,7 @@ def replica_share(num_chunks: int) -> list[int]:
 def in_lockstep() -> bool:
     """Whether every forward is a collective over the data-parallel replicas (experts split over
     EP > 1 ranks), so that replicas must run the same number of them."""
-    from megatron.core import parallel_state as ps
-
-    return ps.model_parallel_is_initialized() and ps.get_expert_model_parallel_world_size() > 1
+    return expert_parallel_size() > 1
 
 
 def replica_batches(num_chunks: int, micro_batch_size: int) -> Iterator[tuple[list[int], bool]]:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ebft_megatron.models import embedding, layers, rotary
 from ebft_megatron.models.architecture import ModelArchitecture, ModelConfigError
 from ebft_megatron.models.attention import BlockCoreAttention
-from ebft_megatron.runtime import device, pipeline
+from ebft_megatron.runtime import device, distributed, pipeline
 
 
 def transformer_engine_available() -> bool:
@@ -102,11 +102,9 @@ def expert_settings(arch: ModelArchitecture, tp: int) -> dict:
     MoE layer in every layer, dropless, with sequential experts (no grouped GEMM), tokens exchanged
     between expert-parallel ranks by all-to-all (which gloo has too), and the load-balancing loss
     off until a run sets its weight (``moe_aux_loss_coeff``)."""
-    from megatron.core import parallel_state as ps
-
     if not arch.is_moe:
         return {}
-    ep = ps.get_expert_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    ep = distributed.expert_parallel_size()
     return dict(
         num_moe_experts=arch.num_experts,
         moe_router_topk=arch.experts_per_token,

@@ -231,6 +231,13 @@ def data_parallel_size() -> int:
     return ps.get_data_parallel_world_size() if ps.model_parallel_is_initialized() else 1
 
 
+def expert_parallel_size() -> int:
+    """Expert-parallel ranks a mixture of experts is split over (1 before the parallel groups exist)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+
+
 def sum_over_data_parallel(tensor):
     """All-reduce (sum, in place) over the data-parallel group; a no-op with one replica or before
     the parallel groups exist. ``tensor`` is on the run's device (NCCL takes nothing else)."""
