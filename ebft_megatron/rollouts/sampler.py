@@ -92,6 +92,14 @@ class CapturedStep:
     forward, and all of it belongs in the graph."""
 
     def __init__(self, run):
+        try:
+            self._capture(run)
+        except RuntimeError as error:  # one line on what to do, the CUDA error beneath it
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RuntimeError(f"capturing a rollout decode step as a CUDA graph failed ({reason}); set "
+                               "rollout.cuda_graphs=false to run the decode steps eagerly") from error
+
+    def _capture(self, run) -> None:
         # warm up on a side stream (lazy initialisations must not happen inside the capture); the
         # step's writes are the same when it runs again, so running it twice is harmless
         side = torch.cuda.Stream()
@@ -100,7 +108,10 @@ class CapturedStep:
             run()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread-local: other threads of the process (NCCL's watchdog polling the events of earlier
+        # collectives, a logger) are not part of the step and may call CUDA meanwhile; calls this
+        # thread makes that a capture forbids still fail
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = run()
 
     def __call__(self):

@@ -7,6 +7,8 @@ ops on a CPU (it records every op the step dispatches, with its tensors, and a r
 recorded ops again, writing into the recorded outputs), so a generation whose decode steps are
 replays must sample exactly the tokens of a generation run step by step."""
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -92,3 +94,41 @@ def test_replayed_decode_steps_sample_the_tokens_of_eager_steps(model, monkeypat
                                doc_ids=doc_ids)
     assert len(made) == 1 and made[0].replays == layout.rollout_len - 1
     assert torch.equal(replayed.tokens, eager.tokens)
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+class _FailingCapture:
+    """torch.cuda.graph's stand-in: the capture fails the way CUDA fails one (the step made a call
+    a capture forbids)."""
+
+    def __init__(self, graph, capture_error_mode="global"):
+        self.capture_error_mode = capture_error_mode
+        _FailingCapture.modes.append(capture_error_mode)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors ...")
+
+
+def test_a_failed_capture_says_which_setting_runs_the_steps_eagerly(monkeypatch):
+    _FailingCapture.modes = []
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", _FailingCapture)
+    runs = []
+    with pytest.raises(RuntimeError) as failed:
+        sampler.CapturedStep(lambda: runs.append(1))
+    assert len(runs) == 2  # the warm-up, then the capture
+    assert _FailingCapture.modes == ["thread_local"]
+    message = str(failed.value)
+    assert "\n" not in message and "rollout.cuda_graphs=false" in message
+    assert "operation not permitted when stream is capturing" in message
+    assert isinstance(failed.value.__cause__, RuntimeError)
