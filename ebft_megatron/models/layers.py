@@ -117,16 +117,21 @@ def _token_slices(count: int, group) -> tuple[int, int, list[int]]:
     return rank * base + min(rank, extra), sizes[rank], sizes
 
 
+def _own_share(tokens: torch.Tensor, group) -> torch.Tensor:
+    """This TP rank's share of ``tokens`` (which every TP rank holds whole), padded with zero rows
+    to the longest share."""
+    start, size, sizes = _token_slices(tokens.shape[0], group)
+    return rows.pad_rows(tokens[start:start + size], max(sizes)).contiguous()
+
+
 class _OwnTokens(torch.autograd.Function):
-    """This TP rank's share of tokens every TP rank holds, padded with zero rows to the longest share;
-    backward gathers the shares' gradients, so the input's gradient is whole, and the same, on
-    every rank."""
+    """This TP rank's padded share of tokens every TP rank holds (:func:`_own_share`); backward
+    gathers the shares' gradients, so the input's gradient is whole, and the same, on every rank."""
 
     @staticmethod
     def forward(ctx, tokens, group):
-        start, size, ctx.sizes = _token_slices(tokens.shape[0], group)
-        ctx.group = group
-        return rows.pad_rows(tokens[start:start + size], max(ctx.sizes)).contiguous()
+        ctx.sizes, ctx.group = _token_slices(tokens.shape[0], group)[2], group
+        return _own_share(tokens, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -135,17 +140,16 @@ class _OwnTokens(torch.autograd.Function):
 
 class _AllTokens(torch.autograd.Function):
     """The (padded) shares of every TP rank, joined without their padding; backward keeps this
-    rank's share of the gradient (which every rank holds whole), padded again."""
+    rank's padded share of the gradient (which every rank holds whole)."""
 
     @staticmethod
     def forward(ctx, part, count: int, group):
-        ctx.count, ctx.group = count, group
+        ctx.group = group
         return rows.gather_rows(part, _token_slices(count, group)[2], group)
 
     @staticmethod
     def backward(ctx, grad):
-        start, size, sizes = _token_slices(ctx.count, ctx.group)
-        return rows.pad_rows(grad[start:start + size], max(sizes)).contiguous(), None, None
+        return _own_share(grad, ctx.group), None, None
 
 
 def _moe_layer_class():
