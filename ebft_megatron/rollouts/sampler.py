@@ -95,7 +95,8 @@ class CapturedStep:
         try:
             self._capture(run)
         except RuntimeError as error:  # one line on what to do, the CUDA error beneath it
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            lines = str(error).strip().splitlines()
+            reason = lines[0] if lines else type(error).__name__
             raise RuntimeError(f"capturing a rollout decode step as a CUDA graph failed ({reason}); set "
                                "rollout.cuda_graphs=false to run the decode steps eagerly") from error
 
