@@ -46,9 +46,11 @@ def processes_under(root):
     return sorted(pid for pid, (_, _, cwd) in live_processes().items() if cwd.startswith(root))
 
 
-def session_processes():
+def session_processes(table=None):
+    """The pids of this pytest session's processes (in ``table``, else as they are now)."""
     sid = os.getsid(0)
-    return {pid for pid, (_, session, _) in live_processes().items() if session == sid}
+    return {pid for pid, (_, session, _) in (live_processes() if table is None else table).items()
+            if session == sid}
 
 
 def leaked_processes(before):
@@ -72,8 +74,7 @@ def leaked_processes(before):
             pid = parent
         return False
 
-    new = [pid for pid, (_, session, _) in table.items() if session == sid and pid not in before]
-    return sorted(pid for pid in new if from_the_test(pid))
+    return sorted(pid for pid in session_processes(table) - before if from_the_test(pid))
 
 
 @pytest.fixture
